@@ -1,0 +1,58 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+# Fashion-MNIST's four idx files; `make demo FMNIST=/your/dir` to use another copy.
+FMNIST ?= /usr/share/datasets/fashion-mnist
+RUN ?= runs/demo
+TEACHER_CONFIG ?= configs/fashion_mnist_teacher.yaml
+SSL_KD := $(VENV)/bin/ssl-kd
+FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz \
+                t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
+
+.PHONY: demo test test-fast lint fashion-mnist clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(VENV)/bin/pip install -e '.[dev]'
+	touch $@
+
+# Installs the Debian package when the default directory is missing and we are root.
+fashion-mnist:
+	@missing=0; for f in $(FMNIST_FILES); do [ -f "$(FMNIST)/$$f" ] || missing=1; done; \
+	if [ $$missing = 1 ] && [ "$(FMNIST)" = /usr/share/datasets/fashion-mnist ] \
+	   && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian package dataset-fashion-mnist"; \
+	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	fi; \
+	for f in $(FMNIST_FILES); do \
+	  if [ ! -f "$(FMNIST)/$$f" ]; then \
+	    echo "error: Fashion-MNIST not found in $(FMNIST): install the Debian package" \
+	         "dataset-fashion-mnist (as root: apt-get install dataset-fashion-mnist) or run" \
+	         "make demo FMNIST=DIR with DIR holding $(FMNIST_FILES)" >&2; \
+	    exit 1; \
+	  fi; \
+	done
+
+demo: $(VENV)/.installed fashion-mnist
+	$(SSL_KD) data fashion-mnist --out $(RUN)/data --labeled-per-class 100 --seed 0 \
+	  --source $(FMNIST)
+	$(SSL_KD) train --config $(TEACHER_CONFIG) --data $(RUN)/data/labeled \
+	  --out $(RUN)/teacher
+	$(SSL_KD) evaluate --checkpoint $(RUN)/teacher/checkpoint.pt --data $(RUN)/data/test \
+	  --out $(RUN)/teacher/test_metrics.json
+
+test: $(VENV)/.installed-dev
+	$(VENV)/bin/python -m pytest
+
+test-fast: $(VENV)/.installed-dev
+	$(VENV)/bin/python -m pytest -m "not slow"
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(RUN)

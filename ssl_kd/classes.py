@@ -1,0 +1,43 @@
+"""Class names of a labeled set: from a names file, a ``dataset.json`` beside the shards, or ids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ssl_kd.errors import UserError
+
+
+def dataset_info_near(urls: list[str]) -> dict | None:
+    """The ``dataset.json`` in the first shard's directory or its parent, if there is one."""
+    if not urls or "://" in urls[0]:
+        return None
+    first = Path(urls[0]).resolve().parent
+    for d in (first, first.parent):
+        path = d / "dataset.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
+
+
+def resolve_classes(
+    urls: list[str], class_names_file: str | None, num_classes: int | None
+) -> list[str]:
+    """Class names, in label order; UserError when they cannot be told or disagree."""
+    names: list[str] | None = None
+    if class_names_file:
+        path = Path(class_names_file)
+        if not path.is_file():
+            raise UserError(f"class names file {path} does not exist")
+        names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    elif (info := dataset_info_near(urls)) is not None and "classes" in info:
+        names = list(info["classes"])
+    elif num_classes is not None:
+        names = [str(i) for i in range(num_classes)]
+    if not names:
+        raise UserError(
+            "cannot tell the classes: pass --num-classes N or --class-names FILE (one per line)"
+        )
+    if num_classes is not None and num_classes != len(names):
+        raise UserError(f"--num-classes is {num_classes} but {len(names)} class names were found")
+    return names

@@ -1,0 +1,1 @@
+"""Built-in datasets turned into labeled / unlabeled / test shards."""

@@ -1,0 +1,196 @@
+"""``ssl-kd data fashion-mnist``: the built-in default, as labeled / unlabeled / test shards.
+
+From the 60,000 training images, ``labeled_per_class`` per class become the labeled set D (with
+``.cls``); all the others become the unlabeled set U, whose shards carry no label — their true
+labels go to ``unlabeled_truth.parquet`` so pseudo-label precision can be measured. The 10,000
+test images become the test set. The whole output is built in a temporary directory and renamed
+into place, so ``OUT`` is either complete or absent. Deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from ssl_kd import config as cfglib
+from ssl_kd.config import option
+from ssl_kd.datasets.idx import read_idx
+from ssl_kd.errors import UserError
+from ssl_kd.shards import ShardWriter, encode_image, shard_name
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOURCE = "/usr/share/datasets/fashion-mnist"
+DEBIAN_PACKAGE = "dataset-fashion-mnist"
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FashionMnistConfig:
+    """``ssl-kd data fashion-mnist``."""
+
+    out: str = option(help="output directory")
+    labeled_per_class: int = option(100, help="labeled images per class", min=1)
+    seed: int = option(0, help="seed of the labeled/unlabeled split and shard order")
+    source: str | None = option(None, help=f"directory of the four idx files ({DEFAULT_SOURCE})")
+    samples_per_shard: int = option(1000, help="samples per shard", min=1)
+    image_format: Literal["png", "jpeg"] = option("png", help="image encoding in the shards")
+
+
+def locate_source(source: str | None) -> dict[str, Path]:
+    """Paths of the four idx files (``.gz`` or not); UserError naming what is missing."""
+    root = Path(source or DEFAULT_SOURCE)
+    found: dict[str, Path] = {}
+    for role, name in FILES.items():
+        for candidate in (root / f"{name}.gz", root / name):
+            if candidate.is_file():
+                found[role] = candidate
+                break
+    if len(found) < len(FILES):
+        names = ", ".join(f"{n}.gz" for n in FILES.values())
+        raise UserError(
+            f"Fashion-MNIST not found in {root}: install the Debian package {DEBIAN_PACKAGE} "
+            f"(files in {DEFAULT_SOURCE}) or pass --source DIR holding {names}"
+        )
+    return found
+
+
+def split_indices(labels: np.ndarray, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labeled, unlabeled) index arrays: ``per_class`` random images per class, the rest."""
+    rng = np.random.default_rng(seed)
+    labeled: list[np.ndarray] = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if per_class > len(idx):
+            raise UserError(
+                f"--labeled-per-class {per_class} exceeds the {len(idx)} images of class {c}"
+            )
+        labeled.append(rng.permutation(idx)[:per_class])
+    lab = np.concatenate(labeled)
+    unl = np.setdiff1d(np.arange(len(labels)), lab)
+    return rng.permutation(lab), rng.permutation(unl)
+
+
+def _samples(
+    images: np.ndarray, labels: np.ndarray, order: np.ndarray, prefix: str, fmt: str, with_cls: bool
+) -> Iterator[dict[str, Any]]:
+    ext = "png" if fmt == "png" else "jpg"
+    for i in order:
+        sample: dict[str, Any] = {"__key__": f"{prefix}-{i:05d}", ext: encode_image(images[i], fmt)}
+        if with_cls:
+            sample["cls"] = int(labels[i])
+        yield sample
+
+
+def _write_split(
+    root: Path, split: str, samples: Iterator[dict[str, Any]], cfg: FashionMnistConfig, total: int
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Write one split's shards; returns relative shard paths and (shard, key) per sample."""
+    pattern = str(root / split / f"{split}-%06d.tar")
+    placed: list[tuple[str, str]] = []
+    with ShardWriter(pattern, cfg.samples_per_shard) as writer:
+        for sample in tqdm(samples, total=total, desc=split, unit="img", leave=False):
+            # The sample lands in shard ``writer.index`` (the index moves on once it is full).
+            placed.append((shard_name(pattern % writer.index), sample["__key__"]))
+            writer.write(sample)
+    return [str(Path(p).relative_to(root)) for p in writer.written], placed
+
+
+def import_fashion_mnist(cfg: FashionMnistConfig) -> dict[str, Any]:
+    """Write the shards, truth file and ``dataset.json``; returns the dataset.json content."""
+    out = Path(cfg.out)
+    info_path = out / "dataset.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if info.get("config") == cfglib.to_dict(cfg):
+            log.info("%s already holds this import; nothing to do", out)
+            return info
+        raise UserError(f"{out} holds a different import; remove it or choose another --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not empty; remove it or choose another --out")
+
+    files = locate_source(cfg.source)
+    train_x, train_y = read_idx(files["train_images"]), read_idx(files["train_labels"])
+    test_x, test_y = read_idx(files["test_images"]), read_idx(files["test_labels"])
+    if len(train_x) != len(train_y) or len(test_x) != len(test_y):
+        raise UserError(f"image and label files in {files['train_images'].parent} disagree in size")
+    labeled, unlabeled = split_indices(train_y, cfg.labeled_per_class, cfg.seed)
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fmt = cfg.image_format
+        shards: dict[str, list[str]] = {}
+        shards["labeled"], _ = _write_split(
+            tmp,
+            "labeled",
+            _samples(train_x, train_y, labeled, "train", fmt, True),
+            cfg,
+            len(labeled),
+        )
+        shards["unlabeled"], placed = _write_split(
+            tmp,
+            "unlabeled",
+            _samples(train_x, train_y, unlabeled, "train", fmt, False),
+            cfg,
+            len(unlabeled),
+        )
+        shards["test"], _ = _write_split(
+            tmp,
+            "test",
+            _samples(test_x, test_y, np.arange(len(test_x)), "test", fmt, True),
+            cfg,
+            len(test_x),
+        )
+        truth = pa.table(
+            {
+                "shard": pa.array([s for s, _ in placed]).dictionary_encode(),
+                "key": pa.array([k for _, k in placed], pa.string()),
+                "label": pa.array(train_y[unlabeled], pa.int16()),
+            }
+        )
+        pq.write_table(truth, tmp / "unlabeled_truth.parquet", compression="zstd")
+        info = {
+            "name": "fashion-mnist",
+            "classes": CLASSES,
+            "counts": {"labeled": len(labeled), "unlabeled": len(unlabeled), "test": len(test_x)},
+            "labeled_per_class": {
+                c: int((train_y[labeled] == i).sum()) for i, c in enumerate(CLASSES)
+            },
+            "shards": shards,
+            "seed": cfg.seed,
+            "image": {"format": fmt, "channels": 1, "size": int(train_x.shape[1])},
+            "source": str(files["train_images"].parent),
+            "config": cfglib.to_dict(cfg),
+        }
+        (tmp / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
+        cfglib.save(cfg, tmp / "config.yaml")
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info

@@ -1,0 +1,88 @@
+"""A PyTorch IterableDataset over WebDataset shards with epoch-deterministic shuffling.
+
+The order of an epoch is a pure function of ``(seed, epoch)``, and ``skip`` drops the first
+decoded samples of an epoch before any random augmentation runs, so a run resumed from a
+checkpoint at step ``s`` sees the same batches as a run that never stopped (with
+``num_workers=0``; with worker processes each worker reads its own slice of the shards).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ssl_kd.shards.reader import ReadStats, decoded_samples, iter_samples
+
+T = TypeVar("T")
+
+
+def buffer_shuffle(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:
+    """Shuffle a stream with a reservoir of ``size`` items (size <= 1: unchanged order)."""
+    if size <= 1:
+        yield from items
+        return
+    buf: list[T] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = rng.randrange(size)
+        yield buf[i]
+        buf[i] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+class ShardImageDataset(IterableDataset):
+    """Yields ``(image_tensor, label)`` (or ``(key, image_tensor, label)`` with ``with_keys``)."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        transform: Callable[[Image.Image], torch.Tensor],
+        mode: str,
+        *,
+        labeled: bool = True,
+        num_classes: int | None = None,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        with_keys: bool = False,
+    ) -> None:
+        super().__init__()
+        self.urls = list(urls)
+        self.transform = transform
+        self.mode = mode
+        self.labeled = labeled
+        self.num_classes = num_classes
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.with_keys = with_keys
+        self.epoch = 0
+        self.skip = 0
+        self.stats = ReadStats()
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch's order; drop its first ``skip`` samples (for resuming)."""
+        self.epoch = epoch
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[Any]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        urls = list(self.urls)
+        if self.shuffle_buffer > 1:
+            rng.shuffle(urls)
+        info = get_worker_info()
+        if info is not None:
+            urls = urls[info.id :: info.num_workers]
+        raw = buffer_shuffle(iter_samples(urls, self.stats), self.shuffle_buffer, rng)
+        decoded = decoded_samples(raw, self.stats, self.mode, self.labeled, self.num_classes)
+        for i, (key, img, label) in enumerate(decoded):
+            if i < self.skip:
+                continue
+            x = self.transform(img)
+            yield (key, x, label) if self.with_keys else (x, label)

@@ -1,0 +1,122 @@
+"""Atomic WebDataset shard writing: each shard is written under a hidden temp name and renamed.
+
+A reader that globs ``*.tar`` therefore never sees a partial shard, and a crash leaves only
+``.NAME.tar.tmp`` files behind, which a rerun overwrites.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+
+def encode_image(array: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
+    """Encode an HxW (grayscale) or HxWx3 uint8 array as PNG or JPEG bytes."""
+    if array.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image array, got {array.dtype}")
+    buf = io.BytesIO()
+    img = Image.fromarray(array)
+    if fmt == "png":
+        # compress_level 6 is PIL's default; pinned so shards are byte-identical across runs.
+        img.save(buf, format="PNG", compress_level=6)
+    elif fmt in ("jpg", "jpeg"):
+        img.save(buf, format="JPEG", quality=quality)
+    else:
+        raise ValueError(f"unknown image format {fmt!r}; choose png or jpeg")
+    return buf.getvalue()
+
+
+class ShardWriter:
+    """Writes samples into shards of ``samples_per_shard`` named by ``pattern % index``.
+
+    Samples are dicts with ``__key__`` and extension → value (bytes, str, int or JSON-able dict).
+    Use as a context manager: on an exception the open shard is discarded, not renamed.
+    """
+
+    def __init__(self, pattern: str, samples_per_shard: int, start_index: int = 0) -> None:
+        if samples_per_shard < 1:
+            raise ValueError("samples_per_shard must be >= 1")
+        if "%" not in pattern:
+            raise ValueError(f"shard pattern {pattern!r} needs a %-format index, e.g. x-%06d.tar")
+        self.pattern = pattern
+        self.samples_per_shard = samples_per_shard
+        self.index = start_index
+        self.written: list[str] = []
+        self.total = 0
+        self._tar: wds.TarWriter | None = None
+        self._stream: Any = None
+        self._tmp = ""
+        self._final = ""
+        self._count = 0
+
+    def _open(self) -> None:
+        self._final = self.pattern % self.index
+        final = Path(self._final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = str(final.parent / f".{final.name}.tmp")
+        self._stream = open(self._tmp, "wb")  # noqa: SIM115 - closed in _finish/abort
+        # mtime fixed so that the same samples give byte-identical shards.
+        self._tar = wds.TarWriter(self._stream, mtime=0.0)
+        self._count = 0
+
+    def _finish(self) -> None:
+        assert self._tar is not None
+        self._tar.close()
+        self._stream.close()
+        os.replace(self._tmp, self._final)
+        self.written.append(self._final)
+        self._tar = None
+        self.index += 1
+
+    def write(self, sample: Mapping[str, Any]) -> None:
+        """Append one sample; rolls over to a new shard every ``samples_per_shard`` samples."""
+        if "__key__" not in sample:
+            raise ValueError("sample needs a '__key__'")
+        if self._tar is None:
+            self._open()
+        assert self._tar is not None
+        self._tar.write(dict(sample))
+        self._count += 1
+        self.total += 1
+        if self._count >= self.samples_per_shard:
+            self._finish()
+
+    def close(self) -> list[str]:
+        """Finish the open shard; returns every shard written, in order."""
+        if self._tar is not None and self._count > 0:
+            self._finish()
+        return self.written
+
+    def abort(self) -> None:
+        """Drop the open shard's temp file (shards already renamed stay)."""
+        if self._tar is not None:
+            self._tar.close()  # flushes tarfile's buffer, which would otherwise write on GC
+            self._stream.close()
+            Path(self._tmp).unlink(missing_ok=True)
+            self._tar = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_shards(
+    samples: Iterable[Mapping[str, Any]], pattern: str, samples_per_shard: int
+) -> list[str]:
+    """Write all ``samples`` into shards; returns the shard paths."""
+    with ShardWriter(pattern, samples_per_shard) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return writer.written

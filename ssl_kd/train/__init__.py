@@ -1,0 +1,1 @@
+"""Training: schedules, optimizers, checkpoints, the step loop and the supervised runner."""

@@ -1,0 +1,95 @@
+"""Checkpoints: ``state_dict``s plus JSON-able metadata, loadable with ``weights_only=True``.
+
+Layout: ``model``, ``optimizer``, ``scheduler`` (the schedule is a pure function of the config,
+so its state is the step), ``step``, ``epoch``, ``seen_in_epoch``, ``rng`` and ``meta`` (arch,
+width, classes, preprocessing, config, version).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssl_kd import __version__
+from ssl_kd.atomic import atomic_path
+from ssl_kd.errors import UserError
+from ssl_kd.models import Classifier, create_model
+from ssl_kd.preprocess import Preprocess
+
+FORMAT_VERSION = 1
+
+
+def make_meta(
+    arch: str,
+    width: float,
+    dropout: float,
+    classes: list[str],
+    preprocess: Preprocess,
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    """Metadata every checkpoint carries, enough to rebuild the model and its input transform."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "ssl_kd_version": __version__,
+        "arch": arch,
+        "width": width,
+        "dropout": dropout,
+        "num_classes": len(classes),
+        "classes": list(classes),
+        "preprocess": preprocess.to_dict(),
+        "config": config,
+    }
+
+
+def rng_state() -> dict[str, Any]:
+    """Torch and Python RNG states (what augmentation and init draw from)."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def save_checkpoint(path: str | os.PathLike[str], ckpt: dict[str, Any]) -> Path:
+    """Write atomically (temp file + rename): a checkpoint file is always complete."""
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load with ``weights_only=True`` onto the CPU; bad paths or files raise UserError."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"checkpoint {p} does not exist")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{p} is not a readable ssl_kd checkpoint ({first})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
+        raise UserError(f"{p} is not an ssl_kd checkpoint (no 'model' and 'meta' entries)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild the classifier described by ``ckpt['meta']`` and load its weights."""
+    meta = ckpt["meta"]
+    pp = Preprocess.from_dict(meta["preprocess"])
+    model = create_model(
+        meta["arch"],
+        meta["num_classes"],
+        pp.channels,
+        pp.image_size,
+        meta["width"],
+        meta.get("dropout", 0.0),
+    )
+    model.load_state_dict(ckpt["model"])
+    return model, meta

@@ -1,0 +1,117 @@
+"""The reusable pieces of a training loop: one optimisation step and an endless batch stream.
+
+The supervised runner and the distributed student trainer both drive these.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ssl_kd.errors import UserError
+from ssl_kd.shards.dataset import ShardImageDataset
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite: training stops instead of corrupting the weights."""
+
+
+@dataclass
+class StreamState:
+    """Where the batch stream is: which epoch, and how many samples of it were consumed."""
+
+    epoch: int = 0
+    seen_in_epoch: int = 0
+
+
+def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
+    """Cross-entropy loss returning ``{"loss", "ce"}``."""
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        ce = nn.functional.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        return {"loss": ce, "ce": ce.detach()}
+
+    return loss_fn
+
+
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    lr: float,
+    loss_fn: LossFn,
+) -> dict[str, float]:
+    """One SGD step at learning rate ``lr``; returns the loss parts as floats."""
+    for group in optimizer.param_groups:
+        group["lr"] = float(lr)  # a numpy scalar would break weights_only loading
+    model.train()
+    parts = loss_fn(model(images), labels)
+    loss = parts["loss"]
+    if not math.isfinite(loss.item()):
+        raise NonFiniteLossError(f"loss is {loss.item()}; lower the learning rate")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {k: v.item() for k, v in parts.items()}
+
+
+def stream_batches(
+    dataset: ShardImageDataset,
+    batch_size: int,
+    state: StreamState,
+    num_workers: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield training batches forever, epoch after epoch, updating ``state`` as it goes.
+
+    Restarting with a saved ``state`` continues mid-epoch. Partial last batches are dropped
+    (BatchNorm cannot train on a batch of one).
+    """
+    while True:
+        dataset.set_epoch(state.epoch, skip=state.seen_in_epoch)
+        # A private generator: DataLoader draws a seed per iterator, and drawing it from the
+        # global RNG would shift the augmentation stream of a resumed run.
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(state.epoch),
+        )
+        produced = 0
+        for images, labels in loader:
+            labels = torch.as_tensor(labels)
+            state.seen_in_epoch += len(labels)
+            produced += 1
+            yield images, labels
+        if produced == 0 and state.seen_in_epoch == 0:
+            raise UserError(
+                f"the training shards gave no full batch of {batch_size} usable samples; "
+                "lower --batch-size or check the shards"
+            )
+        state.epoch += 1
+        state.seen_in_epoch = 0
+
+
+class MetricsLog:
+    """Appends one JSON object per line (JSONL) and flushes, so a crash loses nothing written."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` as one line."""
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")

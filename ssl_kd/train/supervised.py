@@ -1,0 +1,206 @@
+"""``ssl-kd train``: supervised training on labeled shards (the teacher, or the baseline).
+
+Outputs in ``out``: ``config.yaml`` (resolved), ``checkpoint.pt`` (resumable, every
+``ckpt_every`` steps and at the end), ``metrics.jsonl`` (one line per ``log_every`` steps and
+per evaluation) and ``summary.json``. Rerunning with the same ``out`` and config resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm import tqdm
+
+from ssl_kd import atomic
+from ssl_kd import config as cfglib
+from ssl_kd.classes import resolve_classes
+from ssl_kd.config import option
+from ssl_kd.device import resolve_device
+from ssl_kd.errors import UserError
+from ssl_kd.evaluate import eval_loader, evaluate
+from ssl_kd.models import create_model
+from ssl_kd.preprocess import augment, infer_preprocess, normalize, to_uint8
+from ssl_kd.shards import expand_shards
+from ssl_kd.shards.dataset import ShardImageDataset
+from ssl_kd.train.checkpoint import (
+    load_checkpoint,
+    make_meta,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from ssl_kd.train.loop import MetricsLog, StreamState, cross_entropy, stream_batches, train_step
+from ssl_kd.train.optim import build_optimizer
+from ssl_kd.train.schedule import lr_schedule
+
+log = logging.getLogger(__name__)
+
+# Keys that change how a run is observed or where it runs, not what it computes: a run may be
+# resumed with different values of these.
+OPERATIONAL_KEYS = frozenset(
+    {"out", "val_data", "log_every", "eval_every", "ckpt_every", "num_workers", "device"}
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``ssl-kd train``."""
+
+    data: str = option(help="labeled training shards (dir, brace pattern, glob or list file)")
+    out: str = option(help="output directory (config, checkpoint, metrics)")
+    val_data: str | None = option(None, help="labeled shards evaluated during and after training")
+    arch: str = option("cnn", help="model architecture (see `ssl-kd models`)")
+    width: float = option(1.0, help="width multiplier of cnn models", gt=0)
+    dropout: float = option(0.0, help="dropout before the classifier head", min=0, max=0.95)
+    num_classes: int | None = option(None, help="number of classes (else from dataset.json)", min=1)
+    class_names: str | None = option(None, help="file with one class name per line")
+    channels: int | None = option(None, help="input channels, 1 or 3 (else from the images)")
+    image_size: int | None = option(None, help="input side in pixels (else from the images)", min=8)
+    mean: float = option(0.5, help="normalisation mean")
+    std: float = option(0.5, help="normalisation std", gt=0)
+    steps: int = option(2000, help="optimisation steps (the training budget)", min=1)
+    batch_size: int = option(128, help="images per step", min=2)
+    optimizer: Literal["sgd", "adamw"] = option("sgd", help="optimizer")
+    lr: float = option(0.1, help="peak learning rate", gt=0)
+    weight_decay: float = option(5e-4, help="weight decay (not on biases/norms)", min=0)
+    momentum: float = option(0.9, help="SGD momentum", min=0, max=1)
+    schedule: Literal["cosine", "onecycle", "constant"] = option("cosine", help="LR schedule")
+    warmup_steps: int = option(100, help="linear warm-up steps (cosine, constant)", min=0)
+    label_smoothing: float = option(0.0, help="label smoothing", min=0, max=0.99)
+    crop_padding: int = option(2, help="pixels of padding for random crops (0: no crop)", min=0)
+    flip: bool = option(True, help="random horizontal flips")
+    shuffle_buffer: int = option(5000, help="samples in the shuffle buffer", min=0)
+    seed: int = option(0, help="random seed (init, data order, augmentation)")
+    log_every: int = option(50, help="steps between metrics lines", min=1)
+    eval_every: int = option(0, help="steps between evaluations on val_data (0: at end)", min=0)
+    ckpt_every: int = option(500, help="steps between checkpoints", min=1)
+    num_workers: int = option(0, help="DataLoader workers (0 keeps resume exact)", min=0)
+    device: str = option("auto", help="auto, cpu, cuda or cuda:N")
+
+
+def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, out: Path) -> None:
+    now = cfglib.to_dict(cfg)
+    for key, value in saved.items():
+        if key not in OPERATIONAL_KEYS and now.get(key) != value:
+            raise UserError(
+                f"{out} holds a run with a different config ({key}: {value!r} there, "
+                f"{now.get(key)!r} now); choose another --out or remove it"
+            )
+
+
+def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) as ``cfg`` says; returns the summary also written to summary.json."""
+    urls = expand_shards(cfg.data)
+    val_urls = expand_shards(cfg.val_data) if cfg.val_data else []
+    classes = resolve_classes(urls, cfg.class_names, cfg.num_classes)
+    pp = infer_preprocess(urls, cfg.channels, cfg.image_size, cfg.mean, cfg.std)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoint.pt"
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = create_model(cfg.arch, len(classes), pp.channels, pp.image_size, cfg.width, cfg.dropout)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
+    schedule = lr_schedule(cfg.schedule, cfg.lr, cfg.steps, cfg.warmup_steps)
+    meta = make_meta(cfg.arch, cfg.width, cfg.dropout, classes, pp, cfglib.to_dict(cfg))
+    step, state = 0, StreamState()
+    if ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        _check_resumable(ckpt["meta"]["config"], cfg, out)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = int(ckpt["step"])
+        state = StreamState(int(ckpt["epoch"]), int(ckpt["seen_in_epoch"]))
+        set_rng_state(ckpt["rng"])
+        log.info("resuming %s from step %d", out, step)
+    model.to(device)
+    cfglib.save(cfg, out / "config.yaml")
+    metrics_log = MetricsLog(out / "metrics.jsonl")
+
+    def save() -> None:
+        save_checkpoint(
+            ckpt_path,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": {"kind": cfg.schedule, "step": step},
+                "step": step,
+                "epoch": state.epoch,
+                "seen_in_epoch": state.seen_in_epoch,
+                "rng": rng_state(),
+                "meta": meta,
+            },
+        )
+
+    def run_eval() -> dict[str, Any]:
+        loader = eval_loader(val_urls, pp, len(classes), 256, cfg.num_workers)
+        result = evaluate(model, loader, device, pp)
+        metrics_log.write({"step": step, **{f"val_{k}": v for k, v in result.items()}})
+        return result
+
+    dataset = ShardImageDataset(
+        urls,
+        to_uint8(pp),
+        pp.mode,
+        num_classes=len(classes),
+        shuffle_buffer=cfg.shuffle_buffer,
+        seed=cfg.seed,
+    )
+    loss_fn = cross_entropy(cfg.label_smoothing)
+    start_step, t0 = step, time.perf_counter()
+    window: list[float] = []
+    bar = tqdm(total=cfg.steps, initial=step, unit="step", disable=not progress, desc="train")
+    batches = stream_batches(dataset, cfg.batch_size, state, cfg.num_workers)
+    while step < cfg.steps:
+        images, labels = next(batches)
+        images = augment(images.to(device), cfg.crop_padding, cfg.flip)
+        parts = train_step(
+            model, normalize(images, pp), labels.to(device), optimizer, schedule[step], loss_fn
+        )
+        step += 1
+        window.append(parts["loss"])
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            elapsed = time.perf_counter() - t0
+            rate = (step - start_step) * cfg.batch_size / elapsed
+            loss = sum(window) / len(window)
+            metrics_log.write(
+                {
+                    "step": step,
+                    "epoch": state.epoch,
+                    "lr": float(schedule[step - 1]),
+                    "loss": loss,
+                    "images_per_s": rate,
+                }
+            )
+            bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}")
+            window.clear()
+        if val_urls and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            bar.write(f"step {step}: val top1 {run_eval()['top1']:.4f}")
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            save()
+    bar.close()
+    seconds = time.perf_counter() - t0
+    summary: dict[str, Any] = {
+        "step": step,
+        "arch": cfg.arch,
+        "classes": classes,
+        "train_seconds": round(seconds, 2),
+        "images_per_s": round((step - start_step) * cfg.batch_size / seconds, 1)
+        if step > start_step
+        else None,
+        "skipped_samples": dataset.stats.skipped,
+        "checkpoint": str(ckpt_path),
+    }
+    if val_urls:
+        summary["val"] = run_eval()
+    atomic.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny synthetic shard sets and fake Fashion-MNIST idx files, made per test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ssl_kd.datasets.idx import write_idx
+from ssl_kd.shards import encode_image, write_shards
+
+
+def separable_images(n_per_class: int, num_classes: int, size: int, seed: int) -> tuple:
+    """Grayscale images whose class is a bright horizontal band (flip-invariant), plus noise."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    band = size // num_classes
+    for c in range(num_classes):
+        for _ in range(n_per_class):
+            img = rng.integers(0, 60, (size, size)).astype(np.uint8)
+            img[c * band : (c + 1) * band, :] = 230
+            images.append(img)
+            labels.append(c)
+    order = rng.permutation(len(labels))
+    return np.stack(images)[order], np.array(labels)[order]
+
+
+def write_labeled_shards(
+    root: Path, name: str, images: np.ndarray, labels: np.ndarray, per_shard: int
+) -> list[str]:
+    """Write images with ``.cls`` labels as ``root/name-%06d.tar``."""
+    samples = (
+        {"__key__": f"{name}-{i:05d}", "png": encode_image(img), "cls": int(lab)}
+        for i, (img, lab) in enumerate(zip(images, labels, strict=True))
+    )
+    return write_shards(samples, str(root / f"{name}-%06d.tar"), per_shard)
+
+
+@pytest.fixture
+def separable_shards(tmp_path: Path) -> dict[str, Path]:
+    """Train (4 classes x 48) and test (4 x 16) shards of a linearly separable 16x16 set."""
+    train_x, train_y = separable_images(48, 4, 16, seed=1)
+    test_x, test_y = separable_images(16, 4, 16, seed=2)
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    write_labeled_shards(tmp_path / "train", "train", train_x, train_y, per_shard=64)
+    write_labeled_shards(tmp_path / "test", "test", test_x, test_y, per_shard=64)
+    return {"train": tmp_path / "train", "test": tmp_path / "test"}
+
+
+@pytest.fixture
+def fake_fmnist(tmp_path: Path) -> Path:
+    """The four Fashion-MNIST idx.gz files with 10 classes x 12 train and 3 test images, 8x8."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "fmnist"
+    src.mkdir()
+    train_y = np.repeat(np.arange(10, dtype=np.uint8), 12)
+    test_y = np.repeat(np.arange(10, dtype=np.uint8), 3)
+    rng.shuffle(train_y)
+    write_idx(src / "train-images-idx3-ubyte.gz", rng.integers(0, 255, (120, 8, 8), np.uint8))
+    write_idx(src / "train-labels-idx1-ubyte.gz", train_y)
+    write_idx(src / "t10k-images-idx3-ubyte.gz", rng.integers(0, 255, (30, 8, 8), np.uint8))
+    write_idx(src / "t10k-labels-idx1-ubyte.gz", test_y)
+    return src

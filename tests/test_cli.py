@@ -1,0 +1,101 @@
+"""The ``ssl-kd`` command line: bad input ends in one error line and exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ssl_kd.cli import main
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse errors
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("ssl-kd: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_bad_config_key_type_and_range(
+    separable_shards: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["train", "--data", str(separable_shards["train"]), "--out", str(tmp_path / "o")]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"stepz": 3}))
+    code, _, err = _run([*base, "--config", str(cfg)], capsys)
+    assert code == 2 and "'stepz'" in _error_line(err)
+    code, _, err = _run([*base, "--steps", "zero"], capsys)
+    assert code == 2 and "'steps': expected an integer" in _error_line(err)
+    code, _, err = _run([*base, "--steps", "0"], capsys)
+    assert code == 2 and "'steps': must be >= 1" in _error_line(err)
+    code, _, err = _run([*base, "--optimizer", "lbfgs"], capsys)
+    assert code == 2 and "sgd, adamw" in _error_line(err)
+    code, _, err = _run([*base, "--bogus-flag", "1"], capsys)
+    assert code == 2 and "--bogus-flag" in _error_line(err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(["train", "--data", str(tmp_path / "no-*.tar"), "--out", "x"], capsys)
+    assert code == 2 and "matched no files" in _error_line(err)
+    code, _, err = _run(
+        ["evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(tmp_path)], capsys
+    )
+    assert code == 2 and "does not exist" in _error_line(err)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    code, _, err = _run(
+        ["evaluate", "--checkpoint", str(tmp_path / "junk.pt"), "--data", str(tmp_path)], capsys
+    )
+    assert code == 2 and "not a readable ssl_kd checkpoint" in _error_line(err)
+    code, _, err = _run(["train", "--data", str(tmp_path), "--out", "x", "--arch", "nope"], capsys)
+    assert code == 2
+
+
+def test_fashion_mnist_source_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    code, _, err = _run(
+        ["data", "fashion-mnist", "--out", str(out), "--source", str(tmp_path / "none")], capsys
+    )
+    line = _error_line(err)
+    assert code == 2 and "t10k-images-idx3-ubyte.gz" in line and "dataset-fashion-mnist" in line
+    assert not out.exists()
+
+
+def test_train_then_evaluate_via_cli(
+    separable_shards: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    code, out, _ = _run(
+        ["-q", "train", "--data", str(separable_shards["train"]), "--out", str(run),
+         "--num-classes", "4", "--steps", "3", "--batch-size", "16", "--no-progress",
+         "--device", "cpu"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0 and "trained cnn for 3 steps" in out
+    assert yaml.safe_load((run / "config.yaml").read_text())["steps"] == 3
+    code, out, _ = _run(
+        ["-q", "evaluate", "--checkpoint", str(run / "checkpoint.pt"),
+         "--data", str(separable_shards["test"]), "--out", str(run / "eval.json")],
+        capsys,
+    )  # fmt: skip
+    assert code == 0 and "top-1" in out and (run / "eval.json").is_file()
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "ssl-kd"
+    assert script.exists(), "install the package (pip install -e .) to get the ssl-kd script"
+    done = subprocess.run([str(script), "models"], capture_output=True, text=True, check=True)
+    assert "resnet50" in done.stdout.split()
+    bad = subprocess.run([str(script), "evaluate"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "required" in bad.stderr
