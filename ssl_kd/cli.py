@@ -47,7 +47,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = cfglib.resolve(TrainConfig, args)
     log.info("ssl_kd %s train config: %s", __version__, json.dumps(cfglib.to_dict(cfg)))
     summary = run_train(cfg, progress=not args.no_progress)
-    line = f"trained {summary['arch']} for {summary['step']} steps -> {summary['checkpoint']}"
+    verb = "already trained" if summary["resumed_at"] == summary["step"] else "trained"
+    line = f"{verb} {summary['arch']} for {summary['step']} steps -> {summary['checkpoint']}"
     if "val" in summary:
         line += f"; val top-1 {100 * summary['val']['top1']:.2f}%"
     print(line)
@@ -58,7 +59,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ssl_kd.evaluate import EvalConfig, run_evaluate
 
     cfg = cfglib.resolve(EvalConfig, args)
-    r = run_evaluate(cfg)
+    r = run_evaluate(cfg, progress=not args.quiet)
     print(
         f"{r['arch']} on {r['n']} images: top-1 {100 * r['top1']:.2f}%  "
         f"top-5 {100 * r['top5']:.2f}%  ({r['seconds']:.1f} s, {r['images_per_s']} img/s)"

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from ssl_kd import atomic
 from ssl_kd import config as cfglib
@@ -38,13 +39,17 @@ class EvalConfig:
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, loader: DataLoader, device: torch.device, pp: Preprocess
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    pp: Preprocess,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Top-1, top-5 (top-k for fewer classes), mean cross-entropy and sample count."""
     model.eval()
     n = correct1 = correct5 = 0
     loss_sum = 0.0
-    for images, labels in loader:
+    for images, labels in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
         images = normalize(images.to(device, non_blocking=True), pp)
         labels = torch.as_tensor(labels).to(device)
         logits = model(images)
@@ -71,7 +76,7 @@ def eval_loader(
     )
 
 
-def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
+def run_evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
     """Evaluate ``cfg.checkpoint`` on ``cfg.data``; writes ``cfg.out`` (JSON) when set."""
     ckpt = load_checkpoint(cfg.checkpoint)
     urls = expand_shards(cfg.data)
@@ -81,7 +86,7 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
     pp = Preprocess.from_dict(meta["preprocess"])
     loader = eval_loader(urls, pp, meta["num_classes"], cfg.batch_size, cfg.num_workers)
     t0 = time.perf_counter()
-    metrics = evaluate(model, loader, device, pp)
+    metrics = evaluate(model, loader, device, pp, progress)
     seconds = time.perf_counter() - t0
     stats = loader.dataset.stats.as_dict() if cfg.num_workers == 0 else None
     result = {

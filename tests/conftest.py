@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ssl_kd.datasets.idx import write_idx
-from ssl_kd.shards import encode_image, write_shards
+from ssl_kd.shards import array_samples, write_shards
 
 
 def separable_images(n_per_class: int, num_classes: int, size: int, seed: int) -> tuple:
@@ -30,10 +30,8 @@ def write_labeled_shards(
     root: Path, name: str, images: np.ndarray, labels: np.ndarray, per_shard: int
 ) -> list[str]:
     """Write images with ``.cls`` labels as ``root/name-%06d.tar``."""
-    samples = (
-        {"__key__": f"{name}-{i:05d}", "png": encode_image(img), "cls": int(lab)}
-        for i, (img, lab) in enumerate(zip(images, labels, strict=True))
-    )
+    keys = [f"{name}-{i:05d}" for i in range(len(images))]
+    samples = array_samples(images, labels, keys)
     return write_shards(samples, str(root / f"{name}-%06d.tar"), per_shard)
 
 

@@ -27,7 +27,7 @@ from ssl_kd import config as cfglib
 from ssl_kd.config import option
 from ssl_kd.datasets.idx import read_idx
 from ssl_kd.errors import UserError
-from ssl_kd.shards import ShardWriter, encode_image, shard_name
+from ssl_kd.shards import ShardWriter, array_samples, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -91,17 +91,6 @@ def split_indices(labels: np.ndarray, per_class: int, seed: int) -> tuple[np.nda
     return rng.permutation(lab), rng.permutation(unl)
 
 
-def _samples(
-    images: np.ndarray, labels: np.ndarray, order: np.ndarray, prefix: str, fmt: str, with_cls: bool
-) -> Iterator[dict[str, Any]]:
-    ext = "png" if fmt == "png" else "jpg"
-    for i in order:
-        sample: dict[str, Any] = {"__key__": f"{prefix}-{i:05d}", ext: encode_image(images[i], fmt)}
-        if with_cls:
-            sample["cls"] = int(labels[i])
-        yield sample
-
-
 def _write_split(
     root: Path, split: str, samples: Iterator[dict[str, Any]], cfg: FashionMnistConfig, total: int
 ) -> tuple[list[str], list[tuple[str, str]]]:
@@ -141,32 +130,22 @@ def import_fashion_mnist(cfg: FashionMnistConfig) -> dict[str, Any]:
     tmp.mkdir(parents=True)
     try:
         fmt = cfg.image_format
+        train_keys = [f"train-{i:05d}" for i in range(len(train_x))]
+        test_keys = [f"test-{i:05d}" for i in range(len(test_x))]
+        splits = {
+            "labeled": (array_samples(train_x, train_y, train_keys, fmt, labeled), len(labeled)),
+            "unlabeled": (array_samples(train_x, None, train_keys, fmt, unlabeled), len(unlabeled)),
+            "test": (array_samples(test_x, test_y, test_keys, fmt), len(test_x)),
+        }
         shards: dict[str, list[str]] = {}
-        shards["labeled"], _ = _write_split(
-            tmp,
-            "labeled",
-            _samples(train_x, train_y, labeled, "train", fmt, True),
-            cfg,
-            len(labeled),
-        )
-        shards["unlabeled"], placed = _write_split(
-            tmp,
-            "unlabeled",
-            _samples(train_x, train_y, unlabeled, "train", fmt, False),
-            cfg,
-            len(unlabeled),
-        )
-        shards["test"], _ = _write_split(
-            tmp,
-            "test",
-            _samples(test_x, test_y, np.arange(len(test_x)), "test", fmt, True),
-            cfg,
-            len(test_x),
-        )
+        placed: dict[str, list[tuple[str, str]]] = {}
+        for split, (samples, total) in splits.items():
+            shards[split], placed[split] = _write_split(tmp, split, samples, cfg, total)
+        unlabeled_placed = placed["unlabeled"]
         truth = pa.table(
             {
-                "shard": pa.array([s for s, _ in placed]).dictionary_encode(),
-                "key": pa.array([k for _, k in placed], pa.string()),
+                "shard": pa.array([s for s, _ in unlabeled_placed]).dictionary_encode(),
+                "key": pa.array([k for _, k in unlabeled_placed], pa.string()),
                 "label": pa.array(train_y[unlabeled], pa.int16()),
             }
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,25 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+
+
+def array_samples(
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    keys: Sequence[str],
+    fmt: str = "png",
+    order: Iterable[int] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Samples (``__key__``, encoded image, ``cls`` when labels are given) from uint8 arrays.
+
+    ``order`` picks and orders the rows (default: all, in order); encoding happens lazily.
+    """
+    ext = "png" if fmt == "png" else "jpg"
+    for i in range(len(images)) if order is None else order:
+        sample: dict[str, Any] = {"__key__": keys[i], ext: encode_image(images[i], fmt)}
+        if labels is not None:
+            sample["cls"] = int(labels[i])
+        yield sample
 
 
 def write_shards(

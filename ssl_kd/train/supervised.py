@@ -191,6 +191,7 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     summary: dict[str, Any] = {
         "step": step,
+        "resumed_at": start_step,
         "arch": cfg.arch,
         "classes": classes,
         "train_seconds": round(seconds, 2),
