@@ -68,6 +68,28 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_label(args: argparse.Namespace) -> int:
+    from ssl_kd.label_job import LabelConfig, run_label
+
+    cfg = cfglib.resolve(LabelConfig, args)
+    s = run_label(cfg, progress=not args.quiet)
+    print(
+        f"labeled {s['labeled']} shards ({s['already_done']} already done): {s['rows']} images, "
+        f"{s['skipped_samples']} skipped, {s['bytes_per_image']} bytes/image, "
+        f"{s['images_per_s']} img/s -> {cfg.out}"
+    )
+    if s["truncated_shards"]:
+        print(f"truncated shards: {', '.join(s['truncated_shards'])}", file=sys.stderr)
+    if s["failed"]:
+        print(
+            f"ssl-kd: {len(s['failed'])} shard(s) failed after retries (see "
+            f"{cfg.out}/run_summary.json); rerun the same command to retry them",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from ssl_kd.models import list_models
 
@@ -89,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full ``ssl-kd`` parser (config classes are imported lazily by each command)."""
     from ssl_kd.datasets.fashion_mnist import FashionMnistConfig
     from ssl_kd.evaluate import EvalConfig
+    from ssl_kd.label_job import LabelConfig
     from ssl_kd.train.supervised import TrainConfig
 
     parser = _Parser(prog="ssl-kd", description="Semi-supervised teacher/student training.")
@@ -108,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = _stage_parser(sub, "train", TrainConfig, _cmd_train, "supervised training on shards")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     _stage_parser(sub, "evaluate", EvalConfig, _cmd_evaluate, "top-1/top-5 of a checkpoint")
+    _stage_parser(sub, "label", LabelConfig, _cmd_label, "top-k pseudo-labels of shards (Ray)")
     _stage_parser(sub, "models", None, _cmd_models, "list model architectures")
     return parser
 

@@ -157,7 +157,14 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     loss_fn = cross_entropy(cfg.label_smoothing)
     start_step, t0 = step, time.perf_counter()
     window: list[float] = []
-    bar = tqdm(total=cfg.steps, initial=step, unit="step", disable=not progress, desc="train")
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        unit="step",
+        desc="train",
+        disable=not progress,
+        mininterval=1,
+    )
     batches = stream_batches(dataset, cfg.batch_size, state, cfg.num_workers)
     while step < cfg.steps:
         images, labels = next(batches)

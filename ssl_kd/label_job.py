@@ -1,0 +1,246 @@
+"""``ssl-kd label`` / ``jobs/label.py``: label many shards, exactly once each, locally or on Ray.
+
+The driver expands the shard spec, checks the teacher and the output directory, skips shards
+whose label file exists, and hands the rest to a pool of workers — Ray actors that each load the
+teacher once (one per GPU when the cluster has GPUs, else one per ``cpus_per_worker`` CPUs), or
+the driver itself with ``executor: local``. A shard that fails is retried ``max_retries`` times
+(on a fresh actor if its actor died). ``run_summary.json`` records every shard and the totals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm import tqdm
+
+from ssl_kd import atomic
+from ssl_kd import config as cfglib
+from ssl_kd.config import option
+from ssl_kd.errors import UserError
+from ssl_kd.label import Teacher, label_shard_to_dir
+from ssl_kd.labels_io import check_same_labeling, label_file_name, label_files, read_meta
+from ssl_kd.shards import expand_shards, shard_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """``ssl-kd label``."""
+
+    teacher: str = option(help="teacher checkpoint")
+    shards: str = option(help="unlabeled shards (dir, brace pattern, glob or list file)")
+    out: str = option(help="directory of label files (one Parquet file per shard)")
+    k: int = option(10, help="classes kept per image", min=1)
+    temperature: float = option(1.0, help="softmax temperature of the soft labels", gt=0)
+    embeddings: bool = option(False, help="also store L2-normalised float16 embeddings")
+    batch_size: int = option(256, help="images per forward pass", min=1)
+    executor: Literal["ray", "local"] = option("ray", help="Ray actors, or this process only")
+    workers: int = option(0, help="worker actors (0: one per GPU, else per cpus_per_worker)", min=0)
+    cpus_per_worker: int = option(1, help="CPUs (and torch threads) per worker actor", min=1)
+    max_retries: int = option(2, help="retries of a failed shard", min=0)
+    device: str = option("auto", help="auto, cpu, cuda or cuda:N")
+
+
+class LabelWorker:
+    """Loads the teacher once; labels one shard per call (wrapped as a Ray actor)."""
+
+    def __init__(self, cfg: LabelConfig, threads: int | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.teacher = Teacher(cfg.teacher, cfg.k, cfg.temperature, cfg.embeddings, cfg.device)
+
+    def label(self, url: str) -> dict[str, Any]:
+        """Label ``url`` into ``cfg.out``; returns the shard's status."""
+        return label_shard_to_dir(self.teacher, url, self.cfg.out, self.cfg.batch_size)
+
+
+def _check_out_dir(cfg: LabelConfig, teacher: Teacher) -> None:
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    existing = label_files(out)
+    if existing:
+        check_same_labeling(read_meta(existing[0]), teacher.meta, str(existing[0]), "this run")
+    for stale in out.glob(".*.tmp"):  # left by a killed run; never a finished file
+        stale.unlink(missing_ok=True)
+
+
+def _plan(cfg: LabelConfig, urls: list[str]) -> list[str]:
+    names: dict[str, str] = {}
+    for url in urls:
+        name = label_file_name(url)
+        if name in names:
+            raise UserError(
+                f"shards {names[name]} and {url} would share the label file {name}; "
+                "label them into separate --out directories"
+            )
+        names[name] = url
+    return [u for u in urls if not (Path(cfg.out) / label_file_name(u)).exists()]
+
+
+def _run_local(cfg: LabelConfig, todo: list[str], bar: tqdm) -> list[dict[str, Any]]:
+    worker = LabelWorker(cfg)
+    statuses = []
+    for url in todo:
+        statuses.append(_with_retries(lambda u=url: worker.label(u), url, cfg.max_retries))
+        bar.update(1)
+    return statuses
+
+
+def _with_retries(fn: Any, url: str, retries: int) -> dict[str, Any]:
+    for attempt in range(retries + 1):
+        try:
+            return {**fn(), "attempts": attempt + 1}
+        except UserError:
+            raise
+        except Exception as exc:
+            log.warning("shard %s failed (attempt %d): %s", url, attempt + 1, exc)
+            last = exc
+    return {"shard": shard_name(url), "failed": True, "error": repr(last), "attempts": retries + 1}
+
+
+def connect_ray() -> Any:
+    """Connect to the cluster in ``RAY_ADDRESS`` when set, else start Ray in this process."""
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address or None, include_dashboard=False if not address else None,
+                 log_to_driver=False)  # fmt: skip
+    return ray
+
+
+def _run_ray(cfg: LabelConfig, todo: list[str], bar: tqdm) -> list[dict[str, Any]]:
+    ray = connect_ray()
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    use_gpu = gpus > 0 and cfg.device != "cpu"
+    if cfg.workers:
+        n = cfg.workers
+    elif use_gpu:
+        n = gpus
+    else:
+        n = max(1, int(resources.get("CPU", 1)) // cfg.cpus_per_worker)
+    n = min(n, len(todo)) or 1
+    actor_cls = ray.remote(LabelWorker).options(
+        num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_gpu else 0
+    )
+    actors = [actor_cls.remote(cfg, cfg.cpus_per_worker) for _ in range(n)]
+    queue = deque(todo)
+    attempts: dict[str, int] = {}
+    inflight: dict[Any, tuple[str, Any]] = {}
+    statuses: list[dict[str, Any]] = []
+    replaced: dict[Any, Any] = {}
+
+    def submit(actor: Any) -> None:
+        if queue:
+            url = queue.popleft()
+            attempts[url] = attempts.get(url, 0) + 1
+            inflight[actor.label.remote(url)] = (url, actor)
+
+    for actor in actors:  # two calls per actor: the next shard is queued while one runs
+        submit(actor)
+        submit(actor)
+    while inflight:
+        done, _ = ray.wait(list(inflight), num_returns=1)
+        url, actor = inflight.pop(done[0])
+        try:
+            statuses.append({**ray.get(done[0]), "attempts": attempts[url]})
+            bar.update(1)
+        except ray.exceptions.RayActorError as exc:
+            # Both calls queued on a dead actor fail: replace it once, reuse the replacement.
+            if actor not in replaced:
+                log.warning("worker died on %s: %s; starting a new one", url, exc)
+                replaced[actor] = actor_cls.remote(cfg, cfg.cpus_per_worker)
+            actor = replaced[actor]
+            _retry_or_fail(url, exc, cfg, attempts, queue, statuses, bar)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, UserError) else None
+            if cause is not None:
+                raise cause from None
+            _retry_or_fail(url, exc, cfg, attempts, queue, statuses, bar)
+        submit(actor)
+    return statuses
+
+
+def _retry_or_fail(
+    url: str, exc: BaseException, cfg: LabelConfig, attempts: dict[str, int],
+    queue: deque, statuses: list[dict[str, Any]], bar: tqdm,
+) -> None:  # fmt: skip
+    if attempts[url] <= cfg.max_retries:
+        log.warning("retrying %s (attempt %d failed): %s", url, attempts[url], exc)
+        queue.append(url)
+    else:
+        error = str(exc).splitlines()[0]
+        statuses.append(
+            {"shard": shard_name(url), "failed": True, "error": error, "attempts": attempts[url]}
+        )
+        bar.update(1)
+
+
+def run_label(cfg: LabelConfig, progress: bool = True) -> dict[str, Any]:
+    """Label every shard of ``cfg.shards`` not yet labeled; returns (and writes) the summary."""
+    urls = expand_shards(cfg.shards)
+    teacher = Teacher(cfg.teacher, cfg.k, cfg.temperature, cfg.embeddings, "cpu")
+    _check_out_dir(cfg, teacher)
+    todo = _plan(cfg, urls)
+    cfglib.save(cfg, Path(cfg.out) / "config.yaml")
+    log.info("%d shards: %d to label, %d already done", len(urls), len(todo), len(urls) - len(todo))
+    start = time.perf_counter()
+    bar = tqdm(total=len(todo), unit="shard", desc="label", disable=not progress)
+    rows_seen = 0
+
+    def update_postfix(statuses: list[dict[str, Any]]) -> None:
+        nonlocal rows_seen
+        rows_seen = sum(s.get("rows", 0) for s in statuses)
+        bar.set_postfix(img_s=f"{rows_seen / max(1e-9, time.perf_counter() - start):.0f}")
+
+    if not todo:
+        statuses: list[dict[str, Any]] = []
+    elif cfg.executor == "local":
+        statuses = _run_local(cfg, todo, bar)
+    else:
+        statuses = _run_ray(cfg, todo, bar)
+    update_postfix(statuses)
+    bar.close()
+    for stale in Path(cfg.out).glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+    wall = time.perf_counter() - start
+    summary = _summarize(cfg, urls, todo, statuses, wall)
+    atomic.write_text(Path(cfg.out) / "run_summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _summarize(
+    cfg: LabelConfig, urls: list[str], todo: list[str], statuses: list[dict[str, Any]],
+    wall: float,
+) -> dict[str, Any]:  # fmt: skip
+    ok = [s for s in statuses if not s.get("failed")]
+    rows = sum(s["rows"] for s in ok)
+    return {
+        "shards": len(urls),
+        "already_done": len(urls) - len(todo),
+        "labeled": len(ok),
+        "failed": [s for s in statuses if s.get("failed")],
+        "rows": rows,
+        "skipped_samples": sum(s["skipped"] for s in ok),
+        "truncated_shards": sorted(s["shard"] for s in ok if s["truncated"]),
+        "empty_shards": sorted(s["shard"] for s in ok if s["empty"]),
+        "bytes": sum(s["bytes"] for s in ok),
+        "bytes_per_image": round(sum(s["bytes"] for s in ok) / rows, 2) if rows else None,
+        "wall_seconds": round(wall, 3),
+        "images_per_s": round(rows / wall, 1) if wall > 0 and rows else None,
+        "per_shard": sorted(statuses, key=lambda s: s["shard"]),
+        "config": cfglib.to_dict(cfg),
+    }
