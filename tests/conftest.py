@@ -61,3 +61,34 @@ def fake_fmnist(tmp_path: Path) -> Path:
     write_idx(src / "t10k-images-idx3-ubyte.gz", rng.integers(0, 255, (30, 8, 8), np.uint8))
     write_idx(src / "t10k-labels-idx1-ubyte.gz", test_y)
     return src
+
+
+def make_teacher(
+    path: Path, arch: str = "cnn", channels: int = 1, size: int = 16, num_classes: int = 4,
+    seed: int = 0,
+) -> Path:  # fmt: skip
+    """A randomly initialised checkpoint in the format ``ssl-kd train`` writes."""
+    import torch
+
+    from ssl_kd.models import create_model
+    from ssl_kd.preprocess import Preprocess
+    from ssl_kd.train.checkpoint import make_meta, save_checkpoint
+
+    torch.manual_seed(seed)
+    width = 0.5 if arch == "cnn" else 1.0
+    model = create_model(arch, num_classes, channels, size, width=width)
+    classes = [f"c{i}" for i in range(num_classes)]
+    meta = make_meta(arch, width, 0.0, classes, Preprocess(channels, size), {})
+    save_checkpoint(path, {"model": model.state_dict(), "step": 0, "meta": meta})
+    return path
+
+
+def write_unlabeled_shards(
+    root: Path, n_shards: int, per_shard: int, size: int = 16, seed: int = 0
+) -> list[str]:
+    """``root/u-%06d.tar`` shards of random grayscale PNGs without labels."""
+    rng = np.random.default_rng(seed)
+    n = n_shards * per_shard
+    images = rng.integers(0, 255, (n, size, size), dtype=np.uint8)
+    keys = [f"img-{i:06d}" for i in range(n)]
+    return write_shards(array_samples(images, None, keys), str(root / "u-%06d.tar"), per_shard)
