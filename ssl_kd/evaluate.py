@@ -17,7 +17,7 @@ from ssl_kd import atomic
 from ssl_kd import config as cfglib
 from ssl_kd.config import option
 from ssl_kd.device import resolve_device
-from ssl_kd.preprocess import Preprocess, normalize, to_uint8
+from ssl_kd.preprocess import Preprocess, fit_size, normalize
 from ssl_kd.shards import expand_shards
 from ssl_kd.shards.dataset import ShardImageDataset
 from ssl_kd.train.checkpoint import load_checkpoint, model_from_checkpoint
@@ -69,7 +69,7 @@ def eval_loader(
     urls: list[str], pp: Preprocess, num_classes: int, batch_size: int, num_workers: int = 0
 ) -> DataLoader:
     """A deterministic loader over labeled shards prepared as ``pp`` says."""
-    ds = ShardImageDataset(urls, to_uint8(pp), pp.mode, num_classes=num_classes)
+    ds = ShardImageDataset(urls, fit_size(pp), pp.channels, num_classes=num_classes)
     # A private generator keeps evaluation from consuming the global RNG of a training run.
     return DataLoader(
         ds, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import queue
 import threading
 import time
@@ -27,7 +28,7 @@ from ssl_kd import atomic
 from ssl_kd.device import resolve_device
 from ssl_kd.errors import UserError
 from ssl_kd.labels_io import LabelMeta, build_table, label_file_name, write_labels
-from ssl_kd.preprocess import Preprocess, normalize, to_uint8
+from ssl_kd.preprocess import Preprocess, fit_size, normalize
 from ssl_kd.shards.reader import ReadStats, decoded_samples, iter_shard
 from ssl_kd.shards.spec import shard_name
 from ssl_kd.train.checkpoint import load_checkpoint, model_from_checkpoint
@@ -146,11 +147,11 @@ def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
 def _batches(
     url: str, pp: Preprocess, batch_size: int, stats: ReadStats, timer: dict[str, float]
 ) -> Iterator[tuple[list[str], torch.Tensor]]:
-    transform = to_uint8(pp)
+    transform = fit_size(pp)
     keys: list[str] = []
     images: list[torch.Tensor] = []
     t0 = time.perf_counter()
-    for key, img, _ in decoded_samples(iter_shard(url, stats), stats, pp.mode, labeled=False):
+    for key, img, _ in decoded_samples(iter_shard(url, stats), stats, pp.channels, labeled=False):
         keys.append(key)
         images.append(transform(img))
         if len(keys) == batch_size:
@@ -210,4 +211,5 @@ def label_shard_to_dir(teacher: Teacher, url: str, out: str | Path, batch_size: 
     result.seconds["write"] = time.perf_counter() - t0
     status = result.status()
     status["bytes"] = path.stat().st_size
+    status["worker"] = os.getpid()
     return status

@@ -156,7 +156,8 @@ def _run_ray(cfg: LabelConfig, todo: list[str], bar: tqdm) -> list[dict[str, Any
         done, _ = ray.wait(list(inflight), num_returns=1)
         url, actor = inflight.pop(done[0])
         try:
-            statuses.append({**ray.get(done[0]), "attempts": attempts[url]})
+            status = ray.get(done[0])
+            statuses.append({**status, "attempts": attempts[url]})
             bar.update(1)
         except ray.exceptions.RayActorError as exc:
             # Both calls queued on a dead actor fail: replace it once, reuse the replacement.
@@ -228,6 +229,14 @@ def _summarize(
 ) -> dict[str, Any]:  # fmt: skip
     ok = [s for s in statuses if not s.get("failed")]
     rows = sum(s["rows"] for s in ok)
+    # Throughput of the workers while they work (sum over workers of rows / busy seconds): the
+    # rate a long job settles at, once the one-off start-up (processes, model load) is paid.
+    busy: dict[int, list[float]] = {}
+    for s in ok:
+        acc = busy.setdefault(s["worker"], [0.0, 0.0])
+        acc[0] += s["rows"]
+        acc[1] += s["seconds"]["total"] + s["seconds"]["write"]
+    steady = round(sum(r / t for r, t in busy.values() if t > 0), 1) if busy else None
     return {
         "shards": len(urls),
         "already_done": len(urls) - len(todo),
@@ -241,6 +250,8 @@ def _summarize(
         "bytes_per_image": round(sum(s["bytes"] for s in ok) / rows, 2) if rows else None,
         "wall_seconds": round(wall, 3),
         "images_per_s": round(rows / wall, 1) if wall > 0 and rows else None,
+        "steady_images_per_s": steady,
+        "workers": len(busy),
         "per_shard": sorted(statuses, key=lambda s: s["shard"]),
         "config": cfglib.to_dict(cfg),
     }

@@ -10,10 +10,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
-from torchvision import transforms
+from torchvision.transforms.v2 import functional as TF
 
 from ssl_kd.errors import UserError
 from ssl_kd.shards.reader import SampleError, peek_image
@@ -28,11 +26,6 @@ class Preprocess:
     mean: float = 0.5
     std: float = 0.5
 
-    @property
-    def mode(self) -> str:
-        """PIL mode the decoded images are converted to."""
-        return "L" if self.channels == 1 else "RGB"
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form for checkpoints and Parquet metadata."""
         return asdict(self)
@@ -43,30 +36,23 @@ class Preprocess:
         return cls(**data)
 
 
-def _fit_size(size: int) -> Callable[[Image.Image], Image.Image]:
-    resize = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)])
-
-    def fit(img: Image.Image) -> Image.Image:
-        return img if img.size == (size, size) else resize(img)
-
-    return fit
-
-
-def to_uint8(pp: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
-    """Per-image transform: fit to ``image_size`` and return a (C, H, W) uint8 tensor.
+def fit_size(pp: Preprocess) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Per-image transform of a decoded uint8 (C, H, W) tensor: resize the shorter side to
+    ``image_size`` and centre-crop, only when the image is not already that size.
 
     Augmentation and normalisation run later on whole batches (:func:`augment`,
-    :func:`normalize`), on the training device: per-image PIL transforms cost more than a
-    small model's forward pass on a 2-core machine.
+    :func:`normalize`), on the training device: per-image transforms cost more than a small
+    model's forward pass on a 2-core machine.
     """
-    fit = _fit_size(pp.image_size)
+    size = pp.image_size
 
-    def transform(img: Image.Image) -> torch.Tensor:
-        arr = np.array(fit(img), dtype=np.uint8)
-        t = torch.from_numpy(arr)
-        return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+    def fit(img: torch.Tensor) -> torch.Tensor:
+        if img.shape[-2:] == (size, size):
+            return img
+        img = TF.resize(img, [size], antialias=True)
+        return TF.center_crop(img, [size, size])
 
-    return transform
+    return fit
 
 
 def normalize(images: torch.Tensor, pp: Preprocess) -> torch.Tensor:
@@ -112,9 +98,9 @@ def infer_preprocess(
         except SampleError as exc:
             raise UserError(str(exc)) from None
         if channels is None:
-            channels = 1 if img.mode in ("L", "1", "I", "I;16", "F") else 3
+            channels = 1 if img.shape[0] == 1 else 3
         if image_size is None:
-            w, h = img.size
+            h, w = img.shape[-2:]
             if w != h:
                 raise UserError(
                     f"images are {w}x{h}, not square: set --image-size to the side to train at"

@@ -18,7 +18,7 @@ from ssl_kd.cli import main
 from ssl_kd.errors import UserError
 from ssl_kd.label_job import LabelConfig, run_label
 from ssl_kd.labels_io import LabelSet
-from ssl_kd.preprocess import Preprocess, normalize, to_uint8
+from ssl_kd.preprocess import Preprocess, fit_size, normalize
 from ssl_kd.shards import ReadStats, encode_image, iter_samples
 from ssl_kd.shards.reader import decode_image, image_bytes
 from ssl_kd.train.checkpoint import load_checkpoint, model_from_checkpoint
@@ -49,7 +49,7 @@ def _reference(teacher: Path, shards: Path, temperature: float) -> dict[str, tup
     pp = Preprocess.from_dict(meta["preprocess"])
     out = {}
     for sample in iter_samples(sorted(str(p) for p in shards.glob("*.tar")), ReadStats()):
-        x = normalize(to_uint8(pp)(decode_image(image_bytes(sample), pp.mode))[None], pp)
+        x = normalize(fit_size(pp)(decode_image(image_bytes(sample), pp.channels))[None], pp)
         with torch.no_grad():
             feats = model.features(x)
             probs = torch.softmax(model.head(feats) / temperature, dim=1)[0]

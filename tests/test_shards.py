@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ssl_kd.errors import ShardSpecError
-from ssl_kd.preprocess import Preprocess, to_uint8
+from ssl_kd.preprocess import Preprocess, fit_size
 from ssl_kd.shards import ReadStats, ShardWriter, encode_image, expand_shards, iter_samples
 from ssl_kd.shards.dataset import ShardImageDataset, buffer_shuffle
 from ssl_kd.shards.reader import decoded_samples
@@ -51,10 +52,8 @@ def test_jpeg_and_rgb_round_trip(tmp_path: Path) -> None:
     with ShardWriter(str(tmp_path / "j-%06d.tar"), 5) as w:
         w.write({"__key__": "a", "jpg": encode_image(rgb, "jpeg"), "cls": 1})
     stats = ReadStats()
-    ((key, img, label),) = decoded_samples(
-        iter_samples(w.written, stats), stats, "RGB", labeled=True
-    )
-    assert (key, label, img.size, img.mode) == ("a", 1, (16, 16), "RGB")
+    ((key, img, label),) = decoded_samples(iter_samples(w.written, stats), stats, 3, labeled=True)
+    assert (key, label, tuple(img.shape), img.dtype) == ("a", 1, (3, 16, 16), torch.uint8)
 
 
 def test_failed_write_leaves_no_partial_shard(tmp_path: Path) -> None:
@@ -127,7 +126,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path: Path) -> None:
         },
     )  # fmt: skip
     stats = ReadStats()
-    got = list(decoded_samples(iter_samples([str(path)], stats), stats, "L", labeled=True))
+    got = list(decoded_samples(iter_samples([str(path)], stats), stats, 1, labeled=True))
     assert [(k, lab) for k, _, lab in got] == [("a", 1), ("f", 0)]
     assert stats.samples == 2 and stats.skipped == 4
     assert {e["key"] for e in stats.errors} == {"b", "c", "d", "e"}
@@ -140,7 +139,7 @@ def test_truncated_tar_yields_what_it_can_and_is_flagged(tmp_path: Path) -> None
     data = path.read_bytes()
     path.write_bytes(data[:5000])  # cut inside the third member's data
     stats = ReadStats()
-    got = list(decoded_samples(iter_samples([str(path)], stats), stats, "L", labeled=False))
+    got = list(decoded_samples(iter_samples([str(path)], stats), stats, 1, labeled=False))
     assert 1 <= len(got) < 6
     assert stats.truncated_shards == {"t.tar"}
 
@@ -160,7 +159,7 @@ def test_img2dataset_layout_and_plain_tar(tmp_path: Path) -> None:
         },
     )
     ds = ShardImageDataset(
-        [str(path)], to_uint8(Preprocess(3, 12)), "RGB", labeled=False, with_keys=True
+        [str(path)], fit_size(Preprocess(3, 12)), 3, labeled=False, with_keys=True
     )
     items = list(ds)
     assert [k for k, _, _ in items] == ["000000000", "000000001"]
@@ -175,7 +174,7 @@ def test_dataset_epoch_order_is_deterministic_and_skip_resumes(tmp_path: Path) -
 
     def keys(epoch: int, skip: int = 0) -> list[str]:
         ds = ShardImageDataset(
-            w.written, to_uint8(pp), "L", shuffle_buffer=10, seed=3, with_keys=True
+            w.written, fit_size(pp), 1, shuffle_buffer=10, seed=3, with_keys=True
         )
         ds.set_epoch(epoch, skip)
         return [k for k, _, _ in ds]
@@ -224,3 +223,18 @@ def test_tar_reader_gzip_and_not_a_tar(tmp_path: Path) -> None:
     junk.write_bytes(b"this is not a tar file" * 100)
     assert list(iter_samples([str(junk)], stats)) == []
     assert stats.reasons["unreadable shard"] == 1
+
+
+def test_decoders_agree_and_pil_reads_other_formats() -> None:
+    from PIL import Image
+
+    from ssl_kd.shards.reader import decode_image
+
+    rgb = _img(5, (9, 7, 3))
+    as_png = decode_image(encode_image(rgb), 3)
+    assert torch.equal(as_png, torch.from_numpy(rgb).permute(2, 0, 1))
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="BMP")  # not a torchvision format: PIL fallback
+    assert torch.equal(decode_image(buf.getvalue(), 3), as_png)
+    assert decode_image(buf.getvalue(), 1).shape == (1, 9, 7)
+    assert decode_image(buf.getvalue(), None).shape == (3, 9, 7)

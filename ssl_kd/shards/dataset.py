@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import torch
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ssl_kd.shards.reader import ReadStats, decoded_samples, iter_samples
@@ -44,8 +43,8 @@ class ShardImageDataset(IterableDataset):
     def __init__(
         self,
         urls: list[str],
-        transform: Callable[[Image.Image], torch.Tensor],
-        mode: str,
+        transform: Callable[[torch.Tensor], torch.Tensor],
+        channels: int,
         *,
         labeled: bool = True,
         num_classes: int | None = None,
@@ -56,7 +55,7 @@ class ShardImageDataset(IterableDataset):
         super().__init__()
         self.urls = list(urls)
         self.transform = transform
-        self.mode = mode
+        self.channels = channels
         self.labeled = labeled
         self.num_classes = num_classes
         self.shuffle_buffer = shuffle_buffer
@@ -80,7 +79,7 @@ class ShardImageDataset(IterableDataset):
         if info is not None:
             urls = urls[info.id :: info.num_workers]
         raw = buffer_shuffle(iter_samples(urls, self.stats), self.shuffle_buffer, rng)
-        decoded = decoded_samples(raw, self.stats, self.mode, self.labeled, self.num_classes)
+        decoded = decoded_samples(raw, self.stats, self.channels, self.labeled, self.num_classes)
         for i, (key, img, label) in enumerate(decoded):
             if i < self.skip:
                 continue

@@ -26,7 +26,7 @@ from ssl_kd.device import resolve_device
 from ssl_kd.errors import UserError
 from ssl_kd.evaluate import eval_loader, evaluate
 from ssl_kd.models import create_model
-from ssl_kd.preprocess import augment, infer_preprocess, normalize, to_uint8
+from ssl_kd.preprocess import augment, fit_size, infer_preprocess, normalize
 from ssl_kd.shards import expand_shards
 from ssl_kd.shards.dataset import ShardImageDataset
 from ssl_kd.train.checkpoint import (
@@ -148,8 +148,8 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
     dataset = ShardImageDataset(
         urls,
-        to_uint8(pp),
-        pp.mode,
+        fit_size(pp),
+        pp.channels,
         num_classes=len(classes),
         shuffle_buffer=cfg.shuffle_buffer,
         seed=cfg.seed,

@@ -1,0 +1,134 @@
+"""Labeling throughput: the labeling pipeline vs the bare forward pass of the same model.
+
+In one run, on generated shards: images/s of ``run_label`` (Ray actors, and in-process) against
+images/s of ``model(x)`` on the same images already decoded in memory, their ratio, the time
+split into read+decode / forward / write, and Parquet bytes per image.
+
+    .venv/bin/python bench/label_throughput.py --arch resnet18 --size 32 --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ssl_kd.datasets.fashion_mnist import DEFAULT_SOURCE
+from ssl_kd.datasets.idx import read_idx
+from ssl_kd.label import Teacher
+from ssl_kd.label_job import LabelConfig, connect_ray, run_label
+from ssl_kd.models import create_model
+from ssl_kd.preprocess import Preprocess, normalize
+from ssl_kd.shards import array_samples, write_shards
+from ssl_kd.train.checkpoint import make_meta, save_checkpoint
+
+
+def make_images(n: int, size: int) -> np.ndarray:
+    """Fashion-MNIST training images when installed (resized if needed), else smooth noise."""
+    path = Path(DEFAULT_SOURCE) / "train-images-idx3-ubyte.gz"
+    if path.is_file() and size == 28:
+        return read_idx(path)[:n]
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 255, (n, size // 4, size // 4), dtype=np.uint8)
+    return np.kron(coarse, np.ones((4, 4), np.uint8))[:, :size, :size]
+
+
+def bare_forward(teacher: Teacher, images: torch.Tensor, batch_size: int) -> float:
+    """Images/s of ``model(x)`` alone, on already decoded uint8 tensors."""
+    model = teacher.model
+    with torch.inference_mode():
+        model(normalize(images[:batch_size], teacher.pp))  # warm-up
+        t0 = time.perf_counter()
+        for i in range(0, len(images), batch_size):
+            model(normalize(images[i : i + batch_size], teacher.pp))
+    return len(images) / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--size", type=int, default=28)
+    ap.add_argument("--shards", type=int, default=12)
+    ap.add_argument("--per-shard", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--teacher", help="a trained checkpoint (default: random weights of --arch)")
+    ap.add_argument("--out", help="write the figures as JSON here")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="label-bench-"))
+    try:
+        n = args.shards * args.per_shard
+        images = make_images(n, args.size)
+        keys = [f"img-{i:07d}" for i in range(n)]
+        write_shards(array_samples(images, None, keys), str(work / "s" / "u-%06d.tar"),
+                     args.per_shard)  # fmt: skip
+        if args.teacher:
+            ckpt = Path(args.teacher)
+        else:
+            model = create_model(args.arch, 10, 1, args.size)
+            pp = Preprocess(1, args.size)
+            meta = make_meta(args.arch, 1.0, 0.0, [str(i) for i in range(10)], pp, {})
+            ckpt = save_checkpoint(work / "t.pt", {"model": model.state_dict(), "meta": meta})
+
+        teacher = Teacher(str(ckpt), k=args.k, device="cpu")
+        tensors = torch.from_numpy(images).unsqueeze(1).contiguous()
+        threads = torch.get_num_threads()
+        # Baseline: the best of torch using every core in one process, and one single-threaded
+        # process per core scaled ideally (what the Ray workers could at most reach).
+        forward_all = bare_forward(teacher, tensors, args.batch_size)
+        torch.set_num_threads(1)
+        forward_one = bare_forward(teacher, tensors[: len(tensors) // 2], args.batch_size)
+        torch.set_num_threads(threads)
+        forward = max(forward_all, forward_one * threads)
+
+        base = LabelConfig(teacher=str(ckpt), shards=str(work / "s"), out="", k=args.k,
+                           batch_size=args.batch_size, device="cpu")  # fmt: skip
+        runs = {
+            "ray, 2 workers x 1 CPU": replace(base, executor="ray", cpus_per_worker=1),
+            "ray, 1 worker x 2 CPUs": replace(base, executor="ray", cpus_per_worker=2),
+            "in-process": replace(base, executor="local"),
+        }
+        connect_ray()  # Ray start-up is a one-off per job: not counted in throughput
+        results = {}
+        for name, cfg in runs.items():
+            out = work / name.replace(" ", "_").replace(",", "")
+            s = run_label(replace(cfg, out=str(out)), progress=False)
+            split = {k: sum(p["seconds"].get(k, 0.0) for p in s["per_shard"])
+                     for k in ("read_decode", "forward", "write")}  # fmt: skip
+            results[name] = {
+                "images_per_s": s["images_per_s"],
+                "ratio_to_bare_forward": round(s["images_per_s"] / forward, 3),
+                "steady_images_per_s": s["steady_images_per_s"],
+                "steady_ratio_to_bare_forward": round(s["steady_images_per_s"] / forward, 3),
+                "seconds": {k: round(v, 2) for k, v in split.items()},
+                "wall_seconds": s["wall_seconds"],
+                "bytes_per_image": s["bytes_per_image"],
+            }
+        report = {
+            "arch": teacher.meta.teacher_arch, "teacher": args.teacher or "random weights",
+            "image_size": args.size, "images": n, "shards": args.shards,
+            "batch_size": args.batch_size, "k": args.k, "torch_threads": threads,
+            "bare_forward_images_per_s": round(forward, 1),
+            "bare_forward_all_threads": round(forward_all, 1),
+            "bare_forward_one_thread_x_cores": round(forward_one * threads, 1),
+            "pipeline": results,
+        }  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
