@@ -44,6 +44,8 @@ demo: $(VENV)/.installed fashion-mnist
 	  --out $(RUN)/teacher
 	$(SSL_KD) evaluate --checkpoint $(RUN)/teacher/checkpoint.pt --data $(RUN)/data/test \
 	  --out $(RUN)/teacher/test_metrics.json
+	$(SSL_KD) label --teacher $(RUN)/teacher/checkpoint.pt --shards $(RUN)/data/unlabeled \
+	  --out $(RUN)/labels
 
 test: $(VENV)/.installed-dev
 	$(VENV)/bin/python -m pytest

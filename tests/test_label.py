@@ -189,3 +189,28 @@ def test_ray_executor_equals_local(setup: dict[str, Path], tmp_path: Path) -> No
     assert distributed["rows"] == local["rows"] == 120
     for path in sorted((tmp_path / "local").glob("*.parquet")):
         assert pq.read_table(path).equals(pq.read_table(tmp_path / "ray" / path.name))
+
+
+def test_readme_duckdb_query_runs_on_label_files(setup: dict[str, Path]) -> None:
+    duckdb = pytest.importorskip("duckdb")
+    run_label(_cfg(setup, embeddings=False), progress=False)
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    query = readme.split('duckdb.sql("""', 1)[1].split('""")', 1)[0]
+    rows = duckdb.sql(query.replace("runs/demo/labels", str(setup["out"]))).fetchall()
+    assert sum(n for _, n, _ in rows) == 120
+    assert all(0 < conf <= 1 for _, _, conf in rows)
+
+
+def test_job_entrypoint(setup: dict[str, Path]) -> None:
+    import subprocess
+    import sys
+
+    job = Path(__file__).parents[1] / "jobs" / "label.py"
+    done = subprocess.run(
+        [sys.executable, str(job), "--teacher", str(setup["teacher"]), "--shards",
+         str(setup["shards"]), "--out", str(setup["out"]), "--executor", "local", "--k", "2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "labeled 3 shards" in done.stdout
+    assert LabelSet(setup["out"]).num_rows == 120
