@@ -89,8 +89,10 @@ def _plan(cfg: LabelConfig, urls: list[str]) -> list[str]:
     return [u for u in urls if not (Path(cfg.out) / label_file_name(u)).exists()]
 
 
-def _run_local(cfg: LabelConfig, todo: list[str], bar: tqdm) -> list[dict[str, Any]]:
-    worker = LabelWorker(cfg)
+def _run_local(
+    cfg: LabelConfig, todo: list[str], bar: tqdm, worker_cls: type[LabelWorker]
+) -> list[dict[str, Any]]:
+    worker = worker_cls(cfg)
     statuses = []
     for url in todo:
         statuses.append(_with_retries(lambda u=url: worker.label(u), url, cfg.max_retries))
@@ -121,7 +123,9 @@ def connect_ray() -> Any:
     return ray
 
 
-def _run_ray(cfg: LabelConfig, todo: list[str], bar: tqdm) -> list[dict[str, Any]]:
+def _run_ray(
+    cfg: LabelConfig, todo: list[str], bar: tqdm, worker_cls: type[LabelWorker]
+) -> list[dict[str, Any]]:
     ray = connect_ray()
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
@@ -133,7 +137,7 @@ def _run_ray(cfg: LabelConfig, todo: list[str], bar: tqdm) -> list[dict[str, Any
     else:
         n = max(1, int(resources.get("CPU", 1)) // cfg.cpus_per_worker)
     n = min(n, len(todo)) or 1
-    actor_cls = ray.remote(LabelWorker).options(
+    actor_cls = ray.remote(worker_cls).options(
         num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_gpu else 0
     )
     actors = [actor_cls.remote(cfg, cfg.cpus_per_worker) for _ in range(n)]
@@ -190,8 +194,13 @@ def _retry_or_fail(
         bar.update(1)
 
 
-def run_label(cfg: LabelConfig, progress: bool = True) -> dict[str, Any]:
-    """Label every shard of ``cfg.shards`` not yet labeled; returns (and writes) the summary."""
+def run_label(
+    cfg: LabelConfig, progress: bool = True, worker_cls: type[LabelWorker] = LabelWorker
+) -> dict[str, Any]:
+    """Label every shard of ``cfg.shards`` not yet labeled; returns (and writes) the summary.
+
+    ``worker_cls`` is what runs a shard (a test swaps in a failing one).
+    """
     urls = expand_shards(cfg.shards)
     teacher = Teacher(cfg.teacher, cfg.k, cfg.temperature, cfg.embeddings, "cpu")
     _check_out_dir(cfg, teacher)
@@ -210,9 +219,9 @@ def run_label(cfg: LabelConfig, progress: bool = True) -> dict[str, Any]:
     if not todo:
         statuses: list[dict[str, Any]] = []
     elif cfg.executor == "local":
-        statuses = _run_local(cfg, todo, bar)
+        statuses = _run_local(cfg, todo, bar, worker_cls)
     else:
-        statuses = _run_ray(cfg, todo, bar)
+        statuses = _run_ray(cfg, todo, bar, worker_cls)
     update_postfix(statuses)
     bar.close()
     for stale in Path(cfg.out).glob(".*.tmp"):
