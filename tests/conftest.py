@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +94,12 @@ def write_unlabeled_shards(
     images = rng.integers(0, 255, (n, size, size), dtype=np.uint8)
     keys = [f"img-{i:06d}" for i in range(n)]
     return write_shards(array_samples(images, None, keys), str(root / "u-%06d.tar"), per_shard)
+
+
+def write_plain_tar(path: Path, members: dict[str, bytes]) -> None:
+    """A tar written by Python's tarfile (not our writer), members in the given order."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))

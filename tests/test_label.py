@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import make_teacher, write_unlabeled_shards
+from conftest import make_teacher, write_plain_tar, write_unlabeled_shards
 
 from ssl_kd.cli import main
 from ssl_kd.errors import UserError
@@ -94,27 +92,19 @@ def test_different_teacher_into_the_same_dir_is_refused(setup: dict[str, Path]) 
         run_label(_cfg(setup, temperature=1.0), progress=False)
 
 
-def _tar(path: Path, members: dict[str, bytes]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def test_bad_input_is_recorded_and_the_rest_labeled(tmp_path: Path) -> None:
     d = tmp_path / "shards"
     d.mkdir()
     good = encode_image(np.full((16, 16), 99, np.uint8))
-    _tar(d / "a-bad.tar", {
+    write_plain_tar(d / "a-bad.tar", {
         "ok1.png": good, "broken.png": b"\x89PNG not really", "meta-only.json": b"{}",
         "nolabel.txt": b"caption without image", "ok2.png": good,
     })  # fmt: skip
-    _tar(d / "b-trunc.tar", {f"t{i}.png": encode_image(np.full((64, 64), i, np.uint8))
+    write_plain_tar(d / "b-trunc.tar", {f"t{i}.png": encode_image(np.full((64, 64), i, np.uint8))
                              for i in range(6)})  # fmt: skip
     data = (d / "b-trunc.tar").read_bytes()
     (d / "b-trunc.tar").write_bytes(data[:2000])
-    _tar(d / "c-empty.tar", {})
+    write_plain_tar(d / "c-empty.tar", {})
     out = tmp_path / "labels"
     cfg = LabelConfig(teacher=str(make_teacher(tmp_path / "t.pt")), shards=str(d), out=str(out),
                       executor="local", device="cpu", k=2)  # fmt: skip
@@ -143,7 +133,7 @@ def test_img2dataset_rgb_shards(tmp_path: Path) -> None:
         members[f"{key}.json"] = json.dumps({"key": key, "status": "success"}).encode()
         members[f"{key}.txt"] = b"a caption"
     (tmp_path / "s").mkdir()
-    _tar(tmp_path / "s" / "00000.tar", members)
+    write_plain_tar(tmp_path / "s" / "00000.tar", members)
     teacher = make_teacher(tmp_path / "t.pt", arch="resnet18", channels=3, size=16, num_classes=5)
     cfg = LabelConfig(teacher=str(teacher), shards=str(tmp_path / "s"), out=str(tmp_path / "l"),
                       executor="local", device="cpu", k=5)  # fmt: skip

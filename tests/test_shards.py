@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_plain_tar
 
 from ssl_kd.errors import ShardSpecError
 from ssl_kd.preprocess import Preprocess, fit_size
@@ -20,14 +21,6 @@ from ssl_kd.shards.reader import decoded_samples
 
 def _img(seed: int, shape: tuple = (8, 8)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8)
-
-
-def _plain_tar(path: Path, members: dict[str, bytes]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def test_round_trip_keys_bytes_labels(tmp_path: Path) -> None:
@@ -114,7 +107,7 @@ def test_list_file_with_missing_shard_is_an_error(tmp_path: Path) -> None:
 def test_bad_samples_are_skipped_and_counted(tmp_path: Path) -> None:
     good = encode_image(_img(1))
     path = tmp_path / "bad.tar"
-    _plain_tar(
+    write_plain_tar(
         path,
         {
             "a.png": good, "a.cls": b"1",
@@ -135,7 +128,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path: Path) -> None:
 
 def test_truncated_tar_yields_what_it_can_and_is_flagged(tmp_path: Path) -> None:
     path = tmp_path / "t.tar"
-    _plain_tar(path, {f"k{i}.png": encode_image(_img(i, (32, 32))) for i in range(6)})
+    write_plain_tar(path, {f"k{i}.png": encode_image(_img(i, (32, 32))) for i in range(6)})
     data = path.read_bytes()
     path.write_bytes(data[:5000])  # cut inside the third member's data
     stats = ReadStats()
@@ -147,7 +140,7 @@ def test_truncated_tar_yields_what_it_can_and_is_flagged(tmp_path: Path) -> None
 def test_img2dataset_layout_and_plain_tar(tmp_path: Path) -> None:
     rgb = _img(3, (12, 12, 3))
     path = tmp_path / "00000.tar"
-    _plain_tar(
+    write_plain_tar(
         path,
         {
             "000000000.jpg": encode_image(rgb, "jpeg"),
