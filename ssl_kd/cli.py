@@ -73,6 +73,9 @@ def _cmd_label(args: argparse.Namespace) -> int:
 
     cfg = cfglib.resolve(LabelConfig, args)
     s = run_label(cfg, progress=not args.quiet)
+    if s["labeled"] == 0 and not s["failed"]:
+        print(f"nothing to label: all {s['shards']} shards already labeled in {cfg.out}")
+        return 0
     print(
         f"labeled {s['labeled']} shards ({s['already_done']} already done): {s['rows']} images, "
         f"{s['skipped_samples']} skipped, {s['bytes_per_image']} bytes/image, "

@@ -208,7 +208,7 @@ def run_label(
     cfglib.save(cfg, Path(cfg.out) / "config.yaml")
     log.info("%d shards: %d to label, %d already done", len(urls), len(todo), len(urls) - len(todo))
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="shard", desc="label", disable=not progress)
+    bar = tqdm(total=len(todo), unit="shard", desc="label", disable=not progress or not todo)
     rows_seen = 0
 
     def update_postfix(statuses: list[dict[str, Any]]) -> None:
