@@ -93,6 +93,19 @@ def _cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_select(args: argparse.Namespace) -> int:
+    from ssl_kd.select import SelectConfig, format_report, run_select
+
+    cfg = cfglib.resolve(SelectConfig, args)
+    report = run_select(cfg)
+    print(format_report(report))
+    print(
+        f"selected {report['selected']} images ({report['with_repeats']} with repeats), "
+        f"{len(report['short_classes'])} classes short of {cfg.per_class} -> {cfg.out}"
+    )
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from ssl_kd.models import list_models
 
@@ -115,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ssl_kd.datasets.fashion_mnist import FashionMnistConfig
     from ssl_kd.evaluate import EvalConfig
     from ssl_kd.label_job import LabelConfig
+    from ssl_kd.select import SelectConfig
     from ssl_kd.train.supervised import TrainConfig
 
     parser = _Parser(prog="ssl-kd", description="Semi-supervised teacher/student training.")
@@ -135,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     _stage_parser(sub, "evaluate", EvalConfig, _cmd_evaluate, "top-1/top-5 of a checkpoint")
     _stage_parser(sub, "label", LabelConfig, _cmd_label, "top-k pseudo-labels of shards (Ray)")
+    _stage_parser(sub, "select", SelectConfig, _cmd_select, "class-balanced top-K per class")
     _stage_parser(sub, "models", None, _cmd_models, "list model architectures")
     return parser
 

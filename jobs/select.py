@@ -1,0 +1,12 @@
+"""Ray job: class-balanced selection (``ray job submit -- python jobs/select.py --config …``).
+
+Connects to the cluster in ``RAY_ADDRESS`` when set, else starts Ray locally; takes the same
+config keys and flags as ``ssl-kd select``.
+"""
+
+import sys
+
+from ssl_kd.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["select", *sys.argv[1:]]))

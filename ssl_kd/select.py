@@ -1,0 +1,178 @@
+"""``ssl-kd select``: a class-balanced training set from pseudo-labels (Yalniz et al. 2019).
+
+Each image is a candidate for its top-P classes; each class keeps its K best-scored candidates
+(ties: shard, then key). One partial top-K per label file — a Ray task each, or in-process —
+merged into the exact global answer. Classes with fewer than K candidates are reported and, with
+``upsample``, their images repeated up to K. Output: ``selection.parquet`` (``key``, ``shard``,
+``class``, ``score``, ``rank``, ``repeat``, ``topk_class``, ``topk_prob``), ``report.json`` and
+``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ssl_kd import atomic
+from ssl_kd import config as cfglib
+from ssl_kd.config import option
+from ssl_kd.errors import UserError
+from ssl_kd.labels_io import LabelSet
+from ssl_kd.select_core import ClassTopK, candidates_of, make_ids, repeats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """``ssl-kd select``."""
+
+    labels: str = option(help="directory of label files (from ssl-kd label)")
+    out: str = option(help="output directory")
+    per_class: int = option(help="K: images kept per class", min=1)
+    top_p: int = option(10, help="P: classes per image that are candidates (<= stored k)", min=1)
+    upsample: bool = option(False, help="repeat the images of short classes up to K")
+    min_score: float | None = option(None, help="drop candidates scoring below this", min=0)
+    executor: Literal["ray", "local"] = option("ray", help="one Ray task per label file, or local")
+
+
+def partial_topk(
+    path: str, file_index: int, num_classes: int, k: int, top_p: int, min_score: float | None
+) -> ClassTopK:
+    """The exact per-class top-K of one label file."""
+    table = pq.read_table(path, columns=["key", "topk_class", "topk_prob"])
+    stored_k = table.schema.field("topk_class").type.list_size
+    n = table.num_rows
+    best = ClassTopK.empty(num_classes, k)
+    if n == 0:
+        return best
+    classes = table.column("topk_class").combine_chunks().flatten().to_numpy()
+    probs = table.column("topk_prob").combine_chunks().flatten().to_numpy()
+    keys = np.asarray(table.column("key").to_pylist(), dtype=object)
+    tie, ref = make_ids(file_index, keys)
+    cls_ids, score, rows = candidates_of(
+        classes.reshape(n, stored_k), probs.reshape(n, stored_k), top_p, min_score
+    )
+    best.add(cls_ids, score, tie[rows], ref[rows])
+    return best
+
+
+def _partials(cfg: SelectConfig, labels: LabelSet) -> list[ClassTopK]:
+    args = [
+        (str(p), i, labels.meta.num_classes, cfg.per_class, cfg.top_p, cfg.min_score)
+        for i, p in enumerate(labels.files)
+    ]
+    if cfg.executor == "local":
+        return [partial_topk(*a) for a in args]
+    from ssl_kd.label_job import connect_ray
+
+    ray = connect_ray()
+    task = ray.remote(partial_topk)
+    return ray.get([task.remote(*a) for a in args])
+
+
+def _rows(labels: LabelSet, best: ClassTopK) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
+    """The selected rows (only those read) and their class, rank and score, in (class, rank)
+    order."""
+    filled = np.isfinite(best.score)
+    cls_ids, rank = np.nonzero(filled)  # row-major: class, then rank
+    score = best.score[filled]
+    refs = best.ref[filled]
+    files, rows = refs >> 32, refs & 0xFFFFFFFF
+    pieces, positions = [], []
+    for f in np.unique(files):
+        mine = np.nonzero(files == f)[0]
+        table = pq.read_table(labels.files[f], columns=["key", "shard", "topk_class", "topk_prob"])
+        pieces.append(table.take(pa.array(rows[mine])).replace_schema_metadata(None))
+        positions.append(mine)
+    table = pa.concat_tables(pieces, promote_options="permissive")
+    table = table.take(pa.array(np.argsort(np.concatenate(positions))))
+    return table, cls_ids, rank, score
+
+
+def run_select(cfg: SelectConfig) -> dict[str, Any]:
+    """Select, write ``selection.parquet`` and ``report.json``; returns the report."""
+    labels = LabelSet(cfg.labels)
+    meta = labels.meta
+    if cfg.top_p > meta.k:
+        raise UserError(
+            f"--top-p {cfg.top_p} exceeds the {meta.k} classes stored per image in {cfg.labels}; "
+            f"use --top-p <= {meta.k} or relabel with a larger --k"
+        )
+    best = ClassTopK.empty(meta.num_classes, cfg.per_class)
+    for part in _partials(cfg, labels):
+        best.merge(part)
+    selected = best.selected_counts()
+    out = Path(cfg.out)
+    if selected.sum() == 0:
+        raise UserError(f"no candidates in {cfg.labels} (empty files, or --min-score too high)")
+    table, cls_ids, rank, score = _rows(labels, best)
+    rep = np.ones(len(cls_ids), np.int64)
+    if cfg.upsample:
+        for c in np.nonzero(selected < cfg.per_class)[0]:
+            mine = cls_ids == c
+            rep[mine] = repeats(int(mine.sum()), cfg.per_class)
+    table = pa.table(
+        {
+            "key": table.column("key"),
+            "shard": table.column("shard"),
+            "class": pa.array(cls_ids, pa.int32()),
+            "score": pa.array(score, pa.float32()),
+            "rank": pa.array(rank, pa.int32()),
+            "repeat": pa.array(rep, pa.int32()),
+            "topk_class": table.column("topk_class"),
+            "topk_prob": table.column("topk_prob"),
+        }
+    )
+    report = _report(cfg, meta.classes, best, cls_ids, score, rep)
+    with atomic.atomic_path(out / "selection.parquet") as tmp:
+        pq.write_table(table.replace_schema_metadata(meta.to_kv()), tmp, compression="zstd")
+    atomic.write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    cfglib.save(cfg, out / "config.yaml")
+    return report
+
+
+def _report(
+    cfg: SelectConfig, classes: list[str], best: ClassTopK, cls_ids: np.ndarray,
+    score: np.ndarray, rep: np.ndarray,
+) -> dict[str, Any]:  # fmt: skip
+    per_class = []
+    for c, name in enumerate(classes):
+        mine = cls_ids == c
+        s = score[mine]
+        per_class.append({
+            "class": c, "name": name, "candidates": int(best.candidates[c]),
+            "selected": int(mine.sum()), "with_repeats": int(rep[mine].sum()),
+            "min_score": float(s.min()) if len(s) else None,
+            "mean_score": float(s.mean()) if len(s) else None,
+        })  # fmt: skip
+    short = [p["class"] for p in per_class if p["selected"] < cfg.per_class]
+    return {
+        "per_class_k": cfg.per_class,
+        "top_p": cfg.top_p,
+        "selected": len(cls_ids),
+        "with_repeats": int(rep.sum()),
+        "short_classes": short,
+        "per_class": per_class,
+        "config": cfglib.to_dict(cfg),
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A printable per-class table."""
+    lines = [f"{'class':<20} {'candidates':>10} {'selected':>9} {'min':>7} {'mean':>7}"]
+    for p in report["per_class"]:
+        lo = f"{p['min_score']:.3f}" if p["min_score"] is not None else "-"
+        mean = f"{p['mean_score']:.3f}" if p["mean_score"] is not None else "-"
+        mark = " short" if p["selected"] < report["per_class_k"] else ""
+        lines.append(
+            f"{p['name'][:20]:<20} {p['candidates']:>10} {p['selected']:>9} {lo:>7} {mean:>7}{mark}"
+        )
+    return "\n".join(lines)

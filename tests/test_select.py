@@ -1,0 +1,134 @@
+"""Selector: exact per-class top-K (ties by shard, key), P semantics, upsampling, errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from ssl_kd.errors import UserError
+from ssl_kd.labels_io import LabelMeta, build_table, write_labels
+from ssl_kd.select import SelectConfig, format_report, run_select
+from ssl_kd.select_core import ClassTopK, make_ids
+
+C, K_STORED = 6, 4
+META = LabelMeta(
+    num_classes=C, classes=[f"c{i}" for i in range(C)], k=K_STORED, temperature=1.0,
+    teacher_arch="cnn", teacher_sha256="0" * 64, preprocess={},
+)  # fmt: skip
+
+
+def _write_labels(root: Path, files: int, rows: int, seed: int = 0, levels: int = 5) -> list:
+    """Random labels with many ties (probabilities on a coarse grid); returns all rows."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    everything = []
+    for f in range(files):
+        shard = f"u-{f:03d}.tar"
+        keys = [f"k{rng.integers(0, 10**6):07d}-{i}" for i in range(rows)]
+        classes = np.stack([rng.permutation(C)[:K_STORED] for _ in range(rows)])
+        probs = np.sort(rng.integers(1, levels + 1, (rows, K_STORED)) / levels, axis=1)[:, ::-1]
+        write_labels(build_table(META, shard, keys, classes, probs), root / f"u-{f:03d}.parquet")
+        for key, cl, pr in zip(keys, classes, probs.astype(np.float16), strict=True):
+            everything.append((shard, key, cl, pr))
+    return everything
+
+
+def _brute_force(rows: list, k: int, p: int, min_score: float | None = None) -> dict:
+    per_class: dict[int, list] = {c: [] for c in range(C)}
+    for shard, key, cl, pr in rows:
+        for j in range(p):
+            if min_score is None or pr[j] >= min_score:
+                per_class[int(cl[j])].append((-float(pr[j]), shard, key))
+    return {c: [(s, k_) for _, s, k_ in sorted(v)[:k]] for c, v in per_class.items()}
+
+
+def _selected(out: Path) -> dict:
+    t = pq.read_table(out / "selection.parquet").to_pylist()
+    got: dict[int, list] = {c: [] for c in range(C)}
+    for r in sorted(t, key=lambda r: (r["class"], r["rank"])):
+        got[r["class"]].append((r["shard"], r["key"]))
+    return got
+
+
+@pytest.mark.parametrize(("k", "p"), [(5, 1), (12, 2), (40, 4), (500, 3)])
+def test_exact_against_brute_force_with_ties(tmp_path: Path, k: int, p: int) -> None:
+    rows = _write_labels(tmp_path / "labels", files=4, rows=60)
+    cfg = SelectConfig(labels=str(tmp_path / "labels"), out=str(tmp_path / "sel"), per_class=k,
+                       top_p=p, executor="local")  # fmt: skip
+    report = run_select(cfg)
+    assert _selected(tmp_path / "sel") == _brute_force(rows, k, p)
+    expected_candidates = [sum(1 for *_, cl, _ in rows for j in range(p) if cl[j] == c)
+                           for c in range(C)]  # fmt: skip
+    assert [r["candidates"] for r in report["per_class"]] == expected_candidates
+    if k == 500:  # K > candidates: every class short, all candidates kept
+        assert report["short_classes"] == list(range(C))
+    assert "c0" in format_report(report)
+
+
+def test_min_score_and_upsample(tmp_path: Path) -> None:
+    rows = _write_labels(tmp_path / "labels", files=2, rows=30)
+    cfg = SelectConfig(labels=str(tmp_path / "labels"), out=str(tmp_path / "sel"), per_class=50,
+                       top_p=2, min_score=0.6, upsample=True, executor="local")  # fmt: skip
+    report = run_select(cfg)
+    assert _selected(tmp_path / "sel") == _brute_force(rows, 50, 2, min_score=0.6)
+    t = pq.read_table(tmp_path / "sel" / "selection.parquet").to_pylist()
+    for c in range(C):
+        mine = [r for r in t if r["class"] == c]
+        if mine:
+            assert sum(r["repeat"] for r in mine) == 50
+            assert max(r["repeat"] for r in mine) - min(r["repeat"] for r in mine) <= 1
+    assert report["with_repeats"] == sum(r["repeat"] for r in t)
+    assert all(r["score"] >= 0.6 - 1e-3 for r in t)
+    saved = json.loads((tmp_path / "sel" / "report.json").read_text())
+    assert saved["per_class"] == report["per_class"]
+
+
+def test_merging_partials_is_order_independent() -> None:
+    rng = np.random.default_rng(3)
+    n = 400
+    cls_ids = rng.integers(0, 5, n)
+    score = rng.integers(0, 4, n).astype(np.float32)
+    keys = np.array([f"k{i:04d}" for i in rng.permutation(n)], dtype=object)
+    tie, ref = make_ids(0, keys)
+    whole = ClassTopK.empty(5, 7)
+    whole.add(cls_ids, score, tie, ref)
+    parts = ClassTopK.empty(5, 7)
+    for chunk in np.array_split(rng.permutation(n), 9):
+        part = ClassTopK.empty(5, 7)
+        part.add(cls_ids[chunk], score[chunk], tie[chunk], ref[chunk])
+        parts.merge(part)
+    assert np.array_equal(whole.tie, parts.tie) and np.array_equal(whole.score, parts.score)
+    assert np.array_equal(whole.candidates, parts.candidates)
+
+
+def test_errors(tmp_path: Path) -> None:
+    _write_labels(tmp_path / "labels", files=1, rows=5)
+    base = SelectConfig(labels=str(tmp_path / "labels"), out=str(tmp_path / "sel"), per_class=3,
+                        top_p=2, executor="local")  # fmt: skip
+    with pytest.raises(UserError, match="--top-p 5 exceeds the 4"):
+        run_select(replace(base, top_p=5))
+    with pytest.raises(UserError, match="no label files"):
+        run_select(replace(base, labels=str(tmp_path)))
+    other = replace(META, teacher_sha256="1" * 64)
+    write_labels(build_table(other, "x.tar", ["a"], np.zeros((1, 4)), np.ones((1, 4))),
+                 tmp_path / "labels" / "x.parquet")  # fmt: skip
+    with pytest.raises(UserError, match="different labelings"):
+        run_select(base)
+    assert not (tmp_path / "sel").exists()
+
+
+@pytest.mark.slow
+def test_ray_equals_local(tmp_path: Path) -> None:
+    _write_labels(tmp_path / "labels", files=5, rows=50, seed=4)
+    base = SelectConfig(labels=str(tmp_path / "labels"), out=str(tmp_path / "a"), per_class=20,
+                        top_p=3, executor="local")  # fmt: skip
+    run_select(base)
+    run_select(replace(base, out=str(tmp_path / "b"), executor="ray"))
+    a = pq.read_table(tmp_path / "a" / "selection.parquet")
+    b = pq.read_table(tmp_path / "b" / "selection.parquet")
+    assert a.equals(b)
