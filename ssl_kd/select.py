@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ssl_kd import atomic
@@ -44,38 +45,44 @@ class SelectConfig:
 
 
 def partial_topk(
-    path: str, file_index: int, num_classes: int, k: int, top_p: int, min_score: float | None
+    files: list[tuple[int, str]], num_classes: int, k: int, top_p: int, min_score: float | None
 ) -> ClassTopK:
-    """The exact per-class top-K of one label file."""
-    table = pq.read_table(path, columns=["key", "topk_class", "topk_prob"])
-    stored_k = table.schema.field("topk_class").type.list_size
-    n = table.num_rows
+    """The exact per-class top-K of a group of label files ``(file index, path)``.
+
+    Files are folded in one after another: once a class holds K candidates, a newcomer must
+    beat its K-th best, which most do not, so the bulk of a large group is a vectorised compare.
+    """
     best = ClassTopK.empty(num_classes, k)
-    if n == 0:
-        return best
-    classes = table.column("topk_class").combine_chunks().flatten().to_numpy()
-    probs = table.column("topk_prob").combine_chunks().flatten().to_numpy()
-    keys = np.asarray(table.column("key").to_pylist(), dtype=object)
-    tie, ref = make_ids(file_index, keys)
-    cls_ids, score, rows = candidates_of(
-        classes.reshape(n, stored_k), probs.reshape(n, stored_k), top_p, min_score
-    )
-    best.add(cls_ids, score, tie[rows], ref[rows])
+    for file_index, path in files:
+        table = pq.read_table(path, columns=["key", "topk_class", "topk_prob"])
+        n = table.num_rows
+        if n == 0:
+            continue
+        stored_k = table.schema.field("topk_class").type.list_size
+        classes = table.column("topk_class").combine_chunks().flatten().to_numpy()
+        probs = table.column("topk_prob").combine_chunks().flatten().to_numpy()
+        tie, ref = make_ids(file_index, pc.sort_indices(table.column("key")).to_numpy())
+        cls_ids, score, rows = candidates_of(
+            classes.reshape(n, stored_k), probs.reshape(n, stored_k), top_p, min_score
+        )
+        best.add(cls_ids, score, tie[rows], ref[rows])
+    best.flush()
     return best
 
 
 def _partials(cfg: SelectConfig, labels: LabelSet) -> list[ClassTopK]:
-    args = [
-        (str(p), i, labels.meta.num_classes, cfg.per_class, cfg.top_p, cfg.min_score)
-        for i, p in enumerate(labels.files)
-    ]
+    files = list(enumerate(str(p) for p in labels.files))
+    args = (labels.meta.num_classes, cfg.per_class, cfg.top_p, cfg.min_score)
     if cfg.executor == "local":
-        return [partial_topk(*a) for a in args]
+        return [partial_topk(files, *args)]
     from ssl_kd.label_job import connect_ray
 
     ray = connect_ray()
+    # A few groups per CPU: enough to balance the load, few enough that each group's lists
+    # fill up and most of its candidates are rejected by a compare.
+    groups = max(1, min(len(files), 2 * int(ray.cluster_resources().get("CPU", 1))))
     task = ray.remote(partial_topk)
-    return ray.get([task.remote(*a) for a in args])
+    return ray.get([task.remote(files[g::groups], *args) for g in range(groups)])
 
 
 def _rows(labels: LabelSet, best: ClassTopK) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
@@ -116,9 +123,11 @@ def run_select(cfg: SelectConfig) -> dict[str, Any]:
     table, cls_ids, rank, score = _rows(labels, best)
     rep = np.ones(len(cls_ids), np.int64)
     if cfg.upsample:
-        for c in np.nonzero(selected < cfg.per_class)[0]:
-            mine = cls_ids == c
-            rep[mine] = repeats(int(mine.sum()), cfg.per_class)
+        start = 0
+        for n in selected:  # cls_ids is class-major: one contiguous run per class
+            if 0 < n < cfg.per_class:
+                rep[start : start + n] = repeats(int(n), cfg.per_class)
+            start += n
     table = pa.table(
         {
             "key": table.column("key"),
@@ -143,15 +152,21 @@ def _report(
     cfg: SelectConfig, classes: list[str], best: ClassTopK, cls_ids: np.ndarray,
     score: np.ndarray, rep: np.ndarray,
 ) -> dict[str, Any]:  # fmt: skip
+    # cls_ids is sorted (class-major), so each class is one contiguous run.
+    n_cls = len(classes)
+    selected = np.bincount(cls_ids, minlength=n_cls)
+    with_repeats = np.bincount(cls_ids, weights=rep, minlength=n_cls).astype(np.int64)
+    sums = np.bincount(cls_ids, weights=score, minlength=n_cls)
+    starts = np.concatenate([[0], np.cumsum(selected)[:-1]])
     per_class = []
     for c, name in enumerate(classes):
-        mine = cls_ids == c
-        s = score[mine]
+        n = int(selected[c])
         per_class.append({
             "class": c, "name": name, "candidates": int(best.candidates[c]),
-            "selected": int(mine.sum()), "with_repeats": int(rep[mine].sum()),
-            "min_score": float(s.min()) if len(s) else None,
-            "mean_score": float(s.mean()) if len(s) else None,
+            "selected": n, "with_repeats": int(with_repeats[c]),
+            # ranks run best first: the class's minimum is its last selected score
+            "min_score": float(score[starts[c] + n - 1]) if n else None,
+            "mean_score": float(sums[c] / n) if n else None,
         })  # fmt: skip
     short = [p["class"] for p in per_class if p["selected"] < cfg.per_class]
     return {

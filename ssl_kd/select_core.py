@@ -13,20 +13,20 @@ which finds the row again when the selection is written.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 NO_TIE = np.iinfo(np.int64).max
 
 
-def make_ids(file_index: int, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(tie, ref) for the rows of one label file, given its keys in row order."""
-    order = np.argsort(keys, kind="stable")
-    rank = np.empty(len(keys), np.int64)
-    rank[order] = np.arange(len(keys), dtype=np.int64)
+def make_ids(file_index: int, key_order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(tie, ref) for the rows of one label file, given the row order that sorts its keys."""
+    n = len(key_order)
+    rank = np.empty(n, np.int64)
+    rank[np.asarray(key_order)] = np.arange(n, dtype=np.int64)
     base = np.int64(file_index) << np.int64(32)
-    return base | rank, base | np.arange(len(keys), dtype=np.int64)
+    return base | rank, base | np.arange(n, dtype=np.int64)
 
 
 @dataclass
@@ -37,6 +37,8 @@ class ClassTopK:
     tie: np.ndarray  # (C, K) int64, NO_TIE where empty
     ref: np.ndarray  # (C, K) int64
     candidates: np.ndarray  # (C,) int64: candidates offered (after min_score)
+    _pending: list = field(default_factory=list)
+    _pending_size: int = 0
 
     @classmethod
     def empty(cls, num_classes: int, k: int) -> ClassTopK:
@@ -54,40 +56,67 @@ class ClassTopK:
         return self.score.shape[1]
 
     def add(self, cls_ids: np.ndarray, score: np.ndarray, tie: np.ndarray, ref: np.ndarray) -> None:
-        """Offer candidates (1-D arrays of equal length); keeps the best K per class."""
-        np.add.at(self.candidates, cls_ids, 1)
-        self._merge(cls_ids, score.astype(np.float32), tie, ref)
+        """Offer candidates (1-D arrays of equal length); keeps the best K per class.
+
+        Candidates that beat the current K-th best are buffered and merged in bulk (a merge
+        re-sorts the touched lists, so fewer, larger merges are cheaper); call :meth:`flush`
+        before reading the lists.
+        """
+        self.candidates += np.bincount(cls_ids, minlength=len(self.candidates))
+        score = score.astype(np.float32)
+        enters = self._beats_kth(cls_ids, score, tie)
+        self._pending.append((cls_ids[enters], score[enters], tie[enters], ref[enters]))
+        self._pending_size += int(enters.sum())
+        if self._pending_size >= self.score.size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Merge the buffered candidates into the lists."""
+        if self._pending:
+            parts = [np.concatenate(x) for x in zip(*self._pending, strict=True)]
+            self._pending, self._pending_size = [], 0
+            self._merge(*parts)
+
+    def _beats_kth(self, cls_ids: np.ndarray, score: np.ndarray, tie: np.ndarray) -> np.ndarray:
+        worst_score = self.score[cls_ids, -1]
+        worst_tie = self.tie[cls_ids, -1]
+        return (score > worst_score) | ((score == worst_score) & (tie < worst_tie))
 
     def _merge(
         self, cls_ids: np.ndarray, score: np.ndarray, tie: np.ndarray, ref: np.ndarray
     ) -> None:
         # The current K-th entry of each class: a candidate must beat it to enter.
-        worst_score = self.score[cls_ids, -1]
-        worst_tie = self.tie[cls_ids, -1]
-        enters = (score > worst_score) | ((score == worst_score) & (tie < worst_tie))
+        enters = self._beats_kth(cls_ids, score, tie)
         if not enters.any():
             return
         cls_ids, score, tie, ref = cls_ids[enters], score[enters], tie[enters], ref[enters]
         touched = np.unique(cls_ids)
         k = self.k
-        # Current lists of the touched classes, flattened, followed by the newcomers.
-        all_cls = np.concatenate([np.repeat(touched, k), cls_ids])
-        all_score = np.concatenate([self.score[touched].ravel(), score])
-        all_tie = np.concatenate([self.tie[touched].ravel(), tie])
-        all_ref = np.concatenate([self.ref[touched].ravel(), ref])
-        order = np.lexsort((all_tie, -all_score, all_cls))
+        # The filled part of the touched classes' lists, followed by the newcomers.
+        cur = np.isfinite(self.score[touched])
+        all_cls = np.concatenate([np.repeat(touched, k)[cur.ravel()], cls_ids])
+        all_score = np.concatenate([self.score[touched][cur], score])
+        all_tie = np.concatenate([self.tie[touched][cur], tie])
+        all_ref = np.concatenate([self.ref[touched][cur], ref])
+        order = np.lexsort((all_tie, _class_score_key(all_cls, all_score)))
         sorted_cls = all_cls[order]
         start = np.searchsorted(sorted_cls, touched)
-        rank = np.arange(len(order)) - np.repeat(start, np.diff(np.append(start, len(order))))
-        # Every touched class has at least its k old entries (padding included), so exactly k
-        # survive per class, already in (class, score desc, tie asc) order.
+        counts = np.diff(np.append(start, len(order)))
+        rank = np.arange(len(order)) - np.repeat(start, counts)
         keep = order[rank < k]
-        self.score[touched] = all_score[keep].reshape(len(touched), k)
-        self.tie[touched] = all_tie[keep].reshape(len(touched), k)
-        self.ref[touched] = all_ref[keep].reshape(len(touched), k)
+        # Scatter back: class row, rank column; slots past a short class's count stay empty.
+        rows = np.repeat(touched, np.minimum(counts, k))
+        cols = rank[rank < k]
+        for name, values, empty in (("score", all_score, -np.inf), ("tie", all_tie, NO_TIE),
+                                    ("ref", all_ref, -1)):  # fmt: skip
+            arr = getattr(self, name)
+            arr[touched] = empty
+            arr[rows, cols] = values[keep]
 
     def merge(self, other: ClassTopK) -> None:
         """Fold in another partial result (e.g. of another file): exact, order-independent."""
+        self.flush()
+        other.flush()
         filled = np.isfinite(other.score)
         cls_ids = np.nonzero(filled)[0]
         self.candidates += other.candidates
@@ -95,7 +124,15 @@ class ClassTopK:
 
     def selected_counts(self) -> np.ndarray:
         """Selected candidates per class (< K where a class ran short)."""
+        self.flush()
         return np.isfinite(self.score).sum(axis=1)
+
+
+def _class_score_key(cls_ids: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """One int64 sorting as (class ascending, score descending): scores are non-negative
+    float32, whose bit patterns order like the values."""
+    bits = score.astype(np.float32).view(np.int32).astype(np.int64)
+    return (cls_ids.astype(np.int64) << 32) | (0x7FFFFFFF - bits)
 
 
 def candidates_of(

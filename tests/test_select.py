@@ -94,9 +94,10 @@ def test_merging_partials_is_order_independent() -> None:
     cls_ids = rng.integers(0, 5, n)
     score = rng.integers(0, 4, n).astype(np.float32)
     keys = np.array([f"k{i:04d}" for i in rng.permutation(n)], dtype=object)
-    tie, ref = make_ids(0, keys)
+    tie, ref = make_ids(0, np.argsort(keys))
     whole = ClassTopK.empty(5, 7)
     whole.add(cls_ids, score, tie, ref)
+    whole.flush()
     parts = ClassTopK.empty(5, 7)
     for chunk in np.array_split(rng.permutation(n), 9):
         part = ClassTopK.empty(5, 7)

@@ -1,0 +1,127 @@
+"""Selection at scale: images/s and peak memory for 1M and 10M images, against pandas.
+
+Synthetic label files (1000 classes, k=10, 100,000 images per file) are selected with P=10,
+K=1000 by ``run_select`` in a fresh process per size (so peak RSS is that size's alone); at the
+sizes given with ``--pandas`` a pandas sort + groupby + head computes the same selection, which
+must be identical.
+
+    .venv/bin/python bench/select_scale.py --sizes 1000000 10000000 --pandas 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from ssl_kd.labels_io import LabelMeta, build_table, write_labels
+from ssl_kd.select import SelectConfig, run_select
+
+C, K_STORED, PER_FILE = 1000, 10, 100_000
+META = LabelMeta(
+    num_classes=C, classes=[str(i) for i in range(C)], k=K_STORED, temperature=1.0,
+    teacher_arch="synthetic", teacher_sha256="0" * 64, preprocess={},
+)  # fmt: skip
+
+
+def make_labels(root: Path, n: int) -> None:
+    """``n`` images of random distinct top-10 classes with sorted random probabilities."""
+    rng = np.random.default_rng(n)
+    for f, start in enumerate(range(0, n, PER_FILE)):
+        m = min(PER_FILE, n - start)
+        base = rng.integers(0, C, m)
+        classes = (base[:, None] + rng.integers(1, C // K_STORED, (m, K_STORED)).cumsum(1)) % C
+        raw = rng.dirichlet(np.full(K_STORED, 0.3), m).astype(np.float32)
+        probs = -np.sort(-raw, axis=1)
+        keys = [f"{start + i:010d}" for i in rng.permutation(m)]
+        table = build_table(META, f"u-{f:06d}.tar", keys, classes, probs)
+        write_labels(table, root / f"u-{f:06d}.parquet")
+
+
+def pandas_select(labels: Path, k: int, p: int) -> pd.DataFrame:
+    """The same selection with pandas: explode top-P, sort, group, head."""
+
+    frames = []
+    for path in sorted(labels.glob("*.parquet")):
+        t = pq.read_table(path).to_pandas()
+        cls = np.stack(t["topk_class"].to_numpy())[:, :p]
+        prob = np.stack(t["topk_prob"].to_numpy())[:, :p].astype(np.float32)
+        frames.append(pd.DataFrame({
+            "shard": np.repeat(t["shard"].astype(str).to_numpy(), p),
+            "key": np.repeat(t["key"].to_numpy(), p),
+            "class": cls.ravel(), "score": prob.ravel(),
+        }))  # fmt: skip
+    df = pd.concat(frames, ignore_index=True)
+    df = df.sort_values(["class", "score", "shard", "key"], ascending=[True, False, True, True])
+    return df.groupby("class", sort=True).head(k)
+
+
+def one_size(labels: Path, out: Path, k: int, p: int) -> dict:
+    """Run the selector once in this process; report time and peak RSS."""
+    t0 = time.perf_counter()
+    run_select(SelectConfig(labels=str(labels), out=str(out), per_class=k, top_p=p,
+                            executor="local"))  # fmt: skip
+    seconds = time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak_mb, 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    ap.add_argument("--pandas", type=int, nargs="*", default=[1_000_000])
+    ap.add_argument("--k", type=int, default=1000)
+    ap.add_argument("--p", type=int, default=10)
+    ap.add_argument("--out")
+    ap.add_argument("--one-size", nargs=2, metavar=("LABELS", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one_size:
+        print(json.dumps(one_size(Path(args.one_size[0]), Path(args.one_size[1]), args.k, args.p)))
+        return 0
+
+    report = {"classes": C, "stored_k": K_STORED, "per_class_k": args.k, "top_p": args.p,
+              "sizes": {}}  # fmt: skip
+    for n in args.sizes:
+        work = Path(tempfile.mkdtemp(prefix="select-bench-"))
+        try:
+            make_labels(work / "labels", n)
+            cmd = [sys.executable, __file__, "--k", str(args.k), "--p", str(args.p),
+                   "--one-size", str(work / "labels"), str(work / "sel")]  # fmt: skip
+            run = json.loads(
+                subprocess.run(cmd, capture_output=True, text=True, check=True)
+                .stdout.strip()
+                .splitlines()[-1]
+            )
+            entry = {**run, "images_per_s": round(n / run["seconds"], 1)}
+            if n in args.pandas:
+                t0 = time.perf_counter()
+                ref = pandas_select(work / "labels", args.k, args.p)
+                pandas_s = time.perf_counter() - t0
+                ours = pq.read_table(work / "sel" / "selection.parquet").to_pandas()
+                same = (ours["key"].tolist() == ref["key"].tolist()
+                        and ours["class"].tolist() == ref["class"].tolist())  # fmt: skip
+                entry.update({"pandas_seconds": round(pandas_s, 2),
+                              "speedup_vs_pandas": round(pandas_s / run["seconds"], 1),
+                              "identical_to_pandas": same})  # fmt: skip
+            report["sizes"][str(n)] = entry
+            print(n, entry, flush=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
