@@ -133,3 +133,18 @@ def test_ray_equals_local(tmp_path: Path) -> None:
     a = pq.read_table(tmp_path / "a" / "selection.parquet")
     b = pq.read_table(tmp_path / "b" / "selection.parquet")
     assert a.equals(b)
+
+
+def test_select_job_entrypoint(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    _write_labels(tmp_path / "labels", files=2, rows=20)
+    job = Path(__file__).parents[1] / "jobs" / "select.py"
+    done = subprocess.run(
+        [sys.executable, str(job), "--labels", str(tmp_path / "labels"), "--out",
+         str(tmp_path / "sel"), "--per-class", "5", "--top-p", "2", "--executor", "local"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "selected 30 images" in done.stdout
