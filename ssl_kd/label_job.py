@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from ssl_kd.config import option
 from ssl_kd.errors import UserError
 from ssl_kd.label import Teacher, label_shard_to_dir
 from ssl_kd.labels_io import check_same_labeling, label_file_name, label_files, read_meta
+from ssl_kd.ray_env import connect_ray
 from ssl_kd.shards import expand_shards, shard_name
 
 log = logging.getLogger(__name__)
@@ -110,17 +110,6 @@ def _with_retries(fn: Any, url: str, retries: int) -> dict[str, Any]:
             log.warning("shard %s failed (attempt %d): %s", url, attempt + 1, exc)
             last = exc
     return {"shard": shard_name(url), "failed": True, "error": repr(last), "attempts": retries + 1}
-
-
-def connect_ray() -> Any:
-    """Connect to the cluster in ``RAY_ADDRESS`` when set, else start Ray in this process."""
-    import ray
-
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address or None, include_dashboard=False if not address else None,
-                 log_to_driver=False)  # fmt: skip
-    return ray
 
 
 def _run_ray(

@@ -75,7 +75,7 @@ def _partials(cfg: SelectConfig, labels: LabelSet) -> list[ClassTopK]:
     args = (labels.meta.num_classes, cfg.per_class, cfg.top_p, cfg.min_score)
     if cfg.executor == "local":
         return [partial_topk(files, *args)]
-    from ssl_kd.label_job import connect_ray
+    from ssl_kd.ray_env import connect_ray
 
     ray = connect_ray()
     # A few groups per CPU: enough to balance the load, few enough that each group's lists
