@@ -24,8 +24,9 @@ import pyarrow.parquet as pq
 from ssl_kd import atomic
 from ssl_kd import config as cfglib
 from ssl_kd.config import option
+from ssl_kd.dedup import leaked, near_duplicates
 from ssl_kd.errors import UserError
-from ssl_kd.labels_io import LabelSet
+from ssl_kd.labels_io import LabelMeta, LabelSet
 from ssl_kd.select_core import ClassTopK, candidates_of, make_ids, repeats
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,14 @@ class SelectConfig:
     top_p: int = option(10, help="P: classes per image that are candidates (<= stored k)", min=1)
     upsample: bool = option(False, help="repeat the images of short classes up to K")
     min_score: float | None = option(None, help="drop candidates scoring below this", min=0)
-    executor: Literal["ray", "local"] = option("ray", help="one Ray task per label file, or local")
+    dedup: float | None = option(
+        None, help="drop near-duplicates at cosine >= this (needs embeddings)", gt=0, max=1
+    )
+    decontaminate: str | None = option(
+        None, help="label dir of the evaluation set: drop its near-duplicates (needs embeddings)"
+    )
+    leak_threshold: float = option(0.95, help="cosine counted as a leak of --decontaminate", gt=0)
+    executor: Literal["ray", "local"] = option("ray", help="Ray tasks over label files, or local")
 
 
 def partial_topk(
@@ -85,23 +93,25 @@ def _partials(cfg: SelectConfig, labels: LabelSet) -> list[ClassTopK]:
     return ray.get([task.remote(files[g::groups], *args) for g in range(groups)])
 
 
-def _rows(labels: LabelSet, best: ClassTopK) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
-    """The selected rows (only those read) and their class, rank and score, in (class, rank)
-    order."""
+def _rows(
+    labels: LabelSet, best: ClassTopK, columns: list[str]
+) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
+    """The selected rows (only those read) and their class, score and image ref, in (class,
+    rank) order."""
     filled = np.isfinite(best.score)
-    cls_ids, rank = np.nonzero(filled)  # row-major: class, then rank
+    cls_ids = np.nonzero(filled)[0]  # row-major: class, then rank
     score = best.score[filled]
     refs = best.ref[filled]
     files, rows = refs >> 32, refs & 0xFFFFFFFF
     pieces, positions = [], []
     for f in np.unique(files):
         mine = np.nonzero(files == f)[0]
-        table = pq.read_table(labels.files[f], columns=["key", "shard", "topk_class", "topk_prob"])
+        table = pq.read_table(labels.files[f], columns=columns)
         pieces.append(table.take(pa.array(rows[mine])).replace_schema_metadata(None))
         positions.append(mine)
     table = pa.concat_tables(pieces, promote_options="permissive")
     table = table.take(pa.array(np.argsort(np.concatenate(positions))))
-    return table, cls_ids, rank, score
+    return table, cls_ids, score, refs
 
 
 def run_select(cfg: SelectConfig) -> dict[str, Any]:
@@ -113,14 +123,30 @@ def run_select(cfg: SelectConfig) -> dict[str, Any]:
             f"--top-p {cfg.top_p} exceeds the {meta.k} classes stored per image in {cfg.labels}; "
             f"use --top-p <= {meta.k} or relabel with a larger --k"
         )
+    filtering = cfg.dedup is not None or cfg.decontaminate is not None
+    if filtering and not meta.embedding_dim:
+        raise UserError(
+            f"--dedup and --decontaminate compare embeddings, and {cfg.labels} has none: "
+            "relabel with ssl-kd label --embeddings"
+        )
+    reference = _eval_embeddings(cfg.decontaminate, meta) if cfg.decontaminate else None
     best = ClassTopK.empty(meta.num_classes, cfg.per_class)
     for part in _partials(cfg, labels):
         best.merge(part)
-    selected = best.selected_counts()
     out = Path(cfg.out)
-    if selected.sum() == 0:
+    if best.selected_counts().sum() == 0:
         raise UserError(f"no candidates in {cfg.labels} (empty files, or --min-score too high)")
-    table, cls_ids, rank, score = _rows(labels, best)
+    columns = ["key", "shard", "topk_class", "topk_prob"] + (["embedding"] if filtering else [])
+    table, cls_ids, score, refs = _rows(labels, best, columns)
+    removed = {"duplicates": np.zeros(meta.num_classes, np.int64),
+               "leaked": np.zeros(meta.num_classes, np.int64)}  # fmt: skip
+    if filtering:
+        keep = _filter(cfg, table, cls_ids, score, refs, reference, removed)
+        table = table.filter(pa.array(keep)).drop(["embedding"])
+        cls_ids, score = cls_ids[keep], score[keep]
+    selected = np.bincount(cls_ids, minlength=meta.num_classes)
+    starts = np.concatenate([[0], np.cumsum(selected)[:-1]])
+    rank = np.arange(len(cls_ids)) - np.repeat(starts, selected)
     rep = np.ones(len(cls_ids), np.int64)
     if cfg.upsample:
         start = 0
@@ -140,7 +166,7 @@ def run_select(cfg: SelectConfig) -> dict[str, Any]:
             "topk_prob": table.column("topk_prob"),
         }
     )
-    report = _report(cfg, meta.classes, best, cls_ids, score, rep)
+    report = _report(cfg, meta.classes, best, cls_ids, score, rep, removed)
     with atomic.atomic_path(out / "selection.parquet") as tmp:
         pq.write_table(table.replace_schema_metadata(meta.to_kv()), tmp, compression="zstd")
     atomic.write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
@@ -148,9 +174,49 @@ def run_select(cfg: SelectConfig) -> dict[str, Any]:
     return report
 
 
+def _eval_embeddings(directory: str, meta: LabelMeta) -> np.ndarray:
+    """All embeddings of the evaluation labels, which must come from the same teacher."""
+    evals = LabelSet(directory)
+    if evals.meta.teacher_sha256 != meta.teacher_sha256 or not evals.meta.embedding_dim:
+        raise UserError(
+            f"--decontaminate {directory} must be labeled by the same teacher with --embeddings"
+        )
+    parts = [
+        b.column("embedding").flatten().to_numpy().reshape(b.num_rows, -1)
+        for b in evals.iter_batches(columns=["embedding"])
+    ]
+    return np.concatenate(parts).astype(np.float32)
+
+
+def _filter(
+    cfg: SelectConfig, table: pa.Table, cls_ids: np.ndarray, score: np.ndarray,
+    refs: np.ndarray, reference: np.ndarray | None, removed: dict[str, np.ndarray],
+) -> np.ndarray:  # fmt: skip
+    """Row mask after dropping leaked images, then near-duplicates (counts into ``removed``).
+
+    An image selected for several classes is one image: it is judged once, with its best score.
+    """
+    images, first, inverse = np.unique(refs, return_index=True, return_inverse=True)
+    priority = np.full(len(images), -np.inf, np.float32)
+    np.maximum.at(priority, inverse, score)
+    emb = table.column("embedding").combine_chunks().flatten().to_numpy()
+    emb = emb.reshape(len(refs), -1)[first].astype(np.float32)
+    leak = np.zeros(len(images), bool)
+    if reference is not None:
+        leak = leaked(emb, reference, cfg.leak_threshold)
+    dup = np.zeros(len(images), bool)
+    if cfg.dedup is not None:
+        rest = np.nonzero(~leak)[0]
+        dup[rest] = near_duplicates(emb[rest], priority[rest], cfg.dedup)
+    n_cls = len(removed["leaked"])
+    removed["leaked"] += np.bincount(cls_ids[leak[inverse]], minlength=n_cls)
+    removed["duplicates"] += np.bincount(cls_ids[dup[inverse]], minlength=n_cls)
+    return ~(leak | dup)[inverse]
+
+
 def _report(
     cfg: SelectConfig, classes: list[str], best: ClassTopK, cls_ids: np.ndarray,
-    score: np.ndarray, rep: np.ndarray,
+    score: np.ndarray, rep: np.ndarray, removed: dict[str, np.ndarray],
 ) -> dict[str, Any]:  # fmt: skip
     # cls_ids is sorted (class-major), so each class is one contiguous run.
     n_cls = len(classes)
@@ -167,6 +233,8 @@ def _report(
             # ranks run best first: the class's minimum is its last selected score
             "min_score": float(score[starts[c] + n - 1]) if n else None,
             "mean_score": float(sums[c] / n) if n else None,
+            "duplicates_removed": int(removed["duplicates"][c]),
+            "leaked_removed": int(removed["leaked"][c]),
         })  # fmt: skip
     short = [p["class"] for p in per_class if p["selected"] < cfg.per_class]
     return {
@@ -175,6 +243,8 @@ def _report(
         "selected": len(cls_ids),
         "with_repeats": int(rep.sum()),
         "short_classes": short,
+        "duplicates_removed": int(removed["duplicates"].sum()),
+        "leaked_removed": int(removed["leaked"].sum()),
         "per_class": per_class,
         "config": cfglib.to_dict(cfg),
     }

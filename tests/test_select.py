@@ -148,3 +148,63 @@ def test_select_job_entrypoint(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "selected 30 images" in done.stdout
+
+
+EMB_META = replace(META, embedding_dim=32)
+
+
+def _labels_with_embeddings(root: Path, emb: np.ndarray, scores: np.ndarray, meta=EMB_META,
+                            name: str = "u") -> list[tuple[str, str]]:  # fmt: skip
+    """One file, one row per embedding; top-1 class = row % C with the given score."""
+    n = len(emb)
+    root.mkdir(parents=True, exist_ok=True)
+    classes = np.stack([(np.arange(K_STORED) + i) % C for i in range(n)])
+    probs = np.column_stack([scores] + [np.full(n, 0.01)] * (K_STORED - 1))
+    keys = [f"{name}{i:03d}" for i in range(n)]
+    table = build_table(meta, f"{name}.tar", keys, classes, probs, emb)
+    write_labels(table, root / f"{name}.parquet")
+    return [(f"{name}.tar", k) for k in keys]
+
+
+def test_planted_duplicates_and_leaks_are_removed(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((40, 32)).astype(np.float32)
+    dup_of = {30: 3, 31: 4, 32: 5}  # rows 30-32 copy rows 3-5 (plus a little noise)
+    emb = base.copy()
+    for i, j in dup_of.items():
+        emb[i] = base[j] + 0.01 * rng.standard_normal(32)
+    scores = np.linspace(0.5, 0.9, 40)  # later rows score higher: 30-32 beat 3-5
+    keys = _labels_with_embeddings(tmp_path / "labels", emb, scores)
+    leak_rows = [10, 11]
+    _labels_with_embeddings(tmp_path / "eval", base[leak_rows] + 0.01, np.full(2, 0.9),
+                            name="test")  # fmt: skip
+    cfg = SelectConfig(labels=str(tmp_path / "labels"), out=str(tmp_path / "sel"), per_class=100,
+                       top_p=1, dedup=0.95, decontaminate=str(tmp_path / "eval"),
+                       executor="local")  # fmt: skip
+    report = run_select(cfg)
+    got = {k for c in _selected(tmp_path / "sel").values() for _, k in c}
+    removed = {keys[i][1] for i in [3, 4, 5, *leak_rows]}
+    assert got == {k for _, k in keys} - removed
+    assert report["duplicates_removed"] == 3 and report["leaked_removed"] == 2
+    per_class = {p["class"]: p for p in report["per_class"]}
+    assert sum(p["duplicates_removed"] for p in per_class.values()) == 3
+    assert per_class[3 % C]["duplicates_removed"] >= 1
+
+    dedup_only = replace(cfg, out=str(tmp_path / "sel2"), decontaminate=None, dedup=1.0)
+    assert run_select(dedup_only)["duplicates_removed"] == 0  # noisy copies sit below 1.0
+
+
+def test_dedup_needs_embeddings_and_the_same_teacher(tmp_path: Path) -> None:
+    _write_labels(tmp_path / "plain", files=1, rows=5)
+    base = SelectConfig(labels=str(tmp_path / "plain"), out=str(tmp_path / "sel"), per_class=3,
+                        top_p=1, executor="local")  # fmt: skip
+    with pytest.raises(UserError, match="--embeddings"):
+        run_select(replace(base, dedup=0.9))
+    emb = np.random.default_rng(1).standard_normal((5, 32)).astype(np.float32)
+    _labels_with_embeddings(tmp_path / "labels", emb, np.full(5, 0.5))
+    other = replace(EMB_META, teacher_sha256="2" * 64)
+    _labels_with_embeddings(tmp_path / "eval", emb, np.full(5, 0.5), meta=other)
+    with pytest.raises(UserError, match="same teacher"):
+        run_select(replace(base, labels=str(tmp_path / "labels"),
+                           decontaminate=str(tmp_path / "eval")))  # fmt: skip
+    assert not (tmp_path / "sel").exists()
