@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from ssl_kd.dedup import near_duplicates
 from ssl_kd.labels_io import LabelMeta, build_table, write_labels
 from ssl_kd.select import SelectConfig, run_select
 
@@ -66,6 +67,19 @@ def pandas_select(labels: Path, k: int, p: int) -> pd.DataFrame:
     return df.groupby("class", sort=True).head(k)
 
 
+def dedup_speed(n: int, d: int = 128, planted: int = 1000) -> dict:
+    """Seconds to find planted near-duplicates among ``n`` random unit embeddings at 0.95."""
+    rng = np.random.default_rng(1)
+    emb = rng.standard_normal((n, d)).astype(np.float32)
+    src = rng.choice(n - planted, planted, replace=False)
+    emb[n - planted :] = emb[src] + 0.05 * rng.standard_normal((planted, d)).astype(np.float32)
+    t0 = time.perf_counter()
+    drop = near_duplicates(emb, np.zeros(n, np.float32), 0.95)
+    seconds = time.perf_counter() - t0
+    return {"seconds": round(seconds, 1), "images_per_s": round(n / seconds, 1),
+            "planted": planted, "found": int(drop.sum())}  # fmt: skip
+
+
 def one_size(labels: Path, out: Path, k: int, p: int) -> dict:
     """Run the selector once in this process; report time and peak RSS."""
     t0 = time.perf_counter()
@@ -78,10 +92,17 @@ def one_size(labels: Path, out: Path, k: int, p: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[1_000_000, 10_000_000])
     ap.add_argument("--pandas", type=int, nargs="*", default=[1_000_000])
     ap.add_argument("--k", type=int, default=1000)
     ap.add_argument("--p", type=int, default=10)
+    ap.add_argument(
+        "--dedup",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time near-duplicate search on this many 128-d embeddings",
+    )
     ap.add_argument("--out")
     ap.add_argument("--one-size", nargs=2, metavar=("LABELS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -117,6 +138,9 @@ def main() -> int:
             print(n, entry, flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+    for n in args.dedup:
+        report.setdefault("dedup", {})[str(n)] = dedup_speed(n)
+        print("dedup", n, report["dedup"][str(n)], flush=True)
     print(json.dumps(report, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
