@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +31,8 @@ from ssl_kd.ray_env import connect_ray
 from ssl_kd.shards import expand_shards, shard_name
 
 log = logging.getLogger(__name__)
+
+Progress = Callable[[dict[str, Any]], None]  # told of every shard as it finishes
 
 
 @dataclass(frozen=True)
@@ -90,13 +93,13 @@ def _plan(cfg: LabelConfig, urls: list[str]) -> list[str]:
 
 
 def _run_local(
-    cfg: LabelConfig, todo: list[str], bar: tqdm, worker_cls: type[LabelWorker]
+    cfg: LabelConfig, todo: list[str], on_shard: Progress, worker_cls: type[LabelWorker]
 ) -> list[dict[str, Any]]:
     worker = worker_cls(cfg)
     statuses = []
     for url in todo:
         statuses.append(_with_retries(lambda u=url: worker.label(u), url, cfg.max_retries))
-        bar.update(1)
+        on_shard(statuses[-1])
     return statuses
 
 
@@ -113,7 +116,7 @@ def _with_retries(fn: Any, url: str, retries: int) -> dict[str, Any]:
 
 
 def _run_ray(
-    cfg: LabelConfig, todo: list[str], bar: tqdm, worker_cls: type[LabelWorker]
+    cfg: LabelConfig, todo: list[str], on_shard: Progress, worker_cls: type[LabelWorker]
 ) -> list[dict[str, Any]]:
     ray = connect_ray()
     resources = ray.cluster_resources()
@@ -151,26 +154,26 @@ def _run_ray(
         try:
             status = ray.get(done[0])
             statuses.append({**status, "attempts": attempts[url]})
-            bar.update(1)
+            on_shard(statuses[-1])
         except ray.exceptions.RayActorError as exc:
             # Both calls queued on a dead actor fail: replace it once, reuse the replacement.
             if actor not in replaced:
                 log.warning("worker died on %s: %s; starting a new one", url, exc)
                 replaced[actor] = actor_cls.remote(cfg, cfg.cpus_per_worker)
             actor = replaced[actor]
-            _retry_or_fail(url, exc, cfg, attempts, queue, statuses, bar)
+            _retry_or_fail(url, exc, cfg, attempts, queue, statuses, on_shard)
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if isinstance(exc.cause, UserError) else None
             if cause is not None:
                 raise cause from None
-            _retry_or_fail(url, exc, cfg, attempts, queue, statuses, bar)
+            _retry_or_fail(url, exc, cfg, attempts, queue, statuses, on_shard)
         submit(actor)
     return statuses
 
 
 def _retry_or_fail(
     url: str, exc: BaseException, cfg: LabelConfig, attempts: dict[str, int],
-    queue: deque, statuses: list[dict[str, Any]], bar: tqdm,
+    queue: deque, statuses: list[dict[str, Any]], on_shard: Progress,
 ) -> None:  # fmt: skip
     if attempts[url] <= cfg.max_retries:
         log.warning("retrying %s (attempt %d failed): %s", url, attempts[url], exc)
@@ -180,7 +183,7 @@ def _retry_or_fail(
         statuses.append(
             {"shard": shard_name(url), "failed": True, "error": error, "attempts": attempts[url]}
         )
-        bar.update(1)
+        on_shard(statuses[-1])
 
 
 def run_label(
@@ -198,20 +201,20 @@ def run_label(
     log.info("%d shards: %d to label, %d already done", len(urls), len(todo), len(urls) - len(todo))
     start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="shard", desc="label", disable=not progress or not todo)
-    rows_seen = 0
+    rows = 0
 
-    def update_postfix(statuses: list[dict[str, Any]]) -> None:
-        nonlocal rows_seen
-        rows_seen = sum(s.get("rows", 0) for s in statuses)
-        bar.set_postfix(img_s=f"{rows_seen / max(1e-9, time.perf_counter() - start):.0f}")
+    def on_shard(status: dict[str, Any]) -> None:  # one finished (or finally failed) shard
+        nonlocal rows
+        rows += status.get("rows", 0)
+        bar.update(1)
+        bar.set_postfix(img_s=f"{rows / max(1e-9, time.perf_counter() - start):.0f}")
 
     if not todo:
         statuses: list[dict[str, Any]] = []
     elif cfg.executor == "local":
-        statuses = _run_local(cfg, todo, bar, worker_cls)
+        statuses = _run_local(cfg, todo, on_shard, worker_cls)
     else:
-        statuses = _run_ray(cfg, todo, bar, worker_cls)
-    update_postfix(statuses)
+        statuses = _run_ray(cfg, todo, on_shard, worker_cls)
     bar.close()
     for stale in Path(cfg.out).glob(".*.tmp"):
         stale.unlink(missing_ok=True)

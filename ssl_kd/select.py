@@ -11,7 +11,6 @@ merged into the exact global answer. Classes with fewer than K candidates are re
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,8 +27,6 @@ from ssl_kd.dedup import leaked, near_duplicates
 from ssl_kd.errors import UserError
 from ssl_kd.labels_io import LabelMeta, LabelSet
 from ssl_kd.select_core import ClassTopK, candidates_of, make_ids, repeats
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
