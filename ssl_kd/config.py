@@ -168,7 +168,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = "required" if f.default is dataclasses.MISSING else f"default: {f.default}"
         help_text = f"{f.metadata.get('help', '')} ({_describe(hints[f.name])}; {default})"
-        parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        # A bare boolean flag means true; ``--flag false`` still works (and YAML-like words).
+        extra: dict[str, Any] = {"nargs": "?", "const": True} if hints[f.name] is bool else {}
+        parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text, **extra)
 
 
 def resolve(cls: type[T], args: argparse.Namespace) -> T:

@@ -17,9 +17,9 @@ import numpy as np
 FLAT_LIMIT = 50_000
 
 
-def _index(vectors: np.ndarray) -> faiss.Index:
+def _index(vectors: np.ndarray, flat_limit: int = FLAT_LIMIT) -> faiss.Index:
     n, d = vectors.shape
-    if n <= FLAT_LIMIT:
+    if n <= flat_limit:
         index = faiss.IndexFlatIP(d)
     else:
         nlist = int(4 * math.sqrt(n))
@@ -37,16 +37,19 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     return v
 
 
-def near_duplicates(vectors: np.ndarray, priority: np.ndarray, threshold: float) -> np.ndarray:
+def near_duplicates(
+    vectors: np.ndarray, priority: np.ndarray, threshold: float, flat_limit: int = FLAT_LIMIT
+) -> np.ndarray:
     """Mask of vectors to drop: of every group at cosine >= ``threshold``, the highest
-    ``priority`` one stays (ties: lower index)."""
+    ``priority`` one stays (ties: lower index). Exact up to ``flat_limit`` vectors."""
     v = _unit(vectors)
     n = len(v)
     drop = np.zeros(n, bool)
     if n < 2:
         return drop
     # range_search keeps results strictly above the radius: step just below the threshold.
-    lims, _, ids = _index(v).range_search(v, float(np.nextafter(np.float32(threshold), 0)))
+    radius = float(np.nextafter(np.float32(threshold), 0))
+    lims, _, ids = _index(v, flat_limit).range_search(v, radius)
     kept = np.zeros(n, bool)
     for i in np.lexsort((np.arange(n), -priority)):
         if drop[i]:
@@ -58,9 +61,11 @@ def near_duplicates(vectors: np.ndarray, priority: np.ndarray, threshold: float)
     return drop
 
 
-def leaked(vectors: np.ndarray, reference: np.ndarray, threshold: float) -> np.ndarray:
+def leaked(
+    vectors: np.ndarray, reference: np.ndarray, threshold: float, flat_limit: int = FLAT_LIMIT
+) -> np.ndarray:
     """Mask of vectors whose nearest ``reference`` vector has cosine >= ``threshold``."""
     if len(vectors) == 0 or len(reference) == 0:
         return np.zeros(len(vectors), bool)
-    scores, _ = _index(_unit(reference)).search(_unit(vectors), 1)
+    scores, _ = _index(_unit(reference), flat_limit).search(_unit(vectors), 1)
     return scores[:, 0] >= threshold

@@ -11,10 +11,14 @@ merged into the exact global answer. Classes with fewer than K candidates are re
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -26,7 +30,7 @@ from ssl_kd.config import option
 from ssl_kd.dedup import leaked, near_duplicates
 from ssl_kd.errors import UserError
 from ssl_kd.labels_io import LabelMeta, LabelSet
-from ssl_kd.select_core import ClassTopK, candidates_of, make_ids, repeats
+from ssl_kd.select_core import SELECTORS, TopK, candidates_of, image_ids, repeats, split_ids
 
 
 @dataclass(frozen=True)
@@ -47,37 +51,56 @@ class SelectConfig:
     )
     leak_threshold: float = option(0.95, help="cosine counted as a leak of --decontaminate", gt=0)
     executor: Literal["ray", "local"] = option("ray", help="Ray tasks over label files, or local")
+    kselect: Literal["faiss", "numpy"] = option(
+        "faiss", help="per-class top-K by faiss heaps or numpy sorted merges (same result)"
+    )
 
 
 def partial_topk(
-    files: list[tuple[int, str]], num_classes: int, k: int, top_p: int, min_score: float | None
-) -> ClassTopK:
+    files: list[tuple[int, str]], num_classes: int, k: int, top_p: int,
+    min_score: float | None, method: str = "faiss",
+) -> TopK:  # fmt: skip
     """The exact per-class top-K of a group of label files ``(file index, path)``.
 
-    Files are folded in one after another: once a class holds K candidates, a newcomer must
-    beat its K-th best, which most do not, so the bulk of a large group is a vectorised compare.
+    Files are offered in ascending index and each file's rows in key order, so candidates come
+    in ascending image id (what :class:`HeapSelector` needs); the next file is read while this
+    one is selected.
     """
-    best = ClassTopK.empty(num_classes, k)
-    for file_index, path in files:
-        table = pq.read_table(path, columns=["key", "topk_class", "topk_prob"])
+    selector = SELECTORS[method](num_classes, k)
+    for file_index, table in _read_ahead(sorted(files), ["key", "topk_class", "topk_prob"]):
         n = table.num_rows
         if n == 0:
             continue
         stored_k = table.schema.field("topk_class").type.list_size
+        in_key_order = pc.sort_indices(table.column("key")).to_numpy()
         classes = table.column("topk_class").combine_chunks().flatten().to_numpy()
         probs = table.column("topk_prob").combine_chunks().flatten().to_numpy()
-        tie, ref = make_ids(file_index, pc.sort_indices(table.column("key")).to_numpy())
-        cls_ids, score, rows = candidates_of(
-            classes.reshape(n, stored_k), probs.reshape(n, stored_k), top_p, min_score
+        cls_ids, score, rank = candidates_of(
+            classes.reshape(n, stored_k)[in_key_order],
+            probs.reshape(n, stored_k)[in_key_order],
+            top_p,
+            min_score,
         )
-        best.add(cls_ids, score, tie[rows], ref[rows])
-    best.flush()
-    return best
+        selector.add(cls_ids, score, image_ids(file_index, rank))
+    return selector.result()
 
 
-def _partials(cfg: SelectConfig, labels: LabelSet) -> list[ClassTopK]:
+def _read_ahead(files: list[tuple[int, str]], columns: list[str]) -> Iterator[tuple[int, pa.Table]]:
+    """``(index, table)`` of each file, the next one read in a thread meanwhile."""
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        for index, path in files:
+            nxt = pool.submit(pq.read_table, path, columns=columns)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (index, nxt)
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
+def _partials(cfg: SelectConfig, labels: LabelSet) -> list[TopK]:
     files = list(enumerate(str(p) for p in labels.files))
-    args = (labels.meta.num_classes, cfg.per_class, cfg.top_p, cfg.min_score)
+    args = (labels.meta.num_classes, cfg.per_class, cfg.top_p, cfg.min_score, cfg.kselect)
     if cfg.executor == "local":
         return [partial_topk(files, *args)]
     from ssl_kd.ray_env import connect_ray
@@ -86,29 +109,36 @@ def _partials(cfg: SelectConfig, labels: LabelSet) -> list[ClassTopK]:
     # A few groups per CPU: enough to balance the load, few enough that each group's lists
     # fill up and most of its candidates are rejected by a compare.
     groups = max(1, min(len(files), 2 * int(ray.cluster_resources().get("CPU", 1))))
-    task = ray.remote(partial_topk)
+    task = ray.remote(_single_threaded_partial)
     return ray.get([task.remote(files[g::groups], *args) for g in range(groups)])
 
 
+def _single_threaded_partial(*args: Any) -> TopK:
+    # One Ray task per CPU: faiss's own threads would oversubscribe the cores.
+    faiss.omp_set_num_threads(1)
+    return partial_topk(*args)
+
+
 def _rows(
-    labels: LabelSet, best: ClassTopK, columns: list[str]
+    labels: LabelSet, best: TopK, columns: list[str]
 ) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
-    """The selected rows (only those read) and their class, score and image ref, in (class,
+    """The selected rows (only those read) and their class, score and image id, in (class,
     rank) order."""
     filled = np.isfinite(best.score)
     cls_ids = np.nonzero(filled)[0]  # row-major: class, then rank
     score = best.score[filled]
-    refs = best.ref[filled]
-    files, rows = refs >> 32, refs & 0xFFFFFFFF
+    image = best.image[filled]
+    files, ranks = split_ids(image)
     pieces, positions = [], []
     for f in np.unique(files):
         mine = np.nonzero(files == f)[0]
         table = pq.read_table(labels.files[f], columns=columns)
-        pieces.append(table.take(pa.array(rows[mine])).replace_schema_metadata(None))
+        rows = pc.sort_indices(table.column("key")).to_numpy()[ranks[mine]]
+        pieces.append(table.take(pa.array(rows)).replace_schema_metadata(None))
         positions.append(mine)
     table = pa.concat_tables(pieces, promote_options="permissive")
     table = table.take(pa.array(np.argsort(np.concatenate(positions))))
-    return table, cls_ids, score, refs
+    return table, cls_ids, score, image
 
 
 def run_select(cfg: SelectConfig) -> dict[str, Any]:
@@ -127,18 +157,20 @@ def run_select(cfg: SelectConfig) -> dict[str, Any]:
             "relabel with ssl-kd label --embeddings"
         )
     reference = _eval_embeddings(cfg.decontaminate, meta) if cfg.decontaminate else None
-    best = ClassTopK.empty(meta.num_classes, cfg.per_class)
-    for part in _partials(cfg, labels):
+    t0 = time.perf_counter()
+    best, *rest = _partials(cfg, labels)
+    for part in rest:
         best.merge(part)
     out = Path(cfg.out)
     if best.selected_counts().sum() == 0:
         raise UserError(f"no candidates in {cfg.labels} (empty files, or --min-score too high)")
+    t_select = time.perf_counter()
     columns = ["key", "shard", "topk_class", "topk_prob"] + (["embedding"] if filtering else [])
-    table, cls_ids, score, refs = _rows(labels, best, columns)
+    table, cls_ids, score, image = _rows(labels, best, columns)
     removed = {"duplicates": np.zeros(meta.num_classes, np.int64),
                "leaked": np.zeros(meta.num_classes, np.int64)}  # fmt: skip
     if filtering:
-        keep = _filter(cfg, table, cls_ids, score, refs, reference, removed)
+        keep = _filter(cfg, table, cls_ids, score, image, reference, removed)
         table = table.filter(pa.array(keep)).drop(["embedding"])
         cls_ids, score = cls_ids[keep], score[keep]
     selected = np.bincount(cls_ids, minlength=meta.num_classes)
@@ -164,8 +196,14 @@ def run_select(cfg: SelectConfig) -> dict[str, Any]:
         }
     )
     report = _report(cfg, meta.classes, best, cls_ids, score, rep, removed)
+    t_rows = time.perf_counter()
     with atomic.atomic_path(out / "selection.parquet") as tmp:
         pq.write_table(table.replace_schema_metadata(meta.to_kv()), tmp, compression="zstd")
+    report["seconds"] = {
+        "select": round(t_select - t0, 3),
+        "rows_and_filters": round(t_rows - t_select, 3),
+        "write": round(time.perf_counter() - t_rows, 3),
+    }
     atomic.write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     cfglib.save(cfg, out / "config.yaml")
     return report
@@ -187,17 +225,17 @@ def _eval_embeddings(directory: str, meta: LabelMeta) -> np.ndarray:
 
 def _filter(
     cfg: SelectConfig, table: pa.Table, cls_ids: np.ndarray, score: np.ndarray,
-    refs: np.ndarray, reference: np.ndarray | None, removed: dict[str, np.ndarray],
+    image: np.ndarray, reference: np.ndarray | None, removed: dict[str, np.ndarray],
 ) -> np.ndarray:  # fmt: skip
     """Row mask after dropping leaked images, then near-duplicates (counts into ``removed``).
 
     An image selected for several classes is one image: it is judged once, with its best score.
     """
-    images, first, inverse = np.unique(refs, return_index=True, return_inverse=True)
+    images, first, inverse = np.unique(image, return_index=True, return_inverse=True)
     priority = np.full(len(images), -np.inf, np.float32)
     np.maximum.at(priority, inverse, score)
     emb = table.column("embedding").combine_chunks().flatten().to_numpy()
-    emb = emb.reshape(len(refs), -1)[first].astype(np.float32)
+    emb = emb.reshape(len(image), -1)[first].astype(np.float32)
     leak = np.zeros(len(images), bool)
     if reference is not None:
         leak = leaked(emb, reference, cfg.leak_threshold)
@@ -212,7 +250,7 @@ def _filter(
 
 
 def _report(
-    cfg: SelectConfig, classes: list[str], best: ClassTopK, cls_ids: np.ndarray,
+    cfg: SelectConfig, classes: list[str], best: TopK, cls_ids: np.ndarray,
     score: np.ndarray, rep: np.ndarray, removed: dict[str, np.ndarray],
 ) -> dict[str, Any]:  # fmt: skip
     # cls_ids is sorted (class-major), so each class is one contiguous run.

@@ -38,6 +38,10 @@ def test_defaults_yaml_then_flags(tmp_path: Path) -> None:
     assert cfg == Demo(out="o", steps=30, lr=0.5, flip=False, kind="b", limit=3)
     assert _resolve(["--out", "x", "--limit", "none"]).limit is None
     assert _resolve(["--out", "x", "--steps", "1e3"]).steps == 1000
+    # A bare boolean flag is true, so `--flag` and `--flag true` mean the same.
+    path.write_text(yaml.safe_dump({"out": "o", "flip": False}))
+    assert _resolve(["--config", str(path), "--flip"]).flip is True
+    assert _resolve(["--config", str(path), "--flip", "yes", "--steps", "2"]).flip is True
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import pytest
 from ssl_kd.errors import UserError
 from ssl_kd.labels_io import LabelMeta, build_table, write_labels
 from ssl_kd.select import SelectConfig, format_report, run_select
-from ssl_kd.select_core import ClassTopK, make_ids
+from ssl_kd.select_core import SELECTORS, HeapSelector, MergeSelector, TopK
 
 C, K_STORED = 6, 4
 META = LabelMeta(
@@ -55,11 +55,12 @@ def _selected(out: Path) -> dict:
     return got
 
 
+@pytest.mark.parametrize("method", sorted(SELECTORS))
 @pytest.mark.parametrize(("k", "p"), [(5, 1), (12, 2), (40, 4), (500, 3)])
-def test_exact_against_brute_force_with_ties(tmp_path: Path, k: int, p: int) -> None:
+def test_exact_against_brute_force_with_ties(tmp_path: Path, k: int, p: int, method: str) -> None:
     rows = _write_labels(tmp_path / "labels", files=4, rows=60)
     cfg = SelectConfig(labels=str(tmp_path / "labels"), out=str(tmp_path / "sel"), per_class=k,
-                       top_p=p, executor="local")  # fmt: skip
+                       top_p=p, executor="local", kselect=method)  # fmt: skip
     report = run_select(cfg)
     assert _selected(tmp_path / "sel") == _brute_force(rows, k, p)
     expected_candidates = [sum(1 for *_, cl, _ in rows for j in range(p) if cl[j] == c)
@@ -88,23 +89,61 @@ def test_min_score_and_upsample(tmp_path: Path) -> None:
     assert saved["per_class"] == report["per_class"]
 
 
+def _core_brute_force(cls_ids, score, image, c: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    best = TopK.empty(c, k)
+    for cl in range(c):
+        mine = np.flatnonzero(cls_ids == cl)
+        order = mine[np.lexsort((image[mine], -score[mine]))][:k]
+        best.score[cl, : len(order)] = score[order]
+        best.image[cl, : len(order)] = image[order]
+    return best.score, best.image
+
+
+@pytest.mark.parametrize("method", sorted(SELECTORS))
+@pytest.mark.parametrize("seed", range(6))
+def test_selectors_match_brute_force(method: str, seed: int) -> None:
+    """Many ties, skewed classes (long class-major blocks), K above and below class sizes."""
+    rng = np.random.default_rng(seed)
+    c, k, n = int(rng.integers(1, 12)), int(rng.integers(1, 40)), int(rng.integers(0, 3000))
+    cls_ids = rng.integers(0, c, n)
+    cls_ids[: n // 3] = 0
+    score = (rng.integers(0, 6, n) / 5).astype(np.float32)
+    image = np.sort(rng.choice(10**9, n, replace=False)).astype(np.int64)
+    image[:1] = 0  # the first image of the first file
+    cls_ids, score = cls_ids[rng.permutation(n)], score[rng.permutation(n)]
+    selector = SELECTORS[method](c, k)
+    for chunk in np.array_split(np.arange(n), int(rng.integers(1, 7))):
+        selector.add(cls_ids[chunk], score[chunk], image[chunk])
+    got = selector.result()
+    want_score, want_image = _core_brute_force(cls_ids, score, image, c, k)
+    assert np.array_equal(got.score, want_score) and np.array_equal(got.image, want_image)
+    assert np.array_equal(got.candidates, np.bincount(cls_ids, minlength=c))
+
+
 def test_merging_partials_is_order_independent() -> None:
     rng = np.random.default_rng(3)
     n = 400
     cls_ids = rng.integers(0, 5, n)
     score = rng.integers(0, 4, n).astype(np.float32)
-    keys = np.array([f"k{i:04d}" for i in rng.permutation(n)], dtype=object)
-    tie, ref = make_ids(0, np.argsort(keys))
-    whole = ClassTopK.empty(5, 7)
-    whole.add(cls_ids, score, tie, ref)
-    whole.flush()
-    parts = ClassTopK.empty(5, 7)
+    image = rng.permutation(n).astype(np.int64)
+    whole = MergeSelector.create(5, 7)
+    whole.add(cls_ids, score, image)
+    merged = TopK.empty(5, 7)
     for chunk in np.array_split(rng.permutation(n), 9):
-        part = ClassTopK.empty(5, 7)
-        part.add(cls_ids[chunk], score[chunk], tie[chunk], ref[chunk])
-        parts.merge(part)
-    assert np.array_equal(whole.tie, parts.tie) and np.array_equal(whole.score, parts.score)
-    assert np.array_equal(whole.candidates, parts.candidates)
+        part = HeapSelector(5, 7)
+        chunk = chunk[np.argsort(image[chunk])]
+        part.add(cls_ids[chunk], score[chunk], image[chunk])
+        merged.merge(part.result())
+    best = whole.result()
+    assert np.array_equal(best.image, merged.image) and np.array_equal(best.score, merged.score)
+    assert np.array_equal(best.candidates, merged.candidates)
+
+
+def test_heap_selector_needs_ascending_ids() -> None:
+    selector = HeapSelector(2, 2)
+    selector.add(np.array([0, 1]), np.array([0.5, 0.5]), np.array([3, 4]))
+    with pytest.raises(ValueError, match="ascending"):
+        selector.add(np.array([0]), np.array([0.9]), np.array([2]))
 
 
 def test_errors(tmp_path: Path) -> None:
