@@ -86,13 +86,22 @@ def dedup_speed(n: int, d: int = 128, planted: int = 1000) -> dict:
             "planted": planted, "found": int(drop.sum())}  # fmt: skip
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM). Not ``ru_maxrss``: after fork + exec that
+    also counts the parent's peak, which would hide whether the selector's own memory is flat."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def one_size(labels: Path, out: Path, k: int, p: int, method: str) -> dict:
     """Run the selector once in this process; report time and peak RSS."""
     t0 = time.perf_counter()
     report = run_select(SelectConfig(labels=str(labels), out=str(out), per_class=k, top_p=p,
                                      executor="local", kselect=method))  # fmt: skip
     seconds = time.perf_counter() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     return {"seconds": round(seconds, 2), "parts": report["seconds"],
             "peak_rss_mb": round(peak_mb, 1)}  # fmt: skip
 

@@ -7,6 +7,7 @@ stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -106,6 +107,39 @@ def _cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_materialize(args: argparse.Namespace) -> int:
+    from ssl_kd.materialize import MaterializeConfig, run_materialize
+
+    cfg = cfglib.resolve(MaterializeConfig, args)
+    m = run_materialize(cfg, progress=not args.quiet)
+    verb = "already materialized" if m["already_done"] else "materialized"
+    print(
+        f"{verb} {m['samples']} samples ({m['selected_rows']} selected rows) from "
+        f"{m['source_shards']} source shards into {len(m['shards'])} shards -> {cfg.out}"
+    )
+    return 0
+
+
+def _student(cls_name: str) -> Callable[[argparse.Namespace], int]:
+    def command(args: argparse.Namespace) -> int:
+        from ssl_kd.train import student
+
+        cfg = cfglib.resolve(getattr(student, cls_name), args)
+        log.info("ssl_kd %s config: %s", __version__, json.dumps(cfglib.to_dict(cfg)))
+        s = student.run_student(cfg, progress=not args.quiet)
+        verb = "already trained" if s["resumed_at"] == s["step"] else "trained"
+        line = (
+            f"{verb} {s['arch']} ({s['loss']} loss, {s['workers']} worker(s)) for {s['step']} "
+            f"steps -> {s['checkpoint']}"
+        )
+        if "val" in s:
+            line += f"; val top-1 {100 * s['val']['top1']:.2f}%"
+        print(line)
+        return 0
+
+    return command
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from ssl_kd.models import list_models
 
@@ -113,24 +147,81 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_inspect(doc: dict[str, Any], as_json: bool) -> int:
+    from ssl_kd.inspect.commands import format_document
+
+    print(json.dumps(doc, indent=2) if as_json else format_document(doc))
+    return 0
+
+
+def _cmd_inspect_labels(args: argparse.Namespace) -> int:
+    from ssl_kd.inspect.commands import InspectLabelsConfig, inspect_labels
+
+    cfg = InspectLabelsConfig(
+        directory=args.dir, cls=args.cls, key=args.key, compare=args.compare, top=args.top,
+        plots=args.plots, contact_sheet=args.contact_sheet, out=args.out, shards=args.shards,
+    )  # fmt: skip
+    return _print_inspect(inspect_labels(cfg), args.json)
+
+
+def _cmd_inspect_selection(args: argparse.Namespace) -> int:
+    from ssl_kd.inspect.commands import InspectSelectionConfig, inspect_selection
+
+    cfg = InspectSelectionConfig(
+        directory=args.dir, top=args.top, plots=args.plots, contact_sheet=args.contact_sheet,
+        out=args.out, shards=args.shards,
+    )  # fmt: skip
+    return _print_inspect(inspect_selection(cfg), args.json)
+
+
+def _inspect_parser(sub: Any) -> None:
+    inspect = sub.add_parser("inspect", help="summaries, views, charts and contact sheets")
+    what = inspect.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    labels = what.add_parser(
+        "labels", help="a label directory: summary, one class, one key, or a comparison",
+        description="Summarise a label directory (default), or show the --top N most confident "
+        "images of a --class, the labels of a --key, or top-1 agreement with --compare DIR.",
+    )  # fmt: skip
+    labels.add_argument("dir", metavar="DIR", help="directory of label files (ssl-kd label)")
+    view = labels.add_mutually_exclusive_group()
+    view.add_argument("--class", dest="cls", metavar="C", help="class name or index")
+    view.add_argument("--key", help="show this image's labels in every shard that has it")
+    view.add_argument("--compare", metavar="OTHER_DIR", help="top-1 agreement with these labels")
+    selection = what.add_parser(
+        "selection", help="a selection directory: per-class counts, scores, repeats, removals",
+        description="Per-class table of selection.parquet and report.json (ssl-kd select).",
+    )  # fmt: skip
+    selection.add_argument("dir", metavar="DIR", help="directory written by ssl-kd select")
+    for p, fn in ((labels, _cmd_inspect_labels), (selection, _cmd_inspect_selection)):
+        p.add_argument("--top", type=int, default=16, metavar="N",
+                       help="images per class view or contact sheet (default: 16)")  # fmt: skip
+        p.add_argument("--json", action="store_true", help="print one JSON document")
+        p.add_argument("--plots", metavar="DIR", help="write PNG charts into DIR")
+        p.add_argument("--contact-sheet", metavar="CLASS", help="draw the class's top images")
+        p.add_argument("--out", metavar="FILE.png", help="where --contact-sheet writes")
+        p.add_argument("--shards", metavar="DIR_OR_SPEC",
+                       help="where the shards are (default: as recorded at labeling)")  # fmt: skip
+        p.set_defaults(func=fn)
+
+
 def _stage_parser(
-    sub: Any, name: str, cls: type | None, fn: Callable[[argparse.Namespace], int], help: str
-) -> argparse.ArgumentParser:
+    sub: Any, name: str, config: str | None, fn: Callable[[argparse.Namespace], int], help: str,
+    wanted: set[str],
+) -> argparse.ArgumentParser:  # fmt: skip
+    """A subcommand; its flags come from the ``module:Class`` config, imported only when the
+    command line names this command (importing every stage would load torch for each run)."""
     p = sub.add_parser(name, help=help, description=help)
-    if cls is not None:
-        cfglib.add_arguments(p, cls)
+    if config is not None and name in wanted:
+        module, cls = config.split(":")
+        cfglib.add_arguments(p, getattr(importlib.import_module(module), cls))
     p.set_defaults(func=fn)
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full ``ssl-kd`` parser (config classes are imported lazily by each command)."""
-    from ssl_kd.datasets.fashion_mnist import FashionMnistConfig
-    from ssl_kd.evaluate import EvalConfig
-    from ssl_kd.label_job import LabelConfig
-    from ssl_kd.select import SelectConfig
-    from ssl_kd.train.supervised import TrainConfig
-
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``ssl-kd`` parser; stage flags are added for the commands named in ``argv`` (all of
+    them when ``argv`` is None)."""
+    wanted = set(_STAGES) | {"fashion-mnist"} if argv is None else set(argv)
     parser = _Parser(prog="ssl-kd", description="Semi-supervised teacher/student training.")
     parser.add_argument("--version", action="version", version=f"ssl-kd {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -139,24 +230,37 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="import a built-in dataset as shards")
     data_sub = data.add_subparsers(dest="dataset", required=True, parser_class=_Parser)
     _stage_parser(
-        data_sub,
-        "fashion-mnist",
-        FashionMnistConfig,
-        _cmd_fashion_mnist,
-        "Fashion-MNIST as labeled / unlabeled / test shards",
-    )
-    train = _stage_parser(sub, "train", TrainConfig, _cmd_train, "supervised training on shards")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _stage_parser(sub, "evaluate", EvalConfig, _cmd_evaluate, "top-1/top-5 of a checkpoint")
-    _stage_parser(sub, "label", LabelConfig, _cmd_label, "top-k pseudo-labels of shards (Ray)")
-    _stage_parser(sub, "select", SelectConfig, _cmd_select, "class-balanced top-K per class")
-    _stage_parser(sub, "models", None, _cmd_models, "list model architectures")
+        data_sub, "fashion-mnist", "ssl_kd.datasets.fashion_mnist:FashionMnistConfig",
+        _cmd_fashion_mnist, "Fashion-MNIST as labeled / unlabeled / test shards", wanted,
+    )  # fmt: skip
+    for name, (config, fn, help) in _STAGES.items():
+        p = _stage_parser(sub, name, config, fn, help, wanted)
+        if name == "train":
+            p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name == "finetune":
+            _inspect_parser(sub)
+    _stage_parser(sub, "models", None, _cmd_models, "list model architectures", wanted)
     return parser
+
+
+_STAGES: dict[str, tuple[str, Callable[[argparse.Namespace], int], str]] = {
+    "train": ("ssl_kd.train.supervised:TrainConfig", _cmd_train, "supervised training on shards"),
+    "evaluate": ("ssl_kd.evaluate:EvalConfig", _cmd_evaluate, "metrics of a checkpoint"),
+    "label": ("ssl_kd.label_job:LabelConfig", _cmd_label, "top-k pseudo-labels of shards (Ray)"),
+    "select": ("ssl_kd.select:SelectConfig", _cmd_select, "class-balanced top-K per class"),
+    "materialize": ("ssl_kd.materialize:MaterializeConfig", _cmd_materialize,
+                    "copy the selection into shuffled pseudo-labeled shards"),
+    "pretrain": ("ssl_kd.train.student:StudentConfig", _student("StudentConfig"),
+                 "train the student on pseudo-labeled shards (Ray Train)"),
+    "finetune": ("ssl_kd.train.student:FinetuneConfig", _student("FinetuneConfig"),
+                 "fine-tune a pretrained student on the true labels (Ray Train)"),
+}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ssl-kd`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

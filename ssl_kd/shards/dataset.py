@@ -8,6 +8,7 @@ checkpoint at step ``s`` sees the same batches as a run that never stopped (with
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ssl_kd.shards.reader import ReadStats, decoded_samples, iter_samples
+from ssl_kd.shards.reader import ReadStats, decoded_samples, iter_samples, read_soft_label
 
 T = TypeVar("T")
 
@@ -38,7 +39,11 @@ def buffer_shuffle(items: Iterable[T], size: int, rng: random.Random) -> Iterato
 
 
 class ShardImageDataset(IterableDataset):
-    """Yields ``(image_tensor, label)`` (or ``(key, image_tensor, label)`` with ``with_keys``)."""
+    """Yields ``(image_tensor, label)`` (or ``(key, image_tensor, label)`` with ``with_keys``).
+
+    With ``soft_k`` the label is ``(class, topk_class, topk_prob)`` read from each sample's
+    ``.json`` soft label; ``part=(i, n)`` keeps every n-th sample from the i-th (one rank's share).
+    """
 
     def __init__(
         self,
@@ -51,6 +56,8 @@ class ShardImageDataset(IterableDataset):
         shuffle_buffer: int = 0,
         seed: int = 0,
         with_keys: bool = False,
+        soft_k: int = 0,
+        part: tuple[int, int] = (0, 1),
     ) -> None:
         super().__init__()
         self.urls = list(urls)
@@ -61,6 +68,8 @@ class ShardImageDataset(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.with_keys = with_keys
+        self.soft_k = soft_k
+        self.part = part
         self.epoch = 0
         self.skip = 0
         self.stats = ReadStats()
@@ -78,8 +87,21 @@ class ShardImageDataset(IterableDataset):
         info = get_worker_info()
         if info is not None:
             urls = urls[info.id :: info.num_workers]
-        raw = buffer_shuffle(iter_samples(urls, self.stats), self.shuffle_buffer, rng)
-        decoded = decoded_samples(raw, self.stats, self.channels, self.labeled, self.num_classes)
+        samples = iter_samples(urls, self.stats)
+        index, count = self.part
+        if count > 1:  # every count-th sample, before decoding (fewer shards than ranks)
+            samples = itertools.islice(samples, index, None, count)
+        raw = buffer_shuffle(samples, self.shuffle_buffer, rng)
+        targets = None
+        if self.soft_k:
+            k, n = self.soft_k, self.num_classes
+
+            def targets(sample: dict[str, Any]) -> tuple[int, torch.Tensor, torch.Tensor]:
+                return read_soft_label(sample, n, k)
+
+        decoded = decoded_samples(
+            raw, self.stats, self.channels, self.labeled, self.num_classes, targets
+        )
         for i, (key, img, label) in enumerate(decoded):
             if i < self.skip:
                 continue

@@ -9,10 +9,11 @@ never stops the read.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,19 +175,46 @@ def read_label(sample: dict[str, Any], num_classes: int | None = None) -> int:
     return label
 
 
+def read_soft_label(
+    sample: dict[str, Any], num_classes: int | None, k: int
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(class, topk_class, topk_prob)`` of a pseudo-labeled sample (``.cls`` and the ``.json``
+    soft label that ``ssl-kd materialize`` writes); SampleError if missing or malformed."""
+    label = read_label(sample, num_classes)
+    raw = sample.get("json")
+    if raw is None:
+        raise SampleError("no .json soft label")
+    try:
+        soft = json.loads(raw)
+        classes = torch.tensor(soft["topk_class"][:k], dtype=torch.long)
+        probs = torch.tensor(soft["topk_prob"][:k], dtype=torch.float32)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SampleError(f"bad .json soft label ({exc})") from None
+    if len(classes) != k or len(probs) != k:
+        raise SampleError(f"soft label has fewer than {k} classes")
+    if num_classes is not None and (classes.min() < 0 or classes.max() >= num_classes):
+        raise SampleError(f"soft label class out of range for {num_classes} classes")
+    return label, classes, probs
+
+
 def decoded_samples(
     raw: Iterable[dict[str, Any]],
     stats: ReadStats,
     channels: int | None,
     labeled: bool,
     num_classes: int | None = None,
-) -> Iterator[tuple[str, torch.Tensor, int]]:
-    """Decode raw samples to ``(key, image, label)``; label is -1 when ``labeled`` is False."""
+    targets: Callable[[dict[str, Any]], Any] | None = None,
+) -> Iterator[tuple[str, torch.Tensor, Any]]:
+    """Decode raw samples to ``(key, image, label)``; label is -1 when ``labeled`` is False,
+    and ``targets(sample)`` (e.g. a soft label) when given."""
     for sample in raw:
         key = sample.get("__key__", "")
         try:
             img = decode_image(image_bytes(sample), channels)
-            label = read_label(sample, num_classes) if labeled else -1
+            if targets is not None:
+                label = targets(sample)
+            else:
+                label = read_label(sample, num_classes) if labeled else -1
         except SampleError as exc:
             stats.record(shard_name(sample.get("__url__", "")), key, str(exc))
             continue

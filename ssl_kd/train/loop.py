@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from ssl_kd.errors import UserError
 from ssl_kd.shards.dataset import ShardImageDataset
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+LossFn = Callable[[torch.Tensor, Any], dict[str, torch.Tensor]]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,7 +48,7 @@ def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
 def train_step(
     model: nn.Module,
     images: torch.Tensor,
-    labels: torch.Tensor,
+    labels: Any,
     optimizer: torch.optim.Optimizer,
     lr: float,
     loss_fn: LossFn,
@@ -91,8 +91,9 @@ def stream_batches(
         )
         produced = 0
         for images, labels in loader:
-            labels = torch.as_tensor(labels)
-            state.seen_in_epoch += len(labels)
+            if not isinstance(labels, (list, tuple)):  # soft labels come as a tuple of tensors
+                labels = torch.as_tensor(labels)
+            state.seen_in_epoch += len(images)
             produced += 1
             yield images, labels
         if produced == 0 and state.seen_in_epoch == 0:

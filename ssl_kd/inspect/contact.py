@@ -1,0 +1,130 @@
+"""Contact sheets: a class's best images in a grid, with their scores, read from the shards.
+
+Label and selection files name each image's shard by file name (``u-000012.tar``), not by
+path; the shards are found through the shard spec recorded in the label directory's
+``config.yaml`` (for a selection: that of the label directory it was made from), or through the
+spec the user gives. Each shard is opened once and only the wanted members are read.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from ssl_kd.errors import ShardSpecError, UserError
+from ssl_kd.inspect.plots import new_figure, save_png
+from ssl_kd.inspect.tar_index import read_images
+from ssl_kd.shards.reader import SampleError, decode_image
+from ssl_kd.shards.spec import expand_shards, shard_name
+
+log = logging.getLogger(__name__)
+
+
+def recorded_shard_spec(directory: str | Path) -> str:
+    """The shard spec that labeled ``directory`` (a label or selection directory)."""
+    d = Path(directory)
+    for _ in range(2):  # a selection's config names its labels; theirs names the shards
+        cfg_path = d / "config.yaml"
+        if not cfg_path.is_file():
+            break
+        cfg = yaml.safe_load(cfg_path.read_text()) or {}
+        if not isinstance(cfg, dict):
+            break
+        if cfg.get("shards"):
+            return str(cfg["shards"])
+        if not cfg.get("labels"):
+            break
+        d = Path(cfg["labels"])
+    raise UserError(
+        f"cannot tell where the shards of {directory} are (no config.yaml naming them): "
+        "pass --shards DIR_OR_SPEC"
+    )
+
+
+def shard_locations(directory: str | Path, spec: str | None = None) -> dict[str, str]:
+    """Shard name → local path, from ``spec`` or the spec recorded for ``directory``."""
+    given = spec is not None
+    spec = spec if given else recorded_shard_spec(directory)
+    try:
+        urls = expand_shards(spec)
+    except ShardSpecError as exc:
+        if given:
+            raise
+        raise UserError(
+            f"the shards recorded for {directory} are not here ({exc}): pass --shards DIR_OR_SPEC"
+        ) from None
+    return {shard_name(u): u for u in urls}
+
+
+def _local(url: str) -> str:
+    if url.startswith("file://"):
+        return url[len("file://") :]
+    if "://" in url or url.startswith("pipe:"):
+        raise UserError(
+            f"contact sheets read local shards only, and {url} is remote: "
+            "copy the shards here and pass --shards DIR"
+        )
+    return url
+
+
+def fetch_images(rows: list[dict[str, Any]], locations: dict[str, str]) -> list[np.ndarray | None]:
+    """The decoded (H, W[, 3]) uint8 image of each row (``shard``, ``key``); None if corrupt."""
+    wanted: dict[str, set[str]] = {}
+    for row in rows:
+        wanted.setdefault(row["shard"], set()).add(row["key"])
+    data: dict[tuple[str, str], bytes] = {}
+    for shard, keys in wanted.items():
+        if shard not in locations:
+            raise UserError(
+                f"shard {shard} is not among the {len(locations)} shards found: "
+                "pass --shards DIR_OR_SPEC naming it"
+            )
+        for key, blob in read_images(_local(locations[shard]), keys).items():
+            data[shard, key] = blob
+    images: list[np.ndarray | None] = []
+    for row in rows:
+        try:
+            img = decode_image(data[row["shard"], row["key"]], None).numpy()
+        except SampleError as exc:
+            log.warning("cannot draw %s of %s: %s", row["key"], row["shard"], exc)
+            images.append(None)
+            continue
+        images.append(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))
+    return images
+
+
+def draw_contact_sheet(
+    rows: list[dict[str, Any]], images: list[np.ndarray | None], title: str, out: str | Path
+) -> Path:
+    """A grid of ``images`` captioned with each row's score and key, saved as PNG."""
+    n = len(rows)
+    cols = max(1, math.ceil(math.sqrt(n)))
+    lines = max(1, math.ceil(n / cols))
+    fig = new_figure(1.7 * cols, 1.9 * lines + 0.4)
+    fig.suptitle(title, fontsize=10)
+    for i, (row, img) in enumerate(zip(rows, images, strict=True)):
+        ax = fig.add_subplot(lines, cols, i + 1)
+        if img is None:
+            ax.text(0.5, 0.5, "undecodable", ha="center", va="center", fontsize=7)
+        else:
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
+        key = row["key"] if len(row["key"]) <= 18 else "…" + row["key"][-17:]
+        ax.set_title(f"{row['score']:.3f}\n{key}", fontsize=7)
+        ax.set_axis_off()
+    return save_png(fig, out)
+
+
+def contact_sheet(
+    view: dict[str, Any], locations: dict[str, str], out: str | Path, source: str
+) -> Path:
+    """Draw the ``top`` rows of a class view (labels or selection) to ``out``."""
+    rows = view["top"]
+    if not rows:
+        raise UserError(f"no images of class {view['name']!r} in {view['directory']}")
+    title = f"{view['name']} (class {view['class']}): top {len(rows)} by {source}"
+    return draw_contact_sheet(rows, fetch_images(rows, locations), title, out)

@@ -1,0 +1,82 @@
+"""Random access to a few samples of a local WebDataset shard: index once, then seek.
+
+:func:`index_members` walks the tar headers once (``tarfile`` seeks over member data instead of
+reading it) and records where each wanted key's members start; :func:`read_images` then seeks to
+each image in file order. A shard is thus read once at most, whatever number of its images are
+wanted, and the walk stops as soon as every wanted key has been seen.
+"""
+
+from __future__ import annotations
+
+import gzip
+import tarfile
+from pathlib import Path
+from typing import BinaryIO
+
+from ssl_kd.errors import UserError
+from ssl_kd.shards.reader import IMAGE_EXTENSIONS
+from ssl_kd.shards.tario import split_key
+
+Index = dict[str, dict[str, tuple[int, int]]]  # key → extension → (data offset, size)
+
+
+def _open(path: str | Path) -> BinaryIO:
+    # A gzip stream seeks too (by decompressing forward): reads in offset order stay one pass.
+    if str(path).endswith((".gz", ".tgz")):
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")
+
+
+def index_members(stream: BinaryIO, wanted: set[str] | None = None) -> Index:
+    """Offsets of the members of ``wanted`` keys (all keys when None), in one header walk."""
+    index: Index = {}
+    # Not a context manager: closing a TarFile built on ``fileobj`` leaves the stream open anyway.
+    tar = tarfile.open(fileobj=stream, mode="r:")  # noqa: SIM115
+    try:
+        for info in tar:
+            parts = split_key(info.name) if info.isreg() else None
+            if parts is None:
+                continue
+            key, ext = parts
+            if wanted is not None and key not in wanted:
+                # The members of one key are consecutive (WebDataset), so once every wanted
+                # key has been seen and another key starts, nothing wanted is left.
+                if len(index) == len(wanted):
+                    break
+                continue
+            index.setdefault(key, {})[ext] = (info.offset_data, info.size)
+    except tarfile.TarError:
+        pass  # a damaged tail: keys found before it are still readable; missing ones reported
+    return index
+
+
+def read_images(path: str | Path, keys: set[str]) -> dict[str, bytes]:
+    """The encoded image of each of ``keys`` in the shard at ``path``; UserError if any is
+    missing."""
+    try:
+        stream = _open(path)
+    except OSError as exc:
+        raise UserError(f"cannot open shard {path}: {exc}") from None
+    with stream:
+        try:
+            index = index_members(stream, keys)
+        except tarfile.TarError as exc:
+            raise UserError(f"{path} is not a readable tar shard ({exc})") from None
+        missing = sorted(keys - index.keys())
+        if missing:
+            raise UserError(
+                f"shard {path} has no sample {missing[0]!r}"
+                + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "")
+                + ": is it the shard that was labeled?"
+            )
+        places = {}
+        for key in keys:
+            ext = next((e for e in IMAGE_EXTENSIONS if e in index[key]), None)
+            if ext is None:
+                raise UserError(f"sample {key!r} of {path} has no image member")
+            places[key] = index[key][ext]
+        images = {}
+        for key, (offset, size) in sorted(places.items(), key=lambda kv: kv[1][0]):
+            stream.seek(offset)
+            images[key] = stream.read(size)
+    return images

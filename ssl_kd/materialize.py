@@ -1,0 +1,486 @@
+"""``ssl-kd materialize``: the selected images, copied into new shuffled, pseudo-labeled shards.
+
+Every selected row is written ``repeat`` times (keys ``STEM/KEY_cCLASS``, plus ``_r1``… for
+upsampled copies), as the original image bytes under their original extension, a ``cls`` member
+(the selected class) and a ``json`` member with the soft label (``topk_class``, ``topk_prob``),
+``score``, ``rank``, ``source_shard`` and ``source_key``. The student then reads sequentially.
+
+The shuffle is a two-pass external shuffle (map-side spill, as in MapReduce), so no process ever
+holds the images of the whole selection:
+
+1. *Plan* (driver, integers only): a seeded permutation gives every sample (row, copy) its global
+   position; output shard ``i`` holds positions ``[i * samples_per_shard, (i + 1) * ...)``.
+2. *Map* (one task per source shard, a Ray task or in-process): read the shard once, in order,
+   and append each wanted sample as ready-made tar member blocks to one spill file
+   ``OUT/.buckets/<source>.bin``; return each sample's offset and size.
+3. *Reduce* (one task per output shard): read its samples' byte ranges from the spill files
+   and write them in position order, plus the end-of-archive marker, as ``train-NNNNNN.tar``
+   (temp name + rename). Memory: one output shard.
+
+The order is a uniform random permutation of the whole selection, deterministic for a seed and
+independent of the executor; the spill files take as much disk as the output until the end.
+``OUT`` must be on storage every Ray worker sees. ``dataset.json`` (class names for the trainer)
+and ``config.yaml`` are written next, ``materialize.json`` last: its presence with the same
+selection digest, seed and shard size makes a rerun a no-op. An unfinished run of the same
+config is redone from the start; an output directory of another run is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tarfile
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from ssl_kd import atomic
+from ssl_kd import config as cfglib
+from ssl_kd.config import option
+from ssl_kd.errors import ShardSpecError, UserError
+from ssl_kd.label import file_sha256
+from ssl_kd.labels_io import LabelMeta, label_file_name
+from ssl_kd.shards.reader import IMAGE_EXTENSIONS, ReadStats, iter_shard
+from ssl_kd.shards.spec import expand_shards, shard_name
+
+log = logging.getLogger(__name__)
+
+SHARD_PATTERN = "train-%06d.tar"
+BUCKETS = ".buckets"
+_BLOCK = 512
+_END_OF_ARCHIVE = bytes(2 * _BLOCK)
+_COLUMNS = ["key", "shard", "class", "score", "rank", "repeat", "topk_class", "topk_prob"]
+# Settings that decide the bytes written; the others (executor, retries, spec) only how.
+_IDENTITY = ("seed", "samples_per_shard")
+
+
+@dataclass(frozen=True)
+class MaterializeConfig:
+    """``ssl-kd materialize``."""
+
+    selection: str = option(help="selection directory (from ssl-kd select)")
+    out: str = option(help="output directory of the new shards")
+    samples_per_shard: int = option(1000, help="samples per output shard", min=1)
+    seed: int = option(0, help="seed of the shuffle across output shards")
+    shards: str | None = option(
+        None, help="source shard spec given to ssl-kd label (default: from the labels' config)"
+    )
+    executor: Literal["ray", "local"] = option("ray", help="Ray tasks per shard, or local")
+    max_retries: int = option(2, help="retries of a task that failed on I/O", min=0)
+
+
+def tar_member(name: str, data: bytes) -> bytes:
+    """One regular tar member (header, data, padding): fixed owner, mode and mtime."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o444
+    info.mtime = 0
+    # GNU format: long names as ././@LongLink members, which every tar reader understands.
+    header = info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+    return header + data + bytes(-len(data) % _BLOCK)
+
+
+def sample_key(stem: str, key: str, cls: int, copy: int, repeat: int) -> str:
+    """The output key of one copy of a selected row; unique across the output.
+
+    The stem (unique per shard, and without ``/``) ends at the first ``/``, source keys are
+    unique within their shard, and the ``_c<int>[_r<int>]`` tail is read back from the right.
+    """
+    tail = f"_c{cls}" + (f"_r{copy + 1}" if repeat > 1 else "")
+    return f"{stem}/{key}{tail}"
+
+
+def shard_stem(shard: str) -> str:
+    """``u-000012.tar`` → ``u-000012``."""
+    return label_file_name(shard).removesuffix(".parquet")
+
+
+def map_source_shard(url: str, rows: pa.Table, bucket: str) -> dict[str, Any]:
+    """Spill the selected samples of one source shard into ``bucket``, read once in order.
+
+    ``rows`` are its selection rows (key, class, score, rank, repeat, topk_class, topk_prob);
+    row ``i`` copy ``c`` is entry ``sum(repeat[:i]) + c``. Returns the entries' ``offset`` and
+    ``size`` in the bucket. UserError naming the first key not found in the shard.
+    """
+    start = time.perf_counter()
+    name = shard_name(url)
+    stem = shard_stem(name)
+    repeat = rows.column("repeat").to_numpy().astype(np.int64)
+    first = np.concatenate([[0], np.cumsum(repeat)[:-1]])
+    wanted: dict[str, list[int]] = {}
+    for i, key in enumerate(rows.column("key").to_pylist()):
+        wanted.setdefault(key, []).append(i)  # a key selected for several classes
+    cls = rows.column("class").to_pylist()
+    score = rows.column("score").to_pylist()
+    rank = rows.column("rank").to_pylist()
+    topk_class = rows.column("topk_class").to_pylist()
+    topk_prob = rows.column("topk_prob").to_pylist()
+    offset = np.zeros(int(repeat.sum()), np.int64)
+    size = np.zeros(int(repeat.sum()), np.int64)
+    stats = ReadStats()
+    written = 0
+    with atomic.atomic_path(bucket) as tmp, open(tmp, "wb") as fh:
+        for sample in iter_shard(url, stats):
+            hits = wanted.pop(sample["__key__"], None)
+            if hits is None:
+                continue
+            ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+            if ext is None:
+                raise UserError(f"sample {sample['__key__']} of {url} has no image member")
+            for i in hits:
+                soft = {
+                    "class": cls[i], "topk_class": topk_class[i],
+                    "topk_prob": [float(p) for p in topk_prob[i]], "score": float(score[i]),
+                    "rank": rank[i], "source_shard": name, "source_key": sample["__key__"],
+                }  # fmt: skip
+                for c in range(int(repeat[i])):
+                    key = sample_key(stem, sample["__key__"], cls[i], c, int(repeat[i]))
+                    block = (
+                        tar_member(f"{key}.{ext}", sample[ext])
+                        + tar_member(f"{key}.cls", str(cls[i]).encode())
+                        + tar_member(f"{key}.json", json.dumps(soft).encode())
+                    )
+                    fh.write(block)
+                    offset[first[i] + c], size[first[i] + c] = written, len(block)
+                    written += len(block)
+        if wanted:
+            missing = sorted(wanted)
+            why = f" (read errors: {stats.errors[-1]['reason']})" if stats.errors else ""
+            raise UserError(
+                f"key {missing[0]!r} of the selection is not in source shard {url} "
+                f"({len(missing)} of {rows.num_rows} selected keys missing){why}"
+            )
+    seconds = time.perf_counter() - start
+    return {"shard": name, "samples": len(offset), "bytes": written, "offset": offset,
+            "size": size, "seconds": seconds}  # fmt: skip
+
+
+def bucket_path(bucket_dir: str | Path, source: int) -> Path:
+    """The spill file of source shard number ``source``."""
+    return Path(bucket_dir) / f"{source:06d}.bin"
+
+
+def reduce_output_shard(
+    path: str, bucket_dir: str, source: np.ndarray, offset: np.ndarray, size: np.ndarray
+) -> dict[str, Any]:
+    """Write one output shard, atomically: sample ``j`` is ``size[j]`` bytes at ``offset[j]``
+    of the spill file of ``source[j]``, in the order given."""
+    blocks: list[bytes] = [b""] * len(offset)
+    # Read spill file by spill file, forwards, so that each is opened once.
+    current, fh = -1, None
+    try:
+        for j in np.lexsort((offset, source)):
+            if source[j] != current:
+                if fh is not None:
+                    fh.close()
+                current = source[j]
+                fh = open(bucket_path(bucket_dir, int(current)), "rb")  # noqa: SIM115
+            fh.seek(int(offset[j]))
+            blocks[j] = fh.read(int(size[j]))
+    finally:
+        if fh is not None:
+            fh.close()
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as out:
+        for block in blocks:
+            out.write(block)
+        out.write(_END_OF_ARCHIVE)
+    return {"shard": Path(path).name, "samples": len(blocks), "bytes": sum(map(len, blocks))}
+
+
+@dataclass
+class Plan:
+    """Where every sample comes from and goes: ``n = sum(repeat)`` entries, integers only."""
+
+    sources: list[str]  # source shard names, sorted; a source's index names its spill file
+    source_rows: list[np.ndarray]  # per source: its selection rows, ascending
+    source_entries: list[np.ndarray]  # per source: its entries, in map_source_shard's order
+    position: np.ndarray  # entry → global position in the output
+
+
+def make_plan(shard: pa.ChunkedArray, repeat: np.ndarray, seed: int) -> Plan:
+    """Group rows by source shard and give every entry (row, copy) a seeded random position."""
+    encoded = pc.dictionary_encode(shard.cast(pa.string()).combine_chunks())
+    names = encoded.dictionary.to_pylist()
+    by_name = np.argsort(np.array(names, dtype=object)) if names else np.zeros(0, np.int64)
+    source = np.argsort(by_name)[encoded.indices.to_numpy()]  # index into the sorted names
+    counts = np.bincount(source, minlength=len(names))
+    rows = np.argsort(source, kind="stable")
+    entry_source = np.repeat(source, repeat)
+    entries = np.argsort(entry_source, kind="stable")  # row order, then copy order
+    entry_counts = np.bincount(entry_source, minlength=len(names))
+    n = int(repeat.sum())
+    return Plan(
+        sources=sorted(names),
+        source_rows=np.split(rows, np.cumsum(counts)[:-1]),
+        source_entries=np.split(entries, np.cumsum(entry_counts)[:-1]),
+        position=np.random.default_rng(seed).permutation(n),
+    )
+
+
+def _read_selection(path: Path) -> tuple[pa.Table, LabelMeta]:
+    if path.is_dir():
+        path = path / "selection.parquet"
+    if not path.is_file():
+        raise UserError(f"no selection at {path}: run ssl-kd select first")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserError(f"{path} is not a readable Parquet file ({exc})") from None
+    missing = [c for c in _COLUMNS if c not in table.column_names]
+    if missing:
+        raise UserError(f"{path} is not a selection file (no column {', '.join(missing)})")
+    if table.num_rows == 0:
+        raise UserError(f"the selection {path} is empty")
+    return table.select(_COLUMNS), LabelMeta.from_kv(table.schema.metadata, str(path))
+
+
+def _label_shard_spec(selection_dir: Path) -> str:
+    """The shard spec of the labeling the selection came from (selection → labels config)."""
+    try:
+        labels = cfglib.read_yaml(selection_dir / "config.yaml")["labels"]
+        return str(cfglib.read_yaml(Path(labels) / "config.yaml")["shards"])
+    except (UserError, KeyError, TypeError):
+        raise UserError(
+            f"cannot find the source shards of {selection_dir} (no labels config.yaml to read "
+            "them from): pass --shards SPEC, the spec given to ssl-kd label"
+        ) from None
+
+
+def resolve_sources(cfg: MaterializeConfig, names: list[str]) -> list[str]:
+    """The URL of every source shard name; UserError naming one that cannot be found."""
+    selection_dir = Path(cfg.selection)
+    if not selection_dir.is_dir():
+        selection_dir = selection_dir.parent
+    spec = cfg.shards or _label_shard_spec(selection_dir)
+    try:
+        urls = expand_shards(spec)
+    except ShardSpecError as exc:
+        hint = "" if cfg.shards else " (read from the labels' config.yaml; pass --shards SPEC)"
+        raise UserError(f"{exc}{hint}") from None
+    by_name = {shard_name(u): u for u in urls}
+    out = []
+    for name in names:
+        url = by_name.get(name)
+        if url is None:
+            raise UserError(
+                f"source shard {name} of the selection is not among the {len(urls)} shards of "
+                f"'{spec}'; pass --shards SPEC, the spec given to ssl-kd label"
+            )
+        out.append(url)  # local files were checked by expand_shards; remote ones when read
+    return out
+
+
+def _check_out(cfg: MaterializeConfig, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest when ``out`` already holds this run; clears an unfinished run of it."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    manifest_path = out / "materialize.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("identity") != identity:
+            diff = [k for k in identity if manifest.get("identity", {}).get(k) != identity[k]]
+            raise UserError(
+                f"{out} holds another materialization (different {', '.join(diff)}); "
+                "remove it or choose another --out"
+            )
+        if all((out / s).is_file() for s in manifest["shards"]):
+            return manifest
+        log.warning("%s lacks some of its shards: materialising again", out)
+    elif out.is_dir() and any(out.iterdir()):
+        previous = out / "config.yaml"
+        if not previous.is_file():
+            raise UserError(f"{out} exists and is not empty; remove it or choose another --out")
+        old = cfglib.read_yaml(previous)
+        same = all(old.get(k) == getattr(cfg, k) for k in _IDENTITY)
+        if not same or Path(str(old.get("selection"))).resolve() != Path(cfg.selection).resolve():
+            raise UserError(
+                f"{out} holds an unfinished materialization with another config; remove it or "
+                "choose another --out"
+            )
+        log.warning("%s holds an unfinished run of this config: starting it again", out)
+    # Temp files of a killed run and the outputs of an unfinished or incomplete one.
+    for stale in [*out.glob("train-*.tar"), *out.glob(".*.tmp"), out / "dataset.json",
+                  manifest_path]:  # fmt: skip
+        stale.unlink(missing_ok=True)
+    shutil.rmtree(out / BUCKETS, ignore_errors=True)
+    return None
+
+
+def _run_tasks(
+    cfg: MaterializeConfig, fn: Callable[..., dict[str, Any]], n_jobs: int,
+    job: Callable[[int], tuple], on_done: Callable[[int, dict[str, Any]], None],
+) -> None:  # fmt: skip
+    """Run ``fn(*job(i))`` for ``i < n_jobs`` (in-process or as Ray tasks), then
+    ``on_done(i, result)``. I/O errors are retried ``max_retries`` times; a UserError stops
+    the run at once. Arguments are built only when their task starts.
+    """
+    if cfg.executor == "local":
+        for i in range(n_jobs):
+            args = job(i)
+            for attempt in range(cfg.max_retries + 1):
+                try:
+                    result = fn(*args)
+                    break
+                except OSError as exc:
+                    if attempt == cfg.max_retries:
+                        raise
+                    log.warning("%s failed (attempt %d): %s", args[0], attempt + 1, exc)
+            on_done(i, result)
+        return
+    from ssl_kd.ray_env import connect_ray
+
+    ray = connect_ray()
+    task = ray.remote(fn).options(
+        num_cpus=1, max_retries=cfg.max_retries, retry_exceptions=[OSError]
+    )
+    # A bounded window keeps the arguments of only a few tasks per CPU in the object store.
+    window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    queue = deque(range(n_jobs))
+    inflight: dict[Any, int] = {}
+    try:
+        while queue or inflight:
+            while queue and len(inflight) < window:
+                i = queue.popleft()
+                inflight[task.remote(*job(i))] = i
+            done, _ = ray.wait(list(inflight), num_returns=1)
+            i = inflight.pop(done[0])
+            try:
+                result = ray.get(done[0])
+            except ray.exceptions.RayTaskError as exc:
+                if isinstance(exc.cause, UserError):
+                    raise exc.cause from None
+                raise
+            on_done(i, result)
+    except BaseException:
+        for ref in inflight:  # so that none writes into the spill directory being removed
+            ray.cancel(ref)
+        raise
+
+
+def run_materialize(cfg: MaterializeConfig, progress: bool = True) -> dict[str, Any]:
+    """Write the selection as shuffled shards in ``cfg.out``; returns (and writes) the manifest."""
+    start = time.perf_counter()
+    selection_path = Path(cfg.selection)
+    table, meta = _read_selection(selection_path)
+    if selection_path.is_dir():
+        selection_path = selection_path / "selection.parquet"
+    identity = {"selection_sha256": file_sha256(selection_path),
+                **{k: getattr(cfg, k) for k in _IDENTITY}}  # fmt: skip
+    done = _check_out(cfg, identity)
+    if done is not None:
+        log.info("%s already holds this materialization; nothing to do", cfg.out)
+        return {**done, "already_done": True}
+    repeat = table.column("repeat").to_numpy().astype(np.int64)
+    plan = make_plan(table.column("shard"), repeat, cfg.seed)
+    urls = resolve_sources(cfg, plan.sources)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfglib.save(cfg, out / "config.yaml")  # first: marks the directory as this run's
+    buckets = out / BUCKETS
+    seconds = {"plan": time.perf_counter() - start}
+
+    try:
+        written = _map_reduce(cfg, table, plan, urls, progress, seconds)
+    finally:
+        shutil.rmtree(buckets, ignore_errors=True)  # spill files are never reused
+    seconds["total"] = time.perf_counter() - start
+    return _finish(cfg, meta, table, repeat, identity, written, urls, seconds)
+
+
+def _map_reduce(
+    cfg: MaterializeConfig, table: pa.Table, plan: Plan, urls: list[str], progress: bool,
+    seconds: dict[str, float],
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Spill every source shard, then write every output shard; returns their summaries."""
+    out = Path(cfg.out)
+    buckets = out / BUCKETS
+    n = len(plan.position)
+    offset = np.zeros(n, np.int64)
+    size = np.zeros(n, np.int64)
+    source_of = np.zeros(n, np.int64)
+    t0 = time.perf_counter()
+
+    def map_job(s: int) -> tuple:
+        rows = table.take(pa.array(plan.source_rows[s])).drop(["shard"])
+        return urls[s], rows, str(bucket_path(buckets, s))
+
+    def mapped(s: int, result: dict[str, Any]) -> None:
+        entries = plan.source_entries[s]
+        offset[entries], size[entries], source_of[entries] = result["offset"], result["size"], s
+        bar.update(1)
+
+    with tqdm(total=len(urls), unit="shard", desc="read", disable=not progress) as bar:
+        _run_tasks(cfg, map_source_shard, len(urls), map_job, mapped)
+    seconds["read"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    at = np.argsort(plan.position)  # the entry at each output position
+    n_out = math.ceil(n / cfg.samples_per_shard)
+
+    def reduce_job(j: int) -> tuple:
+        e = at[j * cfg.samples_per_shard : (j + 1) * cfg.samples_per_shard]
+        return str(out / (SHARD_PATTERN % j)), str(buckets), source_of[e], offset[e], size[e]
+
+    written: list[dict[str, Any]] = [{}] * n_out
+
+    def reduced(j: int, result: dict[str, Any]) -> None:
+        written[j] = result
+        bar.update(1)
+
+    with tqdm(total=n_out, unit="shard", desc="write", disable=not progress) as bar:
+        _run_tasks(cfg, reduce_output_shard, n_out, reduce_job, reduced)
+    seconds["write"] = time.perf_counter() - t0
+    total = sum(w["samples"] for w in written)
+    if total != n:  # every entry has a position, so this is a bug, never bad input
+        raise RuntimeError(f"wrote {total} samples, expected {n}")
+    return written
+
+
+def _finish(
+    cfg: MaterializeConfig, meta: LabelMeta, table: pa.Table, repeat: np.ndarray,
+    identity: dict[str, Any], written: list[dict[str, Any]], urls: list[str],
+    seconds: dict[str, float],
+) -> dict[str, Any]:  # fmt: skip
+    """Write ``dataset.json`` and, last, ``materialize.json``; returns the manifest."""
+    out = Path(cfg.out)
+    cls = table.column("class").to_numpy()
+    per_class = np.bincount(cls, weights=repeat, minlength=meta.num_classes).astype(np.int64)
+    shards = [w["shard"] for w in written]
+    info = {
+        "name": "pseudo-labeled selection",
+        "classes": meta.classes,
+        "counts": {"train": int(repeat.sum())},
+        "per_class": {c: int(k) for c, k in zip(meta.classes, per_class, strict=True)},
+        "shards": {"train": shards},
+        "soft_label": {"k": meta.k, "temperature": meta.temperature,
+                       "teacher_arch": meta.teacher_arch, "teacher_sha256": meta.teacher_sha256},
+        "seed": cfg.seed,
+        "config": cfglib.to_dict(cfg),
+    }  # fmt: skip
+    atomic.write_text(out / "dataset.json", json.dumps(info, indent=2) + "\n")
+    manifest = {
+        "identity": identity,
+        "samples": int(repeat.sum()),
+        "selected_rows": table.num_rows,
+        "source_shards": len(urls),
+        "shards": shards,
+        "per_shard": [w["samples"] for w in written],
+        "bytes": sum(w["bytes"] for w in written),
+        "per_class": info["per_class"],
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "config": cfglib.to_dict(cfg),
+    }
+    atomic.write_text(out / "materialize.json", json.dumps(manifest, indent=2) + "\n")
+    return {**manifest, "already_done": False}

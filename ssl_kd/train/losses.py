@@ -1,0 +1,74 @@
+"""Student losses (Yalniz et al. 2019; Hinton et al. 2015): hard, soft (KD) and mixed.
+
+Each returns a dict of its parts, ``loss`` being the one to minimise. Targets are a dict of
+tensors: ``label`` (N,) the selected class; ``topk_class`` (N, k) and ``topk_prob`` (N, k) the
+teacher's top-k soft label, as stored (softmax at the labeling temperature ``label_temperature``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.nn import functional as F
+
+Targets = dict[str, torch.Tensor]
+StudentLoss = Callable[[torch.Tensor, Targets], dict[str, torch.Tensor]]
+LOSSES = ("hard", "soft", "mixed")
+
+
+def teacher_distribution(
+    topk_prob: torch.Tensor, label_temperature: float, temperature: float
+) -> torch.Tensor:
+    """The teacher's top-k probabilities re-tempered to ``temperature`` and renormalised.
+
+    Stored probabilities are ``softmax(z / T0)``; ``p ** (T0 / T)`` is proportional to
+    ``exp(z / T)``, so the classes outside the top-k are the only thing lost.
+    """
+    p = topk_prob.float().clamp_min(1e-12) ** (label_temperature / temperature)
+    return p / p.sum(dim=1, keepdim=True)
+
+
+def kd_loss(
+    logits: torch.Tensor,
+    topk_class: torch.Tensor,
+    topk_prob: torch.Tensor,
+    label_temperature: float,
+    temperature: float,
+) -> torch.Tensor:
+    """Mean KL(teacher_T ‖ student_T) × T², the teacher's mass on its top-k classes only."""
+    q = teacher_distribution(topk_prob, label_temperature, temperature)
+    log_s = F.log_softmax(logits.float() / temperature, dim=1).gather(1, topk_class.long())
+    kl = (q * (q.clamp_min(1e-12).log() - log_s)).sum(dim=1)
+    return kl.mean() * temperature**2
+
+
+def student_loss(
+    kind: str,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    label_smoothing: float = 0.0,
+    label_temperature: float = 1.0,
+) -> StudentLoss:
+    """``hard``: cross-entropy on the selected class; ``soft``: KD; ``mixed``: α·kd + (1−α)·ce."""
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
+
+    def loss_fn(logits: torch.Tensor, targets: Targets) -> dict[str, torch.Tensor]:
+        parts: dict[str, torch.Tensor] = {}
+        if kind in ("hard", "mixed"):
+            parts["ce"] = F.cross_entropy(logits, targets["label"], label_smoothing=label_smoothing)
+        if kind in ("soft", "mixed"):
+            parts["kd"] = kd_loss(
+                logits, targets["topk_class"], targets["topk_prob"], label_temperature, temperature
+            )
+        if kind == "hard":
+            loss = parts["ce"]
+        elif kind == "soft":
+            loss = parts["kd"]
+        else:
+            loss = alpha * parts["kd"] + (1 - alpha) * parts["ce"]
+        return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
+
+    return loss_fn

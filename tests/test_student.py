@@ -1,0 +1,169 @@
+"""Student trainer: losses by hand, exact resume, fine-tuning, Ray Train (DDP, restarts)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import separable_images, write_labeled_shards
+
+from ssl_kd.cli import main
+from ssl_kd.errors import UserError
+from ssl_kd.shards import array_samples, write_shards
+from ssl_kd.train.checkpoint import load_checkpoint
+from ssl_kd.train.losses import kd_loss, student_loss, teacher_distribution
+from ssl_kd.train.student import FAIL_ONCE_ENV, FinetuneConfig, StudentConfig, run_student
+
+C, K = 4, 3
+
+
+def test_losses_against_hand_computation() -> None:
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    topk_class = torch.tensor([[0, 1, 3], [3, 2, 0]])
+    topk_prob = torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.25, 0.125]])
+    label = torch.tensor([0, 3])
+    t, t0 = 2.0, 1.0
+
+    def by_hand() -> float:
+        total = 0.0
+        for i in range(2):
+            p = [float(x) ** (t0 / t) for x in topk_prob[i]]
+            q = [x / sum(p) for x in p]
+            z = [float(x) / t for x in logits[i]]
+            log_norm = math.log(sum(math.exp(v) for v in z))
+            total += sum(qj * (math.log(qj) - (z[int(c)] - log_norm))
+                         for qj, c in zip(q, topk_class[i], strict=True))  # fmt: skip
+        return total / 2 * t * t
+
+    assert kd_loss(logits, topk_class, topk_prob, t0, t).item() == pytest.approx(by_hand(), 1e-5)
+    targets = {"label": label, "topk_class": topk_class, "topk_prob": topk_prob}
+    ce = sum(-math.log(math.exp(float(logits[i, label[i]])) / float(logits[i].exp().sum()))
+             for i in range(2)) / 2  # fmt: skip
+    hard = student_loss("hard")(logits, targets)
+    assert hard["loss"].item() == pytest.approx(ce, 1e-5) and set(hard) == {"loss", "ce"}
+    soft = student_loss("soft", temperature=t, label_temperature=t0)(logits, targets)
+    assert soft["loss"].item() == pytest.approx(by_hand(), 1e-5) and set(soft) == {"loss", "kd"}
+    mixed = student_loss("mixed", temperature=t, alpha=0.3, label_temperature=t0)(logits, targets)
+    assert mixed["loss"].item() == pytest.approx(0.3 * by_hand() + 0.7 * ce, 1e-5)
+    assert set(mixed) == {"loss", "kd", "ce"}
+    # Re-tempering: stored at T0 = 2, wanted at T = 1 squares the probabilities.
+    q = teacher_distribution(torch.tensor([[0.5, 0.25, 0.25]]), 2.0, 1.0)
+    assert torch.allclose(q, torch.tensor([[4 / 6, 1 / 6, 1 / 6]]))
+    smooth = student_loss("hard", label_smoothing=0.1)(logits, targets)["loss"].item()
+    assert smooth == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, label, label_smoothing=0.1).item(), 1e-6
+    )
+
+
+def write_pseudo_labeled(root: Path, n_per_class: int = 64, per_shard: int = 64) -> Path:
+    """Shards as ssl-kd materialize writes them: .cls plus a .json top-k soft label."""
+    root.mkdir(parents=True)
+    images, labels = separable_images(n_per_class, C, 16, seed=5)
+    keys = [f"s-{i:05d}" for i in range(len(images))]
+    samples = []
+    for sample, label in zip(array_samples(images, labels, keys), labels, strict=True):
+        others = [c for c in range(C) if c != label][: K - 1]
+        soft = {"topk_class": [int(label), *others], "topk_prob": [0.8, 0.15, 0.05]}
+        samples.append({**sample, "json": json.dumps(soft).encode()})
+    write_shards(iter(samples), str(root / "train-%06d.tar"), per_shard)
+    info = {"classes": [f"c{i}" for i in range(C)], "soft_label": {"k": K, "temperature": 1.0}}
+    (root / "dataset.json").write_text(json.dumps(info))
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("student")
+    pseudo = write_pseudo_labeled(root / "pseudo")
+    for name, seed, n in (("labeled", 1, 24), ("test", 2, 16)):
+        (root / name).mkdir()
+        x, y = separable_images(n, C, 16, seed=seed)
+        write_labeled_shards(root / name, name, x, y, per_shard=64)
+        info = {"classes": [f"c{i}" for i in range(C)]}
+        (root / name / "dataset.json").write_text(json.dumps(info))
+    return {"pseudo": pseudo, "labeled": root / "labeled", "test": root / "test"}
+
+
+def _cfg(data: dict[str, Path], out: Path, **kw: object) -> StudentConfig:
+    base = StudentConfig(data=str(data["pseudo"]), out=str(out), val_data=str(data["test"]),
+                         arch="cnn", width=0.5, loss="soft", temperature=2.0, steps=12,
+                         batch_size=16, lr=0.05, warmup_steps=2, ckpt_every=6, log_every=3,
+                         shuffle_buffer=64, executor="local", device="cpu")  # fmt: skip
+    return replace(base, **kw)
+
+
+def test_resume_gives_the_same_weights(
+    data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    straight = run_student(_cfg(data, tmp_path / "a"), progress=False)
+    assert straight["step"] == 12 and straight["steps_per_rank"] == [12]
+    assert straight["val"]["top1"] > 0.5  # learns the separable set from soft labels
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "kd", "lr", "images_per_s"} <= set(lines[0])
+
+    monkeypatch.setenv(FAIL_ONCE_ENV, f"{tmp_path / 'failed'}:8")  # after the step-6 checkpoint
+    with pytest.raises(RuntimeError, match="injected failure at step 8"):
+        run_student(_cfg(data, tmp_path / "b"), progress=False)
+    resumed = run_student(_cfg(data, tmp_path / "b"), progress=False)
+    assert resumed["resumed_at"] == 6 and resumed["step"] == 12
+    a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), atol=1e-6), name
+    again = run_student(_cfg(data, tmp_path / "b"), progress=False)  # complete: nothing to do
+    assert again["resumed_at"] == again["step"] == 12
+    with pytest.raises(UserError, match="different config"):
+        run_student(_cfg(data, tmp_path / "b", lr=0.2), progress=False)
+
+
+def test_finetune_from_pretrained(data: dict[str, Path], tmp_path: Path) -> None:
+    run_student(_cfg(data, tmp_path / "pre", loss="mixed", randaugment=1, dropout=0.2),
+                progress=False)  # fmt: skip
+    ft = FinetuneConfig(data=str(data["labeled"]), out=str(tmp_path / "ft"),
+                        init=str(tmp_path / "pre" / "checkpoint.pt"), val_data=str(data["test"]),
+                        steps=6, batch_size=16, warmup_steps=0, executor="local",
+                        device="cpu")  # fmt: skip
+    s = run_student(ft, progress=False)
+    assert s["step"] == 6 and s["arch"] == "cnn" and s["loss"] == "hard"
+    meta = load_checkpoint(tmp_path / "ft" / "checkpoint.pt")["meta"]
+    assert meta["width"] == 0.5 and meta["dropout"] == 0.2  # the architecture of the init
+    fresh = run_student(replace(ft, out=str(tmp_path / "fresh"), fresh_head=True), progress=False)
+    assert fresh["step"] == 6
+
+
+def test_bad_input(data: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="needs soft labels"):
+        run_student(replace(_cfg(data, tmp_path / "x"), data=str(data["labeled"])), progress=False)
+    with pytest.raises(UserError, match="--executor ray"):
+        StudentConfig.validate(_cfg(data, tmp_path / "x", workers=2))
+    assert main(["finetune", "--data", str(data["labeled"]), "--out", str(tmp_path / "y")]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_ray_two_workers_equal_steps_and_restart(
+    data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2 DDP workers over gloo: equal steps per rank; one failure restarts from the checkpoint."""
+    import ray
+
+    monkeypatch.setenv(FAIL_ONCE_ENV, f"{tmp_path / 'failed'}:9")
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        cfg = _cfg(data, tmp_path / "ray", executor="ray", workers=2, max_failures=1)
+        s = run_student(cfg, progress=False)
+        again = run_student(cfg, progress=False)  # same run name: resumes, nothing left to do
+    finally:
+        ray.shutdown()
+    assert (tmp_path / "failed").exists()  # the failure did happen
+    assert s["step"] == 12 and s["resumed_at"] == 6 and s["steps_per_rank"] == [6, 6]
+    assert s["workers"] == 2
+    ckpt = load_checkpoint(tmp_path / "ray" / "checkpoint.pt")
+    assert ckpt["step"] == 12 and len(ckpt["ranks"]) == 2
+    assert np.isfinite(s["val"]["top1"])
+    assert again["resumed_at"] == again["step"] == 12
