@@ -57,15 +57,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from ssl_kd.evaluate import EvalConfig, run_evaluate
+    from ssl_kd.evaluate import EvalConfig, format_report, run_evaluate
 
     cfg = cfglib.resolve(EvalConfig, args)
-    r = run_evaluate(cfg, progress=not args.quiet)
-    print(
-        f"{r['arch']} on {r['n']} images: top-1 {100 * r['top1']:.2f}%  "
-        f"top-5 {100 * r['top5']:.2f}%  ({r['seconds']:.1f} s, {r['images_per_s']} img/s)"
-        + (f" -> {cfg.out}" if cfg.out else "")
-    )
+    print(format_report(run_evaluate(cfg, progress=not args.quiet)))
     return 0
 
 

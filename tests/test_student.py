@@ -153,6 +153,7 @@ def test_ray_two_workers_equal_steps_and_restart(
     import ray
 
     monkeypatch.setenv(FAIL_ONCE_ENV, f"{tmp_path / 'failed'}:9")
+    ray.shutdown()  # workers must start after the env var is set: no Ray left by other tests
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         cfg = _cfg(data, tmp_path / "ray", executor="ray", workers=2, max_failures=1)

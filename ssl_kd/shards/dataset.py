@@ -13,6 +13,7 @@ import random
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -96,7 +97,7 @@ class ShardImageDataset(IterableDataset):
         if self.soft_k:
             k, n = self.soft_k, self.num_classes
 
-            def targets(sample: dict[str, Any]) -> tuple[int, torch.Tensor, torch.Tensor]:
+            def targets(sample: dict[str, Any]) -> tuple[int, np.ndarray, np.ndarray]:
                 return read_soft_label(sample, n, k)
 
         decoded = decoded_samples(

@@ -177,7 +177,7 @@ def read_label(sample: dict[str, Any], num_classes: int | None = None) -> int:
 
 def read_soft_label(
     sample: dict[str, Any], num_classes: int | None, k: int
-) -> tuple[int, torch.Tensor, torch.Tensor]:
+) -> tuple[int, np.ndarray, np.ndarray]:
     """``(class, topk_class, topk_prob)`` of a pseudo-labeled sample (``.cls`` and the ``.json``
     soft label that ``ssl-kd materialize`` writes); SampleError if missing or malformed."""
     label = read_label(sample, num_classes)
@@ -186,15 +186,15 @@ def read_soft_label(
         raise SampleError("no .json soft label")
     try:
         soft = json.loads(raw)
-        classes = torch.tensor(soft["topk_class"][:k], dtype=torch.long)
-        probs = torch.tensor(soft["topk_prob"][:k], dtype=torch.float32)
+        classes, probs = soft["topk_class"][:k], soft["topk_prob"][:k]
+        if len(classes) != k or len(probs) != k:
+            raise SampleError(f"soft label has fewer than {k} classes")
+        if num_classes is not None and (min(classes) < 0 or max(classes) >= num_classes):
+            raise SampleError(f"soft label class out of range for {num_classes} classes")
+        # numpy, not torch: per-sample torch.tensor calls cost more than decoding a small PNG
+        return label, np.array(classes, np.int64), np.array(probs, np.float32)
     except (ValueError, KeyError, TypeError) as exc:
         raise SampleError(f"bad .json soft label ({exc})") from None
-    if len(classes) != k or len(probs) != k:
-        raise SampleError(f"soft label has fewer than {k} classes")
-    if num_classes is not None and (classes.min() < 0 or classes.max() >= num_classes):
-        raise SampleError(f"soft label class out of range for {num_classes} classes")
-    return label, classes, probs
 
 
 def decoded_samples(
