@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import shutil
-import tarfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -48,18 +47,19 @@ from tqdm import tqdm
 from ssl_kd import atomic
 from ssl_kd import config as cfglib
 from ssl_kd.config import option
-from ssl_kd.errors import ShardSpecError, UserError
+from ssl_kd.errors import UserError
 from ssl_kd.label import file_sha256
 from ssl_kd.labels_io import LabelMeta, label_file_name
+from ssl_kd.selection_io import open_selection
+from ssl_kd.shards.locate import shard_locations
 from ssl_kd.shards.reader import IMAGE_EXTENSIONS, ReadStats, iter_shard
-from ssl_kd.shards.spec import expand_shards, shard_name
+from ssl_kd.shards.spec import shard_name
+from ssl_kd.shards.writer import END_OF_ARCHIVE, tar_member
 
 log = logging.getLogger(__name__)
 
 SHARD_PATTERN = "train-%06d.tar"
 BUCKETS = ".buckets"
-_BLOCK = 512
-_END_OF_ARCHIVE = bytes(2 * _BLOCK)
 _COLUMNS = ["key", "shard", "class", "score", "rank", "repeat", "topk_class", "topk_prob"]
 # Settings that decide the bytes written; the others (executor, retries, spec) only how.
 _IDENTITY = ("seed", "samples_per_shard")
@@ -78,17 +78,6 @@ class MaterializeConfig:
     )
     executor: Literal["ray", "local"] = option("ray", help="Ray tasks per shard, or local")
     max_retries: int = option(2, help="retries of a task that failed on I/O", min=0)
-
-
-def tar_member(name: str, data: bytes) -> bytes:
-    """One regular tar member (header, data, padding): fixed owner, mode and mtime."""
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o444
-    info.mtime = 0
-    # GNU format: long names as ././@LongLink members, which every tar reader understands.
-    header = info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
-    return header + data + bytes(-len(data) % _BLOCK)
 
 
 def sample_key(stem: str, key: str, cls: int, copy: int, repeat: int) -> str:
@@ -194,7 +183,7 @@ def reduce_output_shard(
     with atomic.atomic_path(path) as tmp, open(tmp, "wb") as out:
         for block in blocks:
             out.write(block)
-        out.write(_END_OF_ARCHIVE)
+        out.write(END_OF_ARCHIVE)
     return {"shard": Path(path).name, "samples": len(blocks), "bytes": sum(map(len, blocks))}
 
 
@@ -229,32 +218,13 @@ def make_plan(shard: pa.ChunkedArray, repeat: np.ndarray, seed: int) -> Plan:
 
 
 def _read_selection(path: Path) -> tuple[pa.Table, LabelMeta]:
-    if path.is_dir():
-        path = path / "selection.parquet"
-    if not path.is_file():
+    if not (path / "selection.parquet" if path.is_dir() else path).is_file():
         raise UserError(f"no selection at {path}: run ssl-kd select first")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise UserError(f"{path} is not a readable Parquet file ({exc})") from None
-    missing = [c for c in _COLUMNS if c not in table.column_names]
-    if missing:
-        raise UserError(f"{path} is not a selection file (no column {', '.join(missing)})")
+    parquet, meta = open_selection(path if path.is_dir() else path.parent)
+    table = pq.read_table(parquet, columns=_COLUMNS)
     if table.num_rows == 0:
-        raise UserError(f"the selection {path} is empty")
-    return table.select(_COLUMNS), LabelMeta.from_kv(table.schema.metadata, str(path))
-
-
-def _label_shard_spec(selection_dir: Path) -> str:
-    """The shard spec of the labeling the selection came from (selection → labels config)."""
-    try:
-        labels = cfglib.read_yaml(selection_dir / "config.yaml")["labels"]
-        return str(cfglib.read_yaml(Path(labels) / "config.yaml")["shards"])
-    except (UserError, KeyError, TypeError):
-        raise UserError(
-            f"cannot find the source shards of {selection_dir} (no labels config.yaml to read "
-            "them from): pass --shards SPEC, the spec given to ssl-kd label"
-        ) from None
+        raise UserError(f"the selection {parquet} is empty")
+    return table, meta
 
 
 def resolve_sources(cfg: MaterializeConfig, names: list[str]) -> list[str]:
@@ -262,20 +232,14 @@ def resolve_sources(cfg: MaterializeConfig, names: list[str]) -> list[str]:
     selection_dir = Path(cfg.selection)
     if not selection_dir.is_dir():
         selection_dir = selection_dir.parent
-    spec = cfg.shards or _label_shard_spec(selection_dir)
-    try:
-        urls = expand_shards(spec)
-    except ShardSpecError as exc:
-        hint = "" if cfg.shards else " (read from the labels' config.yaml; pass --shards SPEC)"
-        raise UserError(f"{exc}{hint}") from None
-    by_name = {shard_name(u): u for u in urls}
+    by_name = shard_locations(selection_dir, cfg.shards)
     out = []
     for name in names:
         url = by_name.get(name)
         if url is None:
             raise UserError(
-                f"source shard {name} of the selection is not among the {len(urls)} shards of "
-                f"'{spec}'; pass --shards SPEC, the spec given to ssl-kd label"
+                f"source shard {name} of the selection is not among the {len(by_name)} shards "
+                f"found; pass --shards SPEC, the spec given to ssl-kd label"
             )
         out.append(url)  # local files were checked by expand_shards; remote ones when read
     return out

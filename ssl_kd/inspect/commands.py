@@ -79,7 +79,8 @@ def inspect_labels(cfg: InspectLabelsConfig) -> dict[str, Any]:
         summary = doc if doc["view"] == "summary" else summarize_labels(labels)
         doc["plots"] = [str(p) for p in label_plots(summary, cfg.plots)]
     if cfg.contact_sheet is not None:
-        from ssl_kd.inspect.contact import contact_sheet, shard_locations  # imports torch
+        from ssl_kd.inspect.contact import contact_sheet  # imports torch
+        from ssl_kd.shards.locate import shard_locations
 
         cls = resolve_class(meta, cfg.contact_sheet)
         same = doc["view"] == "class" and doc["class"] == cls
@@ -97,7 +98,8 @@ def inspect_selection(cfg: InspectSelectionConfig) -> dict[str, Any]:
     if cfg.plots is not None:
         doc["plots"] = [str(p) for p in selection_plots(doc, cfg.plots)]
     if cfg.contact_sheet is not None:
-        from ssl_kd.inspect.contact import contact_sheet, shard_locations  # imports torch
+        from ssl_kd.inspect.contact import contact_sheet  # imports torch
+        from ssl_kd.shards.locate import shard_locations
 
         _, meta = open_selection(cfg.directory)
         view = selection_top(cfg.directory, resolve_class(meta, cfg.contact_sheet), cfg.top)

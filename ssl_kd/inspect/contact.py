@@ -14,51 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from ssl_kd.errors import ShardSpecError, UserError
+from ssl_kd.errors import UserError
 from ssl_kd.inspect.plots import new_figure, save_png
 from ssl_kd.inspect.tar_index import read_images
 from ssl_kd.shards.reader import SampleError, decode_image
-from ssl_kd.shards.spec import expand_shards, shard_name
 
 log = logging.getLogger(__name__)
-
-
-def recorded_shard_spec(directory: str | Path) -> str:
-    """The shard spec that labeled ``directory`` (a label or selection directory)."""
-    d = Path(directory)
-    for _ in range(2):  # a selection's config names its labels; theirs names the shards
-        cfg_path = d / "config.yaml"
-        if not cfg_path.is_file():
-            break
-        cfg = yaml.safe_load(cfg_path.read_text()) or {}
-        if not isinstance(cfg, dict):
-            break
-        if cfg.get("shards"):
-            return str(cfg["shards"])
-        if not cfg.get("labels"):
-            break
-        d = Path(cfg["labels"])
-    raise UserError(
-        f"cannot tell where the shards of {directory} are (no config.yaml naming them): "
-        "pass --shards DIR_OR_SPEC"
-    )
-
-
-def shard_locations(directory: str | Path, spec: str | None = None) -> dict[str, str]:
-    """Shard name → local path, from ``spec`` or the spec recorded for ``directory``."""
-    given = spec is not None
-    spec = spec if given else recorded_shard_spec(directory)
-    try:
-        urls = expand_shards(spec)
-    except ShardSpecError as exc:
-        if given:
-            raise
-        raise UserError(
-            f"the shards recorded for {directory} are not here ({exc}): pass --shards DIR_OR_SPEC"
-        ) from None
-    return {shard_name(u): u for u in urls}
 
 
 def _local(url: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import tarfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 from PIL import Image
+
+from ssl_kd.shards.tario import BLOCK
 
 
 def encode_image(array: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
@@ -139,3 +142,17 @@ def write_shards(
         for sample in samples:
             writer.write(sample)
     return writer.written
+
+
+END_OF_ARCHIVE = bytes(2 * BLOCK)
+
+
+def tar_member(name: str, data: bytes) -> bytes:
+    """One regular tar member (header, data, padding): fixed owner, mode and mtime."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o444
+    info.mtime = 0
+    # GNU format: long names as ././@LongLink members, which every tar reader understands.
+    header = info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+    return header + data + bytes(-len(data) % BLOCK)

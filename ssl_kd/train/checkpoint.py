@@ -93,3 +93,19 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[Classifier, dict[str, A
     )
     model.load_state_dict(ckpt["model"])
     return model, meta
+
+
+def check_resumable(
+    saved: dict[str, Any],
+    now: dict[str, Any],
+    operational: frozenset[str],
+    out: str | os.PathLike[str],
+) -> None:
+    """UserError when the config of the run in ``out`` differs from ``now`` in a key outside
+    ``operational`` (keys that change where or how a run is watched, not what it computes)."""
+    for key, value in saved.items():
+        if key not in operational and now.get(key) != value:
+            raise UserError(
+                f"{out} holds a run with a different config ({key}: {value!r} there, "
+                f"{now.get(key)!r} now); choose another --out or remove it"
+            )

@@ -38,6 +38,7 @@ from ssl_kd.preprocess import Preprocess, augment, fit_size, infer_preprocess, n
 from ssl_kd.shards import expand_shards
 from ssl_kd.shards.dataset import ShardImageDataset
 from ssl_kd.train.checkpoint import (
+    check_resumable,
     load_checkpoint,
     make_meta,
     model_from_checkpoint,
@@ -207,17 +208,6 @@ def _maybe_fail(step: int) -> None:
         raise RuntimeError(f"injected failure at step {step} ({FAIL_ONCE_ENV})")
 
 
-def check_resumable(saved: dict[str, Any], cfg: StudentConfig) -> None:
-    """UserError if a checkpoint's config differs from ``cfg`` in a key that matters."""
-    now = cfglib.to_dict(cfg)
-    for key, value in saved.items():
-        if key not in OPERATIONAL_KEYS and now.get(key) != value:
-            raise UserError(
-                f"{cfg.out} holds a run with a different config ({key}: {value!r} there, "
-                f"{now.get(key)!r} now); choose another --out or remove it"
-            )
-
-
 def train_worker(cfg: StudentConfig, ctx: RunContext, progress: bool = True) -> dict[str, Any]:
     """The training loop of one rank; rank 0 returns the summary, the others an empty dict."""
     s = _setup(cfg)
@@ -232,7 +222,7 @@ def train_worker(cfg: StudentConfig, ctx: RunContext, progress: bool = True) -> 
     step, state = 0, StreamState()
     ckpt = ctx.load_checkpoint()
     if ckpt is not None:
-        check_resumable(ckpt["meta"]["config"], cfg)
+        check_resumable(ckpt["meta"]["config"], cfglib.to_dict(cfg), OPERATIONAL_KEYS, cfg.out)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = int(ckpt["step"])

@@ -23,13 +23,13 @@ from ssl_kd import config as cfglib
 from ssl_kd.classes import resolve_classes
 from ssl_kd.config import option
 from ssl_kd.device import resolve_device
-from ssl_kd.errors import UserError
 from ssl_kd.evaluate import eval_loader, evaluate
 from ssl_kd.models import create_model
 from ssl_kd.preprocess import augment, fit_size, infer_preprocess, normalize
 from ssl_kd.shards import expand_shards
 from ssl_kd.shards.dataset import ShardImageDataset
 from ssl_kd.train.checkpoint import (
+    check_resumable,
     load_checkpoint,
     make_meta,
     rng_state,
@@ -85,16 +85,6 @@ class TrainConfig:
     device: str = option("auto", help="auto, cpu, cuda or cuda:N")
 
 
-def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, out: Path) -> None:
-    now = cfglib.to_dict(cfg)
-    for key, value in saved.items():
-        if key not in OPERATIONAL_KEYS and now.get(key) != value:
-            raise UserError(
-                f"{out} holds a run with a different config ({key}: {value!r} there, "
-                f"{now.get(key)!r} now); choose another --out or remove it"
-            )
-
-
 def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) as ``cfg`` says; returns the summary also written to summary.json."""
     urls = expand_shards(cfg.data)
@@ -114,7 +104,7 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     step, state = 0, StreamState()
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
-        _check_resumable(ckpt["meta"]["config"], cfg, out)
+        check_resumable(ckpt["meta"]["config"], cfglib.to_dict(cfg), OPERATIONAL_KEYS, out)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = int(ckpt["step"])
