@@ -50,6 +50,7 @@ from ssl_kd.train.context import RunContext
 from ssl_kd.train.loop import MetricsLog, StreamState, stream_batches, train_step
 from ssl_kd.train.losses import student_loss
 from ssl_kd.train.optim import build_optimizer
+from ssl_kd.train.options import TrainOptions
 from ssl_kd.train.schedule import lr_schedule
 
 log = logging.getLogger(__name__)
@@ -64,23 +65,14 @@ FAIL_ONCE_ENV = "SSL_KD_FAIL_ONCE"
 
 
 @dataclass(frozen=True, kw_only=True)
-class StudentConfig:
+class StudentConfig(TrainOptions):
     """``ssl-kd pretrain``: the student on pseudo-labeled shards (from ssl-kd materialize)."""
 
     data: str = option(help="training shards (dir, brace pattern, glob or list file)")
-    out: str = option(help="output directory (config, checkpoints, metrics)")
-    val_data: str | None = option(None, help="labeled shards evaluated during and after training")
     init: str | None = option(None, help="start from this checkpoint's weights")
     fresh_head: bool = option(False, help="with init: a new, randomly initialised classifier head")
     arch: str = option("cnn", help="student architecture (see `ssl-kd models`; init overrides)")
-    width: float = option(1.0, help="width multiplier of cnn models", gt=0)
     dropout: float = option(0.0, help="dropout before the head (student noise)", min=0, max=0.95)
-    num_classes: int | None = option(None, help="number of classes (else from dataset.json)", min=1)
-    class_names: str | None = option(None, help="file with one class name per line")
-    channels: int | None = option(None, help="input channels, 1 or 3 (else from the images)")
-    image_size: int | None = option(None, help="input side in pixels (else from the images)", min=8)
-    mean: float = option(0.5, help="normalisation mean")
-    std: float = option(0.5, help="normalisation std", gt=0)
     loss: Literal["hard", "soft", "mixed"] = option(
         "hard", help="hard: CE on the selected class; soft: KD on the top-k; mixed: both"
     )
@@ -91,23 +83,11 @@ class StudentConfig:
     randaugment_magnitude: int = option(9, help="RandAugment magnitude", min=0, max=30)
     steps: int = option(5000, help="optimisation steps (the training budget)", min=1)
     batch_size: int = option(128, help="images per step on each worker", min=2)
-    optimizer: Literal["sgd", "adamw"] = option("sgd", help="optimizer")
-    lr: float = option(0.1, help="peak learning rate", gt=0)
-    weight_decay: float = option(5e-4, help="weight decay (not on biases/norms)", min=0)
-    momentum: float = option(0.9, help="SGD momentum", min=0, max=1)
-    schedule: Literal["cosine", "onecycle", "constant"] = option("cosine", help="LR schedule")
     warmup_steps: int = option(200, help="linear warm-up steps (cosine, constant)", min=0)
-    crop_padding: int = option(2, help="pixels of padding for random crops (0: no crop)", min=0)
-    flip: bool = option(True, help="random horizontal flips")
-    shuffle_buffer: int = option(5000, help="samples in the shuffle buffer", min=0)
-    seed: int = option(0, help="random seed (init, data order, augmentation)")
     workers: int = option(1, help="Ray Train workers (DDP ranks)", min=1)
     use_gpu: bool = option(False, help="one GPU per worker (NCCL); else CPU (gloo)")
     executor: Literal["ray", "local"] = option("ray", help="Ray Train, or one local process")
     max_failures: int = option(2, help="worker-group restarts from the last checkpoint", min=0)
-    log_every: int = option(50, help="steps between metrics lines", min=1)
-    eval_every: int = option(0, help="steps between evaluations on val_data (0: at end)", min=0)
-    ckpt_every: int = option(500, help="steps between checkpoints", min=1)
     num_workers: int = option(0, help="DataLoader workers per rank (0 keeps resume exact)", min=0)
     device: str = option("auto", help="local executor: auto, cpu, cuda or cuda:N")
 
