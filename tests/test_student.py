@@ -157,7 +157,7 @@ def test_ray_two_workers_equal_steps_and_restart(
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         cfg = _cfg(data, tmp_path / "ray", executor="ray", workers=2, max_failures=1)
-        s = run_student(cfg, progress=False)
+        s = run_student(cfg, progress=True)  # rank 0 draws Ray's progress bar
         again = run_student(cfg, progress=False)  # same run name: resumes, nothing left to do
     finally:
         ray.shutdown()

@@ -80,7 +80,23 @@ class RayContext:
 
         bar = tqdm(total=total, desc="train", unit="step")
         bar.update(initial)
-        return bar
+        return _RayBar(bar)
+
+
+class _RayBar:
+    """Ray's driver-drawn bar has no ``set_postfix``: the figures go into its description."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        self.bar.set_description("train " + " ".join(f"{k}={v}" for k, v in kwargs.items()))
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class _NoBar:
