@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _report import emit
+
 VIEWS = ["summary", "cli", "class", "key", "compare"]
 
 
@@ -112,9 +114,7 @@ def main() -> int:
             print(view, entry, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(report, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    emit(report, args.out)
     return 0
 
 

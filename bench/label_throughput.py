@@ -10,7 +10,6 @@ split into read+decode / forward / write, and Parquet bytes per image.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import shutil
 import sys
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _report import emit
 
 from ssl_kd.datasets.fashion_mnist import DEFAULT_SOURCE
 from ssl_kd.datasets.idx import read_idx
@@ -151,9 +151,7 @@ def main() -> int:
         }  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(report, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    emit(report, args.out)
     return 0
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+from _report import emit
 
 from ssl_kd.dedup import near_duplicates
 from ssl_kd.labels_io import LabelMeta, build_table, write_labels
@@ -168,9 +169,7 @@ def main() -> int:
     for n in args.dedup:
         report.setdefault("dedup", {})[str(n)] = dedup_speed(n)
         print("dedup", n, report["dedup"][str(n)], flush=True)
-    print(json.dumps(report, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    emit(report, args.out)
     return 0
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _report import emit
 
 from ssl_kd.models import create_model
 from ssl_kd.preprocess import Preprocess, augment, normalize
@@ -142,9 +143,7 @@ def main() -> int:
                                             "ratio": round(shards / memory, 3)}  # fmt: skip
             print(workers, report["runs"][str(workers)], flush=True)
     ray.shutdown()
-    print(json.dumps(report, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    emit(report, args.out)
     return 0
 
 

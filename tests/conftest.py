@@ -103,3 +103,15 @@ def write_plain_tar(path: Path, members: dict[str, bytes]) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``ssl-kd argv`` in-process: (exit status, stdout, stderr); argparse exits included."""
+    from ssl_kd.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse errors
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err

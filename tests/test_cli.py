@@ -8,17 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from ssl_kd.cli import main
-
-
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse errors
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+from conftest import run_cli as _run
 
 
 def _error_line(err: str) -> str:

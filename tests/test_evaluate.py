@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_teacher
+from conftest import run_cli as _run
 from torch import nn
 
-from ssl_kd.cli import main
 from ssl_kd.evaluate import (
     EvalConfig,
     calibration,
@@ -170,15 +170,6 @@ def test_fidelity_to_itself_and_to_another_teacher(
     assert other["model"]["params"] == sum(
         p.numel() for p in model_from_checkpoint(load_checkpoint(student))[0].parameters()
     )
-
-
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse errors
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_with_teacher_prints_fidelity_and_writes_json(
