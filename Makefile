@@ -4,12 +4,12 @@ VENV ?= .venv
 # Fashion-MNIST's four idx files; `make demo FMNIST=/your/dir` to use another copy.
 FMNIST ?= /usr/share/datasets/fashion-mnist
 RUN ?= runs/demo
-TEACHER_CONFIG ?= configs/fashion_mnist_teacher.yaml
+CONFIG ?= configs/fashion_mnist.yaml
 SSL_KD := $(VENV)/bin/ssl-kd
 FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz \
                 t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
 
-.PHONY: demo test test-fast lint fashion-mnist clean
+.PHONY: demo same-arch ablations test test-fast lint fashion-mnist clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,15 +37,20 @@ fashion-mnist:
 	  fi; \
 	done
 
+# The whole pipeline (data, teacher, labels, selection, shards, student, baseline, results);
+# a rerun skips every stage whose outputs are up to date.
 demo: $(VENV)/.installed fashion-mnist
-	$(SSL_KD) data fashion-mnist --out $(RUN)/data --labeled-per-class 100 --seed 0 \
-	  --source $(FMNIST)
-	$(SSL_KD) train --config $(TEACHER_CONFIG) --data $(RUN)/data/labeled \
-	  --out $(RUN)/teacher
-	$(SSL_KD) evaluate --checkpoint $(RUN)/teacher/checkpoint.pt --data $(RUN)/data/test \
-	  --out $(RUN)/teacher/test_metrics.json
-	$(SSL_KD) label --teacher $(RUN)/teacher/checkpoint.pt --shards $(RUN)/data/unlabeled \
-	  --out $(RUN)/labels
+	$(SSL_KD) run --config $(CONFIG) --source $(FMNIST) --out $(RUN)
+
+# The second shipped config: teacher and student of the same architecture.
+same-arch: $(VENV)/.installed fashion-mnist
+	$(SSL_KD) run --config configs/fashion_mnist_same_arch.yaml --source $(FMNIST) \
+	  --out runs/same_arch
+
+# K, P and loss ablations (about an hour on 2 cores).
+ablations: $(VENV)/.installed fashion-mnist
+	$(VENV)/bin/python bench/ablations.py --config $(CONFIG) --out runs/ablations --reuse $(RUN) \
+	  --report runs/ablations/ablations.json
 
 test: $(VENV)/.installed-dev
 	$(VENV)/bin/python -m pytest
@@ -57,4 +62,4 @@ lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(RUN)
+	rm -rf $(RUN) runs/same_arch runs/ablations

@@ -129,7 +129,7 @@ def main() -> int:
     args = ap.parse_args()
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     report: dict[str, Any] = {"images": args.images, "batch_per_worker": args.batch,
                               "steps": args.steps, "runs": {}}  # fmt: skip
     with tempfile.TemporaryDirectory() as d:

@@ -135,6 +135,46 @@ def _student(cls_name: str) -> Callable[[argparse.Namespace], int]:
     return command
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ssl_kd.pipeline.config import PipelineConfig, apply_overrides
+    from ssl_kd.pipeline.run import run_pipeline
+
+    data: dict[str, Any] = cfglib.read_yaml(args.config) if args.config else {}
+    names = {f.name for f in dataclasses.fields(PipelineConfig)}
+    data.update({k: v for k, v in vars(args).items() if k in names})
+    cfg = cfglib.from_dict(PipelineConfig, apply_overrides(data, args.set or []))
+    log.info("ssl_kd %s run config: %s", __version__, json.dumps(cfglib.to_dict(cfg)))
+    title = f"Results of {args.config}" if args.config else ""
+    s = run_pipeline(cfg, progress=not args.quiet, title=title)
+    print(s["table"])
+    for g in s["goals"]:
+        print(
+            f"round {g['round']}: fine-tuned student {g['gain_over_baseline_points']:+.2f} points "
+            f"over the baseline, {g['gain_over_teacher_points']:+.2f} over its teacher"
+        )
+    print(f"results -> {s['results']}")
+    return 0
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from ssl_kd.estimate import EstimateConfig, estimate, format_estimate
+
+    e = estimate(cfglib.resolve(EstimateConfig, args))
+    print(json.dumps(e, indent=2) if args.json else format_estimate(e))
+    return 0
+
+
+def _cmd_check_cluster(args: argparse.Namespace) -> int:
+    from ssl_kd.cluster_config import validate_cluster_file
+
+    cfg = validate_cluster_file(args.file)
+    types = ", ".join(cfg.get("available_node_types", {})) or "local provider"
+    print(f"{args.file}: valid Ray cluster config ({cfg['provider']['type']}: {types})")
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from ssl_kd.models import list_models
 
@@ -232,8 +272,17 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         p = _stage_parser(sub, name, config, fn, help, wanted)
         if name == "train":
             p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name == "run":
+            p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                           help="override one key of a section (repeatable), e.g. "
+                           "--set pretrain.steps=3000")  # fmt: skip
+        if name == "estimate":
+            p.add_argument("--json", action="store_true", help="print the JSON document")
         if name == "finetune":
             _inspect_parser(sub)
+    check = _stage_parser(sub, "check-cluster", None, _cmd_check_cluster,
+                          "validate a Ray cluster file offline", wanted)  # fmt: skip
+    check.add_argument("file", metavar="FILE", help="cluster YAML (e.g. cluster.yaml)")
     _stage_parser(sub, "models", None, _cmd_models, "list model architectures", wanted)
     return parser
 
@@ -249,6 +298,10 @@ _STAGES: dict[str, tuple[str, Callable[[argparse.Namespace], int], str]] = {
                  "train the student on pseudo-labeled shards (Ray Train)"),
     "finetune": ("ssl_kd.train.student:FinetuneConfig", _student("FinetuneConfig"),
                  "fine-tune a pretrained student on the true labels (Ray Train)"),
+    "run": ("ssl_kd.pipeline.config:PipelineConfig", _cmd_run,
+            "the whole pipeline, data to results table; reruns only what changed"),
+    "estimate": ("ssl_kd.estimate:EstimateConfig", _cmd_estimate,
+                 "project labeling hours and storage to N images from measured throughput"),
 }  # fmt: skip
 
 

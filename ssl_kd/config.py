@@ -9,6 +9,7 @@ defaults, the YAML file and the flags (in that order) and validates types and ra
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
 import types
@@ -39,7 +40,16 @@ def option(
 ) -> Any:
     """A dataclass field with help text and inclusive (min, max) or exclusive (gt) bounds."""
     meta = {"help": help, "min": min, "max": max, "gt": gt}
+    if isinstance(default, (dict, list)):  # mutable: every instance gets its own copy
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    """The field's default value, or ``dataclasses.MISSING``."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -48,6 +58,10 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 def _describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is dict:
+        return "mapping"
+    if origin is list:
+        return "comma-separated list of " + _describe(typing.get_args(tp)[0])
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
@@ -77,6 +91,17 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             allowed = ", ".join(str(c) for c in choices)
             raise ConfigError(key, f"must be one of {allowed}; got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, f"expected a mapping of keys to values, got {value!r}")
+        return dict(value)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):  # from the command line: comma-separated
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        return [_coerce(key, item, v) for v in value]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -110,7 +135,11 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
 
 
 def _check_bounds(key: str, meta: Mapping[str, Any], value: Any) -> None:
-    if value is None or isinstance(value, (str, bool)):
+    if isinstance(value, list):
+        for item in value:
+            _check_bounds(key, meta, item)
+        return
+    if value is None or isinstance(value, (str, bool, dict)):
         return
     if meta.get("min") is not None and value < meta["min"]:
         raise ConfigError(key, f"must be >= {meta['min']}, got {value}")
@@ -132,8 +161,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
     for name, f in fields.items():
         if name in data:
             value = _coerce(name, hints[name], data[name])
-        elif f.default is not dataclasses.MISSING:
-            value = f.default
+        elif _default(f) is not dataclasses.MISSING:
+            value = _default(f)
         else:
             flag = "--" + name.replace("_", "-")
             raise ConfigError(name, f"is required: set it in the config file or with {flag}")
@@ -165,8 +194,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     parser.add_argument("--config", metavar="YAML", help="config file; flags override its keys")
     hints = _field_types(cls)
     for f in dataclasses.fields(cls):
+        if typing.get_origin(hints[f.name]) is dict:
+            continue  # sections of a pipeline config: set from YAML or ``--set section.key=value``
         flag = "--" + f.name.replace("_", "-")
-        default = "required" if f.default is dataclasses.MISSING else f"default: {f.default}"
+        value = _default(f)
+        default = "required" if value is dataclasses.MISSING else f"default: {value}"
         help_text = f"{f.metadata.get('help', '')} ({_describe(hints[f.name])}; {default})"
         # A bare boolean flag means true; ``--flag false`` still works (and YAML-like words).
         extra: dict[str, Any] = {"nargs": "?", "const": True} if hints[f.name] is bool else {}

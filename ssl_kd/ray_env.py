@@ -12,6 +12,8 @@ def connect_ray() -> Any:
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address or None, include_dashboard=False if not address else None,
+        # "local", not None: with None, ray.init attaches to any cluster that `ray start`
+        # left running on this machine (someone else's, or one about to be stopped).
+        ray.init(address=address or "local", include_dashboard=False if not address else None,
                  log_to_driver=False)  # fmt: skip
     return ray

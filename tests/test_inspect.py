@@ -536,8 +536,8 @@ def test_readme_duckdb_and_pandas_queries(pipeline: dict[str, Path]) -> None:
     assert len(queries) == 2
 
     def paths(text: str) -> str:
-        text = text.replace("runs/demo/labels", str(pipeline["labels"]))
-        return text.replace("runs/demo/selection", str(pipeline["sel"]))
+        text = text.replace("runs/demo/round1/labels", str(pipeline["labels"]))
+        return text.replace("runs/demo/round1/selection", str(pipeline["sel"]))
 
     d = _direct(pipeline["labels"])
     top1, conf = d["classes"][:, 0], d["probs"][:, 0]

@@ -186,7 +186,7 @@ def test_readme_duckdb_query_runs_on_label_files(setup: dict[str, Path]) -> None
     run_label(_cfg(setup, embeddings=False), progress=False)
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     query = readme.split('duckdb.sql("""', 1)[1].split('""")', 1)[0]
-    rows = duckdb.sql(query.replace("runs/demo/labels", str(setup["out"]))).fetchall()
+    rows = duckdb.sql(query.replace("runs/demo/round1/labels", str(setup["out"]))).fetchall()
     assert sum(n for _, n, _ in rows) == 120
     assert all(0 < conf <= 1 for _, _, conf in rows)
 

@@ -154,7 +154,7 @@ def test_ray_two_workers_equal_steps_and_restart(
 
     monkeypatch.setenv(FAIL_ONCE_ENV, f"{tmp_path / 'failed'}:9")
     ray.shutdown()  # workers must start after the env var is set: no Ray left by other tests
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         cfg = _cfg(data, tmp_path / "ray", executor="ray", workers=2, max_failures=1)
         s = run_student(cfg, progress=True)  # rank 0 draws Ray's progress bar

@@ -1,0 +1,1 @@
+"""The whole pipeline as one resumable command (``ssl-kd run``)."""

@@ -1,0 +1,184 @@
+"""``ssl-kd run``: one YAML file for the whole pipeline, one section per stage.
+
+Top-level keys say where the data is and how many seeds and rounds to run; each section
+(``teacher``, ``label``, ``select``, ``materialize``, ``pretrain``, ``finetune``, ``baseline``,
+``evaluate``) holds that stage's own config keys, exactly as its ``ssl-kd`` command takes them,
+minus the paths, which the pipeline fills in. Sections are checked when the config is loaded, so a
+misspelt key fails before any stage runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import yaml
+
+from ssl_kd import config as cfglib
+from ssl_kd.config import option
+from ssl_kd.errors import ConfigError, UserError
+
+# Keys the pipeline sets itself: paths between stages, and the seed of seeded stages.
+PIPELINE_KEYS = {
+    "teacher": {"data", "out", "val_data"},
+    "label": {"teacher", "shards", "out"},
+    "select": {"labels", "out"},
+    "materialize": {"selection", "out", "shards"},
+    "pretrain": {"data", "out", "val_data", "init", "seed"},
+    "finetune": {"data", "out", "val_data", "init", "seed"},
+    "baseline": {"data", "out", "val_data", "seed"},
+    "evaluate": {"checkpoint", "data", "teacher", "out"},
+}
+SECTIONS = tuple(PIPELINE_KEYS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """``ssl-kd run``: data, teacher, labels, selection, student, baseline and results."""
+
+    out: str = option("runs/fashion_mnist", help="run directory; every stage writes under it")
+    source: str | None = option(
+        None, help="directory of the four Fashion-MNIST idx files (default: the Debian package's)"
+    )
+    labeled_per_class: int = option(100, help="Fashion-MNIST: labeled images per class", min=1)
+    data_seed: int = option(0, help="Fashion-MNIST: seed of the labeled/unlabeled split")
+    labeled: str | None = option(None, help="your labeled shards (instead of Fashion-MNIST)")
+    unlabeled: str | None = option(None, help="your unlabeled shards (with --labeled, --test)")
+    test: str | None = option(None, help="your labeled test shards (with --labeled, --unlabeled)")
+    num_classes: int | None = option(
+        None, help="your shards: number of classes (else from a dataset.json beside them)", min=1
+    )
+    class_names: str | None = option(None, help="your shards: file with one class name per line")
+    truth: str | None = option(
+        None, help="Parquet (shard, key, label) of the unlabeled images: pseudo-label precision"
+    )
+    seeds: list[int] = option([0], help="seeds of the students and baselines (mean and spread)")
+    rounds: int = option(1, help="rounds; each fine-tuned student teaches the next round", min=1)
+    executor: Literal["ray", "local"] = option(
+        "ray", help="run the stages on Ray (tasks, actors, Ray Train) or in this process"
+    )
+    teacher: dict[str, Any] = option({}, help="ssl-kd train keys of the teacher")
+    label: dict[str, Any] = option({}, help="ssl-kd label keys")
+    select: dict[str, Any] = option({"per_class": 5000}, help="ssl-kd select keys")
+    materialize: dict[str, Any] = option({}, help="ssl-kd materialize keys")
+    pretrain: dict[str, Any] = option({}, help="ssl-kd pretrain keys of the student")
+    finetune: dict[str, Any] = option({}, help="ssl-kd finetune keys")
+    baseline: dict[str, Any] = option(
+        {}, help="ssl-kd train keys of the supervised baseline (default: the student's "
+        "architecture and the fine-tuning steps)",
+    )  # fmt: skip
+    evaluate: dict[str, Any] = option({}, help="ssl-kd evaluate keys")
+
+    def validate(self) -> None:
+        """Cross-field checks and a dry build of every stage's config."""
+        own = [self.labeled, self.unlabeled, self.test]
+        if any(own) and not all(own):
+            raise UserError("give all three of labeled, unlabeled and test shards, or none")
+        if not self.seeds:
+            raise ConfigError("seeds", "needs at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError("seeds", f"has repeats: {self.seeds}")
+        k = int(self.label.get("k", 10))
+        if self.num_classes is not None and k > self.num_classes:
+            raise ConfigError("label.k", f"is {k}, more than the {self.num_classes} classes")
+        top_p = int(self.select.get("top_p", 10))
+        if top_p > k:
+            raise ConfigError("select.top_p", f"is {top_p}, more than the {k} classes kept per "
+                              "image (label.k)")  # fmt: skip
+        for section in SECTIONS:
+            placeholders = {k: 0 if k == "seed" else "-" for k in PIPELINE_KEYS[section]}
+            stage_config(self, section, placeholders)
+
+    def uses_own_data(self) -> bool:
+        """True when the user named their shards (no Fashion-MNIST import)."""
+        return self.labeled is not None
+
+
+def _stage_class(section: str) -> type:
+    if section == "evaluate":
+        from ssl_kd.evaluate import EvalConfig
+
+        return EvalConfig
+    if section == "label":
+        from ssl_kd.label_job import LabelConfig
+
+        return LabelConfig
+    if section == "select":
+        from ssl_kd.select import SelectConfig
+
+        return SelectConfig
+    if section == "materialize":
+        from ssl_kd.materialize import MaterializeConfig
+
+        return MaterializeConfig
+    if section in ("pretrain", "finetune"):
+        from ssl_kd.train.student import FinetuneConfig, StudentConfig
+
+        return StudentConfig if section == "pretrain" else FinetuneConfig
+    from ssl_kd.train.supervised import TrainConfig
+
+    return TrainConfig
+
+
+def section_values(cfg: PipelineConfig, section: str) -> dict[str, Any]:
+    """The section's keys with the pipeline-wide defaults filled in (no paths)."""
+    values: dict[str, Any] = dict(getattr(cfg, section))
+    fields = {f.name for f in dataclasses.fields(_stage_class(section))}
+    if "executor" in fields:
+        values.setdefault("executor", cfg.executor)
+    for key in ("num_classes", "class_names"):
+        if key in fields and getattr(cfg, key) is not None:
+            values.setdefault(key, getattr(cfg, key))
+    if section == "baseline":  # the student's architecture and fine-tuning budget
+        student = {**cfg.pretrain}
+        for key in ("arch", "width"):
+            if key in student:
+                values.setdefault(key, student[key])
+        values.setdefault("steps", cfg.finetune.get("steps", _field_default("finetune", "steps")))
+    return values
+
+
+def _field_default(section: str, key: str) -> Any:
+    for f in dataclasses.fields(_stage_class(section)):
+        if f.name == key:
+            return f.default
+    raise KeyError(key)
+
+
+def stage_config(cfg: PipelineConfig, section: str, paths: dict[str, Any]) -> Any:
+    """The validated config of one stage: the section's keys plus the pipeline's ``paths``."""
+    values = section_values(cfg, section)
+    clash = sorted(set(values) & PIPELINE_KEYS[section])
+    if clash:
+        raise ConfigError(
+            f"{section}.{clash[0]}", "is set by the pipeline; remove it from the section"
+        )
+    try:
+        return cfglib.from_dict(_stage_class(section), {**values, **paths})
+    except ConfigError as exc:
+        raise ConfigError(f"{section}.{exc.key}", str(exc).split(": ", 1)[1]) from None
+
+
+def apply_overrides(data: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """Apply ``--set section.key=value`` (or ``key=value``) to a config mapping; YAML values."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for item in assignments:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            raise UserError(f"--set expects KEY=VALUE or SECTION.KEY=VALUE, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError:
+            value = raw
+        section, dot, key = name.partition(".")
+        if not dot:
+            out[name] = value
+            continue
+        if section not in SECTIONS:
+            raise UserError(
+                f"--set {item}: unknown section {section!r}; choose one of {', '.join(SECTIONS)}"
+            )
+        out.setdefault(section, {})
+        out[section] = {**(out[section] or {}), key: value}
+    return out

@@ -1,0 +1,284 @@
+"""The pipeline as a list of stages: which stage reads what, writes where, and depends on what.
+
+Layout of a run directory (``out``)::
+
+    data/                      Fashion-MNIST as labeled / unlabeled / test shards (skipped when
+                               you name your own shards)
+    teacher/                   the round-1 teacher (ssl-kd train)
+    baseline/seed{S}/          the supervised baseline: student architecture, labels only
+    round1/labels|selection|pseudo/      labels, top-K selection and materialised shards
+    round{R}/seed{S}/pretrain|finetune/  the student of round R
+    round{R>1}/seed{S}/labels|selection|pseudo/  later rounds: each seed's student teaches on
+    eval/{model}/metrics.json  test metrics (fidelity to the model's teacher, size, CPU speed)
+    results/                   results.json, results.md, results.png
+    stages/                    one marker per stage (fingerprint, seconds, figures)
+
+Round 1 shares one teacher, labels and selection across seeds; the seeds vary the student's
+and the baseline's initialisation, data order and augmentation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ssl_kd import atomic
+from ssl_kd import config as cfglib
+from ssl_kd.pipeline.config import PIPELINE_KEYS, PipelineConfig, stage_config
+from ssl_kd.pipeline.stages import Stage
+
+# Keys that change how or where a stage runs, never what it computes.
+OPERATIONAL = frozenset(
+    {"executor", "max_retries", "max_failures", "device", "log_every", "ckpt_every",
+     "eval_every", "num_workers", "cpus_per_worker", "workers_per_node", "progress",
+     "latency_budget_s", "batch_size_eval"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    """Where the three splits and the unlabeled ground truth (if any) are."""
+
+    labeled: str
+    unlabeled: str
+    test: str
+    truth: str | None
+
+
+@dataclass(frozen=True)
+class Model:
+    """A trained model the results table reports on."""
+
+    slug: str  # eval/<slug>
+    role: str  # teacher, baseline, pretrained, finetuned
+    round: int
+    seed: int | None
+    stage: str
+    checkpoint: str
+    teacher_stage: str | None
+    teacher_checkpoint: str | None
+
+
+def params_of(cfg: Any, section: str) -> dict[str, Any]:
+    """The keys of a stage config that decide its outputs (no paths, no operational keys)."""
+    values = cfglib.to_dict(cfg)
+    skip = (PIPELINE_KEYS[section] - {"seed"}) | OPERATIONAL
+    return {k: v for k, v in values.items() if k not in skip}
+
+
+def data_paths(cfg: PipelineConfig, root: Path) -> DataPaths:
+    """The splits: the user's shards, or the Fashion-MNIST import under ``root/data``."""
+    if cfg.uses_own_data():
+        assert cfg.labeled and cfg.unlabeled and cfg.test
+        return DataPaths(cfg.labeled, cfg.unlabeled, cfg.test, cfg.truth)
+    data = root / "data"
+    truth = cfg.truth or str(data / "unlabeled_truth.parquet")
+    return DataPaths(str(data / "labeled"), str(data / "unlabeled"), str(data / "test"), truth)
+
+
+class PlanBuilder:
+    """Collects stages in run order; each ``add_*`` returns the stage name."""
+
+    def __init__(self, cfg: PipelineConfig, root: Path, progress: bool) -> None:
+        self.cfg = cfg
+        self.root = root
+        self.progress = progress
+        self.stages: list[Stage] = []
+        self.models: list[Model] = []
+        self.data = data_paths(cfg, root)
+
+    def _add(
+        self, name: str, directory: Path, params: dict[str, Any], run: Callable[[], dict[str, Any]],
+        deps: tuple[str, ...] = (),
+    ) -> str:  # fmt: skip
+        self.stages.append(Stage(name, directory, params, run, tuple(d for d in deps if d)))
+        return name
+
+    def add_data(self) -> str:
+        from ssl_kd.datasets.fashion_mnist import FashionMnistConfig, import_fashion_mnist
+
+        if self.cfg.uses_own_data():
+            return self._add_own_data()
+        fm = FashionMnistConfig(
+            out=str(self.root / "data"), labeled_per_class=self.cfg.labeled_per_class,
+            seed=self.cfg.data_seed, source=self.cfg.source,
+        )  # fmt: skip
+        params = {k: v for k, v in cfglib.to_dict(fm).items() if k not in ("out", "source")}
+
+        def run() -> dict[str, Any]:
+            return dict(import_fashion_mnist(fm)["counts"])
+
+        return self._add("data", self.root / "data", params, run)
+
+    def _add_own_data(self) -> str:
+        from ssl_kd.shards import expand_shards
+
+        d = self.data
+        params = {"labeled": d.labeled, "unlabeled": d.unlabeled, "test": d.test, "truth": d.truth}
+
+        def run() -> dict[str, Any]:  # checks that every split names shards
+            return {f"{split}_shards": len(expand_shards(spec))
+                    for split, spec in (("labeled", d.labeled), ("unlabeled", d.unlabeled),
+                                        ("test", d.test))}  # fmt: skip
+
+        return self._add("data", self.root / "data", params, run)
+
+    def add_train(self, name: str, section: str, directory: Path, seed: int | None,
+                  data_stage: str) -> str:  # fmt: skip
+        from ssl_kd.train.supervised import run_train
+
+        paths: dict[str, Any] = {"data": self.data.labeled, "out": str(directory)}
+        if seed is not None:
+            paths["seed"] = seed
+        tc = stage_config(self.cfg, section, paths)
+
+        def run() -> dict[str, Any]:
+            s = run_train(tc, progress=self.progress)
+            return {"steps": s["step"], "img_s": s["images_per_s"]}
+
+        return self._add(name, directory, params_of(tc, section), run, (data_stage,))
+
+    def add_label(self, name: str, directory: Path, teacher: str, deps: tuple[str, ...]) -> str:
+        from ssl_kd.label_job import run_label
+
+        lc = stage_config(self.cfg, "label", {"teacher": teacher, "shards": self.data.unlabeled,
+                                               "out": str(directory)})  # fmt: skip
+
+        def run() -> dict[str, Any]:
+            s = run_label(lc, progress=self.progress)
+            if s["failed"]:
+                from ssl_kd.errors import UserError
+
+                raise UserError(
+                    f"{len(s['failed'])} shard(s) failed to label (see {directory}/"
+                    "run_summary.json); rerun the same command to retry them"
+                )
+            return {"images": s["rows"], "img_s": s["images_per_s"]}
+
+        return self._add(name, directory, params_of(lc, "label"), run, deps)
+
+    def add_select(self, name: str, directory: Path, labels: Path, deps: tuple[str, ...]) -> str:
+        from ssl_kd.pipeline.precision import selection_precision
+        from ssl_kd.select import run_select
+
+        sc = stage_config(self.cfg, "select", {"labels": str(labels), "out": str(directory)})
+        truth = self.data.truth
+
+        def run() -> dict[str, Any]:
+            report = run_select(sc)
+            figures: dict[str, Any] = {"selected": report["selected"],
+                                       "short_classes": len(report["short_classes"])}  # fmt: skip
+            if truth and Path(truth).is_file():
+                precision = selection_precision(directory, truth)
+                atomic.write_text(directory / "precision.json", json.dumps(precision, indent=2))
+                figures["precision"] = precision["precision"]
+            return figures
+
+        return self._add(name, directory, {**params_of(sc, "select"), "truth": truth}, run, deps)
+
+    def add_materialize(
+        self, name: str, directory: Path, selection: Path, deps: tuple[str, ...]
+    ) -> str:
+        from ssl_kd.materialize import run_materialize
+
+        paths = {"selection": str(selection), "out": str(directory), "shards": None}
+        mc = stage_config(self.cfg, "materialize", paths)
+
+        def run() -> dict[str, Any]:
+            m = run_materialize(mc, progress=self.progress)
+            return {"samples": m["samples"], "shards": len(m["shards"])}
+
+        return self._add(name, directory, params_of(mc, "materialize"), run, deps)
+
+    def add_student(self, name: str, section: str, directory: Path, seed: int, data: str,
+                    init: str | None, deps: tuple[str, ...]) -> str:  # fmt: skip
+        from ssl_kd.train.student import run_student
+
+        paths: dict[str, Any] = {"data": data, "out": str(directory), "seed": seed}
+        if section == "finetune":
+            paths["init"] = init
+        sc = stage_config(self.cfg, section, paths)
+
+        def run() -> dict[str, Any]:
+            s = run_student(sc, progress=self.progress)
+            return {"steps": s["step"], "img_s": s["images_per_s"]}
+
+        return self._add(name, directory, params_of(sc, section), run, deps)
+
+    def add_eval(self, model: Model, deps: tuple[str, ...]) -> str:
+        from ssl_kd.evaluate import run_evaluate
+
+        directory = self.root / "eval" / model.slug
+        paths = {
+            "checkpoint": model.checkpoint,
+            "data": self.data.test,
+            "teacher": model.teacher_checkpoint,
+            "out": str(directory / "metrics.json"),
+        }
+        ec = stage_config(self.cfg, "evaluate", paths)
+
+        def run() -> dict[str, Any]:
+            r = run_evaluate(ec)
+            figures = {"top1": r["top1"], "top5": r["top5"]}
+            if r.get("fidelity"):
+                figures["agreement"] = r["fidelity"]["agreement"]
+            return figures
+
+        self.models.append(model)
+        return self._add(f"eval/{model.slug}", directory, params_of(ec, "evaluate"), run,
+                         (*deps, model.stage, model.teacher_stage or ""))  # fmt: skip
+
+
+def build_plan(cfg: PipelineConfig, progress: bool = True) -> PlanBuilder:
+    """Every stage of ``cfg``'s pipeline in run order, and the models to report."""
+    root = Path(cfg.out)
+    b = PlanBuilder(cfg, root, progress)
+    data = b.add_data()
+    test_dep = (data,)
+    teacher = b.add_train("teacher", "teacher", root / "teacher", None, data)
+    teacher_ckpt = str(root / "teacher" / "checkpoint.pt")
+    b.add_eval(Model("teacher", "teacher", 0, None, teacher, teacher_ckpt, None, None), test_dep)
+    for seed in cfg.seeds:
+        base = b.add_train(f"baseline/seed{seed}", "baseline", root / "baseline" / f"seed{seed}",
+                           seed, data)  # fmt: skip
+        ckpt = str(root / "baseline" / f"seed{seed}" / "checkpoint.pt")
+        b.add_eval(Model(f"baseline-seed{seed}", "baseline", 0, seed, base, ckpt, teacher,
+                         teacher_ckpt), test_dep)  # fmt: skip
+
+    # Round 1: one teacher, so the labels, selection and shards are shared by every seed.
+    shared = root / "round1"
+    labels = b.add_label("round1/labels", shared / "labels", teacher_ckpt, (data, teacher))
+    selection = b.add_select("round1/selection", shared / "selection", shared / "labels", (labels,))
+    pseudo = b.add_materialize("round1/pseudo", shared / "pseudo", shared / "selection",
+                               (selection, data))  # fmt: skip
+    for seed in cfg.seeds:
+        round_teacher, round_teacher_ckpt, pseudo_stage, pseudo_dir = (
+            teacher,
+            teacher_ckpt,
+            pseudo,
+            shared / "pseudo",
+        )
+        for r in range(1, cfg.rounds + 1):
+            here = root / f"round{r}" / f"seed{seed}"
+            if r > 1:  # this seed's previous student labels the unlabeled set again
+                lab = b.add_label(f"round{r}/seed{seed}/labels", here / "labels",
+                                  round_teacher_ckpt, (data, round_teacher))  # fmt: skip
+                sel = b.add_select(f"round{r}/seed{seed}/selection", here / "selection",
+                                   here / "labels", (lab,))  # fmt: skip
+                pseudo_stage = b.add_materialize(f"round{r}/seed{seed}/pseudo", here / "pseudo",
+                                                 here / "selection", (sel, data))  # fmt: skip
+                pseudo_dir = here / "pseudo"
+            pre = b.add_student(f"round{r}/seed{seed}/pretrain", "pretrain", here / "pretrain",
+                                seed, str(pseudo_dir), None, (pseudo_stage,))  # fmt: skip
+            pre_ckpt = str(here / "pretrain" / "checkpoint.pt")
+            fin = b.add_student(f"round{r}/seed{seed}/finetune", "finetune", here / "finetune",
+                                seed, b.data.labeled, pre_ckpt, (pre, data))  # fmt: skip
+            fin_ckpt = str(here / "finetune" / "checkpoint.pt")
+            for role, stage, ckpt in (("pretrained", pre, pre_ckpt), ("finetuned", fin, fin_ckpt)):
+                b.add_eval(Model(f"round{r}-seed{seed}-{role}", role, r, seed, stage, ckpt,
+                                 round_teacher, round_teacher_ckpt), test_dep)  # fmt: skip
+            round_teacher, round_teacher_ckpt = fin, fin_ckpt
+    return b

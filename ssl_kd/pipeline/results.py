@@ -1,0 +1,199 @@
+"""The results table of a pipeline run: ``results.json``, ``results.md`` and ``results.png``.
+
+Every figure is read from the files the stages wrote (``eval/*/metrics.json`` and the selections'
+``precision.json``); seeds are summarised as mean, sample standard deviation, min and max.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ssl_kd import atomic
+from ssl_kd.pipeline.plan import Model
+
+GOAL_POINTS = 3.0  # the fine-tuned student's top-1 over the baseline's, in points
+ROLES = ("teacher", "baseline", "pretrained", "finetuned")
+
+
+def _metrics(m: dict[str, Any]) -> dict[str, float | None]:
+    fid = m.get("fidelity") or {}
+    cpu = m.get("cpu") or {}
+    return {
+        "top1": m["top1"],
+        "top5": m["top5"],
+        "ece": m["calibration"]["ece"],
+        "agreement": fid.get("agreement"),
+        "kl": fid.get("kl"),
+        "params": m["model"]["params"],
+        "macs": m["model"]["macs"],
+        "latency_ms": cpu.get("latency_ms"),
+        "images_per_s": cpu.get("images_per_s"),
+    }
+
+
+def _spread(values: Sequence[float | None]) -> dict[str, float | None]:
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return {"mean": None, "std": None, "min": None, "max": None}
+    return {
+        "mean": statistics.fmean(xs),
+        "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+        "min": min(xs),
+        "max": max(xs),
+    }
+
+
+def collect(root: Path, models: Sequence[Model], rounds: int) -> dict[str, Any]:
+    """Gather every model's test metrics and the selections' precision into one document."""
+    rows: dict[tuple[str, int], list[tuple[Model, dict[str, Any]]]] = {}
+    for model in models:
+        metrics = json.loads((root / "eval" / model.slug / "metrics.json").read_text())
+        rows.setdefault((model.role, model.round), []).append((model, _metrics(metrics)))
+    table = []
+    for (role, rnd), entries in sorted(
+        rows.items(), key=lambda kv: (kv[0][1], ROLES.index(kv[0][0]))
+    ):
+        keys = entries[0][1].keys()
+        table.append({
+            "model": role, "round": rnd, "arch": _arch(root, entries[0][0]),
+            "seeds": [m.seed for m, _ in entries],
+            "per_seed": [{"seed": m.seed, **x} for m, x in entries],
+            **{k: _spread([x[k] for _, x in entries]) for k in keys},
+        })  # fmt: skip
+    precision = _precision(root, rounds)
+    return {"models": table, "selection_precision": precision, "goals": _goals(table)}
+
+
+def _arch(root: Path, model: Model) -> str:
+    metrics = json.loads((root / "eval" / model.slug / "metrics.json").read_text())
+    return str(metrics["arch"])
+
+
+def _precision(root: Path, rounds: int) -> list[dict[str, Any]]:
+    out = []
+    for r in range(1, rounds + 1):
+        files = [root / "round1" / "selection" / "precision.json"] if r == 1 else sorted(
+            (root / f"round{r}").glob("seed*/selection/precision.json"))  # fmt: skip
+        values = [json.loads(f.read_text()) for f in files if f.is_file()]
+        if values:
+            out.append({"round": r, "images": values[0]["images"],
+                        "precision": _spread([v["precision"] for v in values])})  # fmt: skip
+    return out
+
+
+def _row(table: list[dict[str, Any]], role: str, rnd: int) -> dict[str, Any] | None:
+    return next((t for t in table if t["model"] == role and t["round"] == rnd), None)
+
+
+def _goals(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    baseline = _row(table, "baseline", 0)
+    teacher = _row(table, "teacher", 0)
+    goals = []
+    for student in (t for t in table if t["model"] == "finetuned"):
+        rnd = student["round"]
+        prev = teacher if rnd == 1 else _row(table, "finetuned", rnd - 1)
+        gain = 100 * (student["top1"]["mean"] - baseline["top1"]["mean"]) if baseline else None
+        over_teacher = 100 * (student["top1"]["mean"] - prev["top1"]["mean"]) if prev else None
+        goals.append({
+            "round": rnd,
+            "gain_over_baseline_points": gain,
+            "goal_points": GOAL_POINTS,
+            "goal_met": gain is not None and gain >= GOAL_POINTS,
+            "gain_over_teacher_points": over_teacher,
+            "above_teacher": over_teacher is not None and over_teacher > 0,
+        })  # fmt: skip
+    return goals
+
+
+def _pct(s: dict[str, float | None], spread: bool = True) -> str:
+    if s["mean"] is None:
+        return "–"
+    text = f"{100 * s['mean']:.2f}"
+    if spread and s["std"]:
+        text += f" ± {100 * s['std']:.2f}"
+    return text
+
+
+def _num(s: dict[str, float | None], fmt: str) -> str:
+    return "–" if s["mean"] is None else format(s["mean"], fmt)
+
+
+def format_markdown(doc: dict[str, Any], title: str, stage_table: str = "") -> str:
+    """``results.md``: the model table, selection precision and the goals."""
+    lines = [f"# {title}", "", "Top-1 and top-5 on the test set, in %: mean ± sample std over "
+             "the seeds (min–max in results.json). Agreement and KL(teacher‖student) are "
+             "measured against the model's own teacher; latency is batch 1 on this CPU.", "",
+             "| model | round | arch | seeds | top-1 | top-5 | agreement | KL | ECE | params | "
+             "MACs | latency ms | img/s |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for t in doc["models"]:
+        lines.append(
+            f"| {t['model']} | {t['round'] or '–'} | {t['arch']} | {len(t['seeds'])} | "
+            f"{_pct(t['top1'])} | {_pct(t['top5'])} | {_pct(t['agreement'])} | "
+            f"{_num(t['kl'], '.3f')} | {_num(t['ece'], '.3f')} | {_num(t['params'], ',.0f')} | "
+            f"{_num(t['macs'], ',.0f')} | {_num(t['latency_ms'], '.2f')} | "
+            f"{_num(t['images_per_s'], ',.0f')} |"
+        )
+    if doc["selection_precision"]:
+        lines += ["", "Pseudo-label precision of the selection (selected class = true label):",
+                  "", "| round | selected images | precision |", "|---:|---:|---:|"]  # fmt: skip
+        for p in doc["selection_precision"]:
+            lines.append(f"| {p['round']} | {p['images']:,} | {_pct(p['precision'])} |")
+    lines += ["", "Goals:", ""]
+    for g in doc["goals"]:
+        gain, over = g["gain_over_baseline_points"], g["gain_over_teacher_points"]
+        lines.append(
+            f"- round {g['round']}: fine-tuned student {gain:+.2f} points over the baseline "
+            f"(goal +{g['goal_points']:.1f}: {'met' if g['goal_met'] else 'not met'}); "
+            f"{over:+.2f} points over its teacher "
+            f"({'above' if g['above_teacher'] else 'not above'})"
+        )
+    if stage_table:
+        lines += ["", "Stages of this invocation:", "", "```", stage_table, "```"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict[str, Any], path: Path) -> Path:
+    """``results.png``: top-1 of every model (mean, min–max bars) and the goal line."""
+    from ssl_kd.inspect.plots import new_figure, save_png
+
+    table = doc["models"]
+    names = [f"{t['model']}" + (f" r{t['round']}" if t["round"] else "") for t in table]
+    means = [100 * t["top1"]["mean"] for t in table]
+    lo = [m - 100 * t["top1"]["min"] for m, t in zip(means, table, strict=True)]
+    hi = [100 * t["top1"]["max"] - m for m, t in zip(means, table, strict=True)]
+    colors = {"teacher": "tab:gray", "baseline": "tab:orange", "pretrained": "tab:cyan",
+              "finetuned": "tab:blue"}  # fmt: skip
+    fig = new_figure(max(6.0, 1.1 * len(table)), 4)
+    ax = fig.add_subplot()
+    ax.bar(range(len(table)), means, yerr=[lo, hi], capsize=4,
+           color=[colors[t["model"]] for t in table])  # fmt: skip
+    for i, m in enumerate(means):  # above the error bar
+        ax.text(i, m + hi[i] + 0.1, f"{m:.2f}", ha="center", va="bottom", fontsize=8)
+    base = next((t for t in table if t["model"] == "baseline"), None)
+    if base:
+        goal = 100 * base["top1"]["mean"] + GOAL_POINTS
+        ax.axhline(goal, color="tab:red", linestyle="--", linewidth=1,
+                   label=f"baseline + {GOAL_POINTS:.0f} points")  # fmt: skip
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xticks(range(len(table)), names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(max(0.0, min(means) - 5), min(100.0, max(means) + 3))
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("Teacher, baseline and student (mean over seeds, min–max)")
+    return save_png(fig, path)
+
+
+def write_results(
+    root: Path, models: Sequence[Model], rounds: int, title: str, stage_table: str = ""
+) -> dict[str, Any]:
+    """Write results.json, results.md and results.png under ``root/results``; returns the doc."""
+    doc = collect(root, models, rounds)
+    out = root / "results"
+    atomic.write_text(out / "results.json", json.dumps(doc, indent=2) + "\n")
+    atomic.write_text(out / "results.md", format_markdown(doc, title, stage_table))
+    plot(doc, out / "results.png")
+    return doc

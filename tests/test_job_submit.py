@@ -1,0 +1,112 @@
+"""``ray job submit`` against a real Ray head on 127.0.0.1: the labeling job runs unchanged.
+
+The head is started with ``ray start --head --block`` in its own process group, with token
+authentication on (the token lives in the environment only), and stopped by that PID's group at
+the end, whatever happens in between.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_teacher, write_unlabeled_shards
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = Path(sys.executable).parent / "ray"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(RAY), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)  # fmt: skip
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A Ray head with the Jobs API on 127.0.0.1; yields (address, env)."""
+    if not RAY.exists():
+        pytest.skip(f"no ray executable beside {sys.executable}")
+    # `python` in a job entrypoint is this environment's, as on a node that installed the project.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "RAY_USAGE_STATS_ENABLED": "0", "PATH": path}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard = _free_port(), _free_port()
+    log = (tmp_path / "head.log").open("w")
+    head = subprocess.Popen(
+        [str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+         "--include-dashboard=true", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:  # the Jobs API answers once the dashboard is up
+            if head.poll() is not None:
+                pytest.fail(f"ray start exited: {(tmp_path / 'head.log').read_text()[-2000:]}")
+            if _ray(["job", "list", "--address", address], env, 30).returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                pytest.fail("the Ray head did not come up in 90 s")
+            time.sleep(1)
+        yield address, env
+    finally:
+        # Stop what we started, by PID: the whole process group of `ray start --block`.
+        try:
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        log.close()
+
+
+def test_label_job_through_ray_job_submit(tmp_path, ray_head):
+    address, env = ray_head
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_unlabeled_shards(shards, n_shards=3, per_shard=20)
+    teacher = make_teacher(tmp_path / "teacher.pt")
+    out = tmp_path / "labels"
+    job_id = f"ssl-kd-test-{secrets.token_hex(4)}"
+    submitted = _ray(["job", "submit", "--address", address, "--submission-id", job_id,
+                      "--working-dir", ".", "--no-wait", "--",
+                      "python", "jobs/label.py", "--teacher", str(teacher), "--shards",
+                      str(shards), "--out", str(out), "--k", "3"], env)  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+
+    deadline, status = time.monotonic() + 180, ""
+    while time.monotonic() < deadline:
+        status = _ray(["job", "status", "--address", address, job_id], env, 30).stdout.upper()
+        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(2)
+    logs = _ray(["job", "logs", "--address", address, job_id], env, 30).stdout
+    assert "SUCCEEDED" in status, f"{status}\n{logs[-3000:]}"
+    assert "labeled 3 shards" in logs
+
+    files = sorted(out.glob("*.parquet"))
+    assert [f.name for f in files] == [f"u-{i:06d}.parquet" for i in range(3)]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["rows"] == 60 and not summary["failed"]
+    # A reused submission id is refused: the natural guard against submitting twice.
+    again = _ray(["job", "submit", "--address", address, "--submission-id", job_id,
+                  "--no-wait", "--", "python", "-c", "pass"], env)  # fmt: skip
+    assert again.returncode != 0

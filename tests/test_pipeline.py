@@ -1,0 +1,248 @@
+"""``ssl-kd run``: the whole pipeline on tiny data, its resumability, its config and results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import run_cli
+
+from ssl_kd import config as cfglib
+from ssl_kd.errors import ConfigError, UserError
+from ssl_kd.pipeline.config import PipelineConfig, apply_overrides, stage_config
+from ssl_kd.pipeline.results import collect, format_markdown
+from ssl_kd.pipeline.stages import Stage, marker_path, run_stages
+
+# Seconds, not minutes: a few steps of each stage on 8x8 images.
+TINY = {
+    "labeled_per_class": 2,
+    "seeds": [0, 1],
+    "executor": "local",
+    "teacher": {"steps": 4, "batch_size": 8, "warmup_steps": 1, "shuffle_buffer": 0},
+    "label": {"batch_size": 32},
+    "select": {"per_class": 6, "top_p": 2},
+    "materialize": {"samples_per_shard": 25},
+    "pretrain": {"steps": 3, "batch_size": 8, "warmup_steps": 1, "loss": "soft"},
+    "finetune": {"steps": 2, "batch_size": 8, "warmup_steps": 0},
+    "baseline": {"batch_size": 8, "warmup_steps": 0},
+    "evaluate": {"latency": False},
+}
+
+
+def tiny_config(tmp_path: Path, source: Path, **over: object) -> PipelineConfig:
+    data = {**TINY, "out": str(tmp_path / "run"), "source": str(source), **over}
+    return cfglib.from_dict(PipelineConfig, data)
+
+
+def _statuses(summary: dict) -> dict[str, str]:
+    return {s["name"]: s["status"] for s in summary["stages"]}
+
+
+def test_pipeline_end_to_end_then_rerun_skips_everything(tmp_path, fake_fmnist):
+    from ssl_kd.pipeline.run import run_pipeline
+
+    cfg = tiny_config(tmp_path, fake_fmnist, rounds=2)
+    first = run_pipeline(cfg, progress=False)
+    root = Path(cfg.out)
+    assert set(_statuses(first).values()) == {"ran"}
+    names = set(_statuses(first))
+    for seed in (0, 1):
+        assert {f"baseline/seed{seed}", f"round1/seed{seed}/pretrain",
+                f"round2/seed{seed}/labels", f"round2/seed{seed}/finetune",
+                f"eval/round2-seed{seed}-finetuned"} <= names  # fmt: skip
+        for r in (1, 2):
+            for stage in ("pretrain", "finetune"):
+                assert (root / f"round{r}/seed{seed}/{stage}/checkpoint.pt").is_file()
+    # One set of round-1 labels for every seed, one per seed in round 2.
+    assert len(list((root / "round1/labels").glob("*.parquet"))) == 1
+    assert len(list((root / "round2/seed1/labels").glob("*.parquet"))) == 1
+    precision = json.loads((root / "round1/selection/precision.json").read_text())
+    report = json.loads((root / "round1/selection/report.json").read_text())
+    assert precision["images"] == report["selected"] > 0
+    assert 0 <= precision["precision"] <= 1
+
+    doc = json.loads((root / "results/results.json").read_text())
+    rows = {(m["model"], m["round"]): m for m in doc["models"]}
+    assert set(rows) == {("teacher", 0), ("baseline", 0), ("pretrained", 1), ("finetuned", 1),
+                         ("pretrained", 2), ("finetuned", 2)}  # fmt: skip
+    assert rows["baseline", 0]["seeds"] == [0, 1]
+    # The table's figures are those of the evaluation files, summarised over seeds.
+    per_seed = [json.loads((root / f"eval/round1-seed{s}-finetuned/metrics.json").read_text())
+                for s in (0, 1)]  # fmt: skip
+    mean = sum(m["top1"] for m in per_seed) / 2
+    assert rows["finetuned", 1]["top1"]["mean"] == pytest.approx(mean)
+    assert [g["round"] for g in doc["goals"]] == [1, 2]
+    gain = 100 * (rows["finetuned", 1]["top1"]["mean"] - rows["baseline", 0]["top1"]["mean"])
+    assert doc["goals"][0]["gain_over_baseline_points"] == pytest.approx(gain)
+    assert (root / "results/results.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| finetuned | 2 |" in (root / "results/results.md").read_text()
+
+    again = run_pipeline(cfg, progress=False)
+    assert set(_statuses(again).values()) == {"skipped"}
+
+
+def test_changed_key_reruns_only_what_it_affects(tmp_path, fake_fmnist):
+    from ssl_kd.pipeline.run import run_pipeline
+
+    run_pipeline(tiny_config(tmp_path, fake_fmnist, seeds=[0]), progress=False)
+    changed = tiny_config(tmp_path, fake_fmnist, seeds=[0],
+                          finetune={**TINY["finetune"], "steps": 3})  # fmt: skip
+    status = _statuses(run_pipeline(changed, progress=False))
+    ran = {name for name, s in status.items() if s == "ran"}
+    # The baseline's default budget is the fine-tuning budget, so it follows too.
+    assert ran == {"round1/seed0/finetune", "eval/round1-seed0-finetuned", "baseline/seed0",
+                   "eval/baseline-seed0"}  # fmt: skip
+    summary = json.loads((Path(changed.out) / "round1/seed0/finetune/summary.json").read_text())
+    assert summary["step"] == 3
+
+
+def test_own_shards_instead_of_fashion_mnist(tmp_path, separable_shards):
+    from conftest import write_unlabeled_shards
+
+    from ssl_kd.pipeline.run import run_pipeline
+
+    unlabeled = tmp_path / "unlabeled"
+    unlabeled.mkdir()
+    write_unlabeled_shards(unlabeled, n_shards=2, per_shard=20)
+    data = {**TINY, "out": str(tmp_path / "run"), "seeds": [3], "num_classes": 4,
+            "labeled": str(separable_shards["train"]),
+            "unlabeled": str(unlabeled), "test": str(separable_shards["test"]),
+            "label": {"k": 4}, "select": {"per_class": 5, "top_p": 2}}  # fmt: skip
+    summary = run_pipeline(cfglib.from_dict(PipelineConfig, data), progress=False)
+    assert _statuses(summary)["data"] == "ran"
+    assert not (tmp_path / "run" / "data").exists() or not any((tmp_path / "run/data").iterdir())
+    doc = json.loads((tmp_path / "run/results/results.json").read_text())
+    assert doc["selection_precision"] == []  # no truth file given
+    assert {m["model"] for m in doc["models"]} == {"teacher", "baseline", "pretrained",
+                                                   "finetuned"}  # fmt: skip
+
+
+def _stage(tmp_path: Path, name: str, params: dict, log: list[str], deps=()) -> Stage:
+    directory = tmp_path / name
+
+    def run() -> dict:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "out.txt").write_text(json.dumps(params))
+        log.append(name)
+        return {"value": params.get("x")}
+
+    return Stage(name, directory, params, run, tuple(deps))
+
+
+def test_stage_engine_fingerprints_and_downstream(tmp_path):
+    log: list[str] = []
+    stages = [_stage(tmp_path, "a", {"x": 1}, log), _stage(tmp_path, "b", {"y": 2}, log, ["a"]),
+              _stage(tmp_path, "c", {"z": 3}, log)]  # fmt: skip
+    run_stages(stages, tmp_path, announce=lambda _: None)
+    assert log == ["a", "b", "c"]
+    log.clear()
+    stages[0] = _stage(tmp_path, "a", {"x": 5}, log)
+    results = run_stages(stages, tmp_path, announce=lambda _: None)
+    assert log == ["a", "b"]  # b reads a; c does not
+    assert [r.status for r in results] == ["ran", "ran", "skipped"]
+    assert json.loads((tmp_path / "a/out.txt").read_text()) == {"x": 5}
+
+
+def test_interrupted_stage_resumes_in_place_and_stale_outputs_go(tmp_path):
+    log: list[str] = []
+    stage = _stage(tmp_path, "a", {"x": 1}, log)
+    marker = marker_path(tmp_path, "a")
+    run_stages([stage], tmp_path, announce=lambda _: None)
+    # Pretend it died mid-way: the marker says not done, a partial file is there.
+    record = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**record, "done": False}))
+    (tmp_path / "a/partial").write_text("kept")
+    [result] = run_stages([stage], tmp_path, announce=lambda _: None)
+    assert result.status == "resumed" and (tmp_path / "a/partial").exists()
+    # Another fingerprint: the old outputs are cleared first.
+    [result] = run_stages([_stage(tmp_path, "a", {"x": 2}, log)], tmp_path, lambda _: None)
+    assert result.status == "ran" and not (tmp_path / "a/partial").exists()
+
+
+def test_foreign_directory_is_not_deleted(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a/precious.txt").write_text("mine")
+    with pytest.raises(UserError, match="did not write"):
+        run_stages([_stage(tmp_path, "a", {"x": 1}, [])], tmp_path, lambda _: None)
+    assert (tmp_path / "a/precious.txt").read_text() == "mine"
+
+
+def test_section_keys_are_checked_at_load_time():
+    with pytest.raises(ConfigError, match=r"pretrain.stepz"):
+        cfglib.from_dict(PipelineConfig, {"pretrain": {"stepz": 3}})
+    with pytest.raises(ConfigError, match=r"'select.per_class'.*>= 1"):
+        cfglib.from_dict(PipelineConfig, {"select": {"per_class": 0}})
+    with pytest.raises(ConfigError, match=r"finetune.init.*set by the pipeline"):
+        cfglib.from_dict(PipelineConfig, {"finetune": {"init": "x.pt"}})
+    with pytest.raises(UserError, match="all three"):
+        cfglib.from_dict(PipelineConfig, {"labeled": "a", "test": "b"})
+    with pytest.raises(ConfigError, match=r"label.k.*more than the 4 classes"):
+        cfglib.from_dict(PipelineConfig, {"num_classes": 4})
+    with pytest.raises(ConfigError, match=r"select.top_p.*label.k"):
+        cfglib.from_dict(PipelineConfig, {"label": {"k": 3}})
+    with pytest.raises(ConfigError, match="seeds"):
+        cfglib.from_dict(PipelineConfig, {"seeds": [1, 1]})
+
+
+def test_baseline_defaults_to_student_arch_and_finetune_budget():
+    cfg = cfglib.from_dict(PipelineConfig, {"pretrain": {"arch": "cnn_deep", "width": 0.5},
+                                            "finetune": {"steps": 321}})  # fmt: skip
+    base = stage_config(cfg, "baseline", {"data": "d", "out": "o", "seed": 4})
+    assert (base.arch, base.width, base.steps, base.seed) == ("cnn_deep", 0.5, 321, 4)
+    own = cfglib.from_dict(PipelineConfig, {"baseline": {"steps": 50}, "finetune": {"steps": 9}})
+    assert stage_config(own, "baseline", {"data": "d", "out": "o", "seed": 0}).steps == 50
+
+
+def test_set_overrides():
+    data = apply_overrides({"select": {"per_class": 5}}, ["select.top_p=3", "rounds=2",
+                                                          "pretrain.loss=soft"])  # fmt: skip
+    assert data == {"select": {"per_class": 5, "top_p": 3}, "rounds": 2,
+                    "pretrain": {"loss": "soft"}}  # fmt: skip
+    with pytest.raises(UserError, match="unknown section 'pretrian'"):
+        apply_overrides({}, ["pretrian.steps=3"])
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        apply_overrides({}, ["steps"])
+
+
+def test_goals_and_markdown_from_known_figures(tmp_path):
+    from ssl_kd.pipeline.plan import Model
+
+    def metrics(top1: float) -> dict:
+        return {"top1": top1, "top5": 0.99, "calibration": {"ece": 0.02}, "arch": "cnn",
+                "model": {"params": 10, "macs": 20}, "cpu": None,
+                "fidelity": {"agreement": 0.9, "kl": 0.1}}  # fmt: skip
+
+    models = []
+    figures = [("t", "teacher", 0, None, 0.82), ("b0", "baseline", 0, 0, 0.80),
+               ("b1", "baseline", 0, 1, 0.82), ("f0", "finetuned", 1, 0, 0.84),
+               ("f1", "finetuned", 1, 1, 0.86)]  # fmt: skip
+    for slug, role, rnd, seed, top1 in figures:
+        (tmp_path / "eval" / slug).mkdir(parents=True)
+        (tmp_path / "eval" / slug / "metrics.json").write_text(json.dumps(metrics(top1)))
+        models.append(Model(slug, role, rnd, seed, slug, "", None, None))
+    doc = collect(tmp_path, models, rounds=1)
+    [goal] = doc["goals"]
+    assert goal["gain_over_baseline_points"] == pytest.approx(4.0)
+    assert goal["goal_met"] and goal["above_teacher"]
+    assert goal["gain_over_teacher_points"] == pytest.approx(3.0)
+    base = next(m for m in doc["models"] if m["model"] == "baseline")
+    assert base["top1"]["std"] == pytest.approx(0.0141421, rel=1e-4)
+    text = format_markdown(doc, "T")
+    assert "| baseline | – | cnn | 2 | 81.00 ± 1.41 |" in text
+    assert "+4.00 points over the baseline (goal +3.0: met)" in text
+
+
+def test_cli_run_reports_and_rejects_bad_keys(tmp_path, fake_fmnist, capsys):
+    config = tmp_path / "p.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "seeds": [0], "source": str(fake_fmnist)}))
+    argv = ["-q", "run", "--config", str(config), "--out", str(tmp_path / "run"),
+            "--set", "pretrain.steps=2"]  # fmt: skip
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert "round 1: fine-tuned student" in out and "results.md" in out
+    cfg = yaml.safe_load((tmp_path / "run/config.yaml").read_text())
+    assert cfg["pretrain"]["steps"] == 2
+    code, _, err = run_cli(["run", "--config", str(config), "--set", "pretrain.stepz=2"], capsys)
+    assert code == 2 and "pretrain.stepz" in err and len(err.strip().splitlines()) == 1
