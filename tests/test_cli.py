@@ -89,3 +89,15 @@ def test_console_script_is_installed() -> None:
     assert "resnet50" in done.stdout.split()
     bad = subprocess.run([str(script), "evaluate"], capture_output=True, text=True)
     assert bad.returncode == 2 and "required" in bad.stderr
+
+
+JOBS = sorted(p.name for p in (Path(__file__).parents[1] / "jobs").glob("[a-z]*.py"))
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_every_job_entrypoint_takes_its_stage_flags(job: str) -> None:
+    path = Path(__file__).parents[1] / "jobs" / job
+    done = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "--config YAML" in done.stdout

@@ -27,6 +27,7 @@ from typing import Any
 
 from ssl_kd import atomic
 from ssl_kd import config as cfglib
+from ssl_kd.errors import UserError
 from ssl_kd.pipeline.config import PIPELINE_KEYS, PipelineConfig, stage_config
 from ssl_kd.pipeline.stages import Stage
 
@@ -150,8 +151,6 @@ class PlanBuilder:
         def run() -> dict[str, Any]:
             s = run_label(lc, progress=self.progress)
             if s["failed"]:
-                from ssl_kd.errors import UserError
-
                 raise UserError(
                     f"{len(s['failed'])} shard(s) failed to label (see {directory}/"
                     "run_summary.json); rerun the same command to retry them"
