@@ -10,6 +10,7 @@ misspelt key fails before any stage runs.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -95,30 +96,22 @@ class PipelineConfig:
         return self.labeled is not None
 
 
+# Each section's stage config, imported when first used (the training ones load torch).
+_STAGE_CLASSES = {
+    "teacher": "ssl_kd.train.supervised:TrainConfig",
+    "baseline": "ssl_kd.train.supervised:TrainConfig",
+    "label": "ssl_kd.label_job:LabelConfig",
+    "select": "ssl_kd.select:SelectConfig",
+    "materialize": "ssl_kd.materialize:MaterializeConfig",
+    "pretrain": "ssl_kd.train.student:StudentConfig",
+    "finetune": "ssl_kd.train.student:FinetuneConfig",
+    "evaluate": "ssl_kd.evaluate:EvalConfig",
+}
+
+
 def _stage_class(section: str) -> type:
-    if section == "evaluate":
-        from ssl_kd.evaluate import EvalConfig
-
-        return EvalConfig
-    if section == "label":
-        from ssl_kd.label_job import LabelConfig
-
-        return LabelConfig
-    if section == "select":
-        from ssl_kd.select import SelectConfig
-
-        return SelectConfig
-    if section == "materialize":
-        from ssl_kd.materialize import MaterializeConfig
-
-        return MaterializeConfig
-    if section in ("pretrain", "finetune"):
-        from ssl_kd.train.student import FinetuneConfig, StudentConfig
-
-        return StudentConfig if section == "pretrain" else FinetuneConfig
-    from ssl_kd.train.supervised import TrainConfig
-
-    return TrainConfig
+    module, name = _STAGE_CLASSES[section].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def section_values(cfg: PipelineConfig, section: str) -> dict[str, Any]:
@@ -135,15 +128,8 @@ def section_values(cfg: PipelineConfig, section: str) -> dict[str, Any]:
         for key in ("arch", "width"):
             if key in student:
                 values.setdefault(key, student[key])
-        values.setdefault("steps", cfg.finetune.get("steps", _field_default("finetune", "steps")))
+        values.setdefault("steps", cfg.finetune.get("steps", _stage_class("finetune").steps))
     return values
-
-
-def _field_default(section: str, key: str) -> Any:
-    for f in dataclasses.fields(_stage_class(section)):
-        if f.name == key:
-            return f.default
-    raise KeyError(key)
 
 
 def stage_config(cfg: PipelineConfig, section: str, paths: dict[str, Any]) -> Any:

@@ -50,27 +50,24 @@ def _spread(values: Sequence[float | None]) -> dict[str, float | None]:
 def collect(root: Path, models: Sequence[Model], rounds: int) -> dict[str, Any]:
     """Gather every model's test metrics and the selections' precision into one document."""
     rows: dict[tuple[str, int], list[tuple[Model, dict[str, Any]]]] = {}
+    archs: dict[tuple[str, int], str] = {}
     for model in models:
         metrics = json.loads((root / "eval" / model.slug / "metrics.json").read_text())
         rows.setdefault((model.role, model.round), []).append((model, _metrics(metrics)))
+        archs[model.role, model.round] = str(metrics["arch"])
     table = []
     for (role, rnd), entries in sorted(
         rows.items(), key=lambda kv: (kv[0][1], ROLES.index(kv[0][0]))
     ):
         keys = entries[0][1].keys()
         table.append({
-            "model": role, "round": rnd, "arch": _arch(root, entries[0][0]),
+            "model": role, "round": rnd, "arch": archs[role, rnd],
             "seeds": [m.seed for m, _ in entries],
             "per_seed": [{"seed": m.seed, **x} for m, x in entries],
             **{k: _spread([x[k] for _, x in entries]) for k in keys},
         })  # fmt: skip
     precision = _precision(root, rounds)
     return {"models": table, "selection_precision": precision, "goals": _goals(table)}
-
-
-def _arch(root: Path, model: Model) -> str:
-    metrics = json.loads((root / "eval" / model.slug / "metrics.json").read_text())
-    return str(metrics["arch"])
 
 
 def _precision(root: Path, rounds: int) -> list[dict[str, Any]]:
