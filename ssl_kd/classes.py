@@ -5,18 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ssl_kd import storage
 from ssl_kd.errors import UserError
 
 
 def dataset_info_near(urls: list[str]) -> dict | None:
     """The ``dataset.json`` in the first shard's directory or its parent, if there is one."""
-    if not urls or "://" in urls[0]:
-        return None
-    first = Path(urls[0]).resolve().parent
-    for d in (first, first.parent):
-        path = d / "dataset.json"
-        if path.is_file():
-            return json.loads(path.read_text())
+    if not urls or ("://" in urls[0] and not storage.is_remote(urls[0])):
+        return None  # http(s) and pipe: shards have no directory to look in
+    first = urls[0] if storage.is_remote(urls[0]) else str(Path(urls[0]).resolve())
+    shard_dir = storage.parent(first)
+    for d in (shard_dir, storage.parent(shard_dir)):
+        path = storage.join(d, "dataset.json")
+        if storage.is_file(path):
+            return json.loads(storage.read_text(path))
     return None
 
 
@@ -26,10 +28,10 @@ def resolve_classes(
     """Class names, in label order; UserError when they cannot be told or disagree."""
     names: list[str] | None = None
     if class_names_file:
-        path = Path(class_names_file)
-        if not path.is_file():
-            raise UserError(f"class names file {path} does not exist")
-        names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        if not storage.is_file(class_names_file):
+            raise UserError(f"class names file {class_names_file} does not exist")
+        text = storage.read_text(class_names_file)
+        names = [ln.strip() for ln in text.splitlines() if ln.strip()]
     elif (info := dataset_info_near(urls)) is not None and "classes" in info:
         names = list(info["classes"])
     elif num_classes is not None:

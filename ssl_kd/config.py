@@ -15,12 +15,11 @@ import os
 import types
 import typing
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
 
-from ssl_kd import atomic
+from ssl_kd import atomic, storage
 from ssl_kd.errors import ConfigError, UserError
 
 T = TypeVar("T")
@@ -177,11 +176,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML mapping; a missing file or a non-mapping raises UserError."""
-    p = Path(path)
-    if not p.is_file():
+    p = storage.display(path)
+    if not storage.is_file(path):
         raise UserError(f"config file {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(storage.read_text(path)) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"config file {p} is not valid YAML: {exc}".splitlines()[0]) from None
     if not isinstance(data, dict):
@@ -221,6 +220,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def save(cfg: Any, path: str | os.PathLike[str]) -> Path:
+def save(cfg: Any, path: str | os.PathLike[str]) -> str:
     """Write the resolved config as YAML, atomically; returns the path."""
     return atomic.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

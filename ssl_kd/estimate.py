@@ -116,7 +116,7 @@ def bytes_per_row(cfg: EstimateConfig) -> dict[str, float]:
     keys = [f"{i:012d}" for i in range(n)]
     table = build_table(meta, "u-000000", keys, classes, probs, emb)
     with tempfile.TemporaryDirectory() as tmp:
-        label_path = write_labels(table, Path(tmp) / "labels.parquet")
+        label_path = Path(write_labels(table, Path(tmp) / "labels.parquet"))
         selection = table.drop_columns([c for c in ("embedding",) if c in table.column_names])
         selection = selection.append_column("class", pa.array(classes[:, 0].astype(np.int32)))
         selection = selection.append_column("score", pa.array(probs[:, 0].astype(np.float32)))

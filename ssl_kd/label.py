@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ssl_kd import atomic
+from ssl_kd import atomic, storage
 from ssl_kd.device import resolve_device
 from ssl_kd.errors import UserError
 from ssl_kd.labels_io import LabelMeta, build_table, label_file_name, write_labels
@@ -37,7 +37,7 @@ from ssl_kd.train.checkpoint import load_checkpoint, model_from_checkpoint
 def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with storage.open_input(path) as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -202,14 +202,13 @@ def errors_file_name(shard_url: str) -> str:
 def label_shard_to_dir(teacher: Teacher, url: str, out: str | Path, batch_size: int) -> dict:
     """Label ``url`` into ``out``: errors file (if any), then the Parquet file; both atomic."""
     result = label_shard(teacher, url, batch_size)
-    out = Path(out)
     t0 = time.perf_counter()
     if result.stats.errors:
         lines = "".join(json.dumps(e) + "\n" for e in result.stats.errors)
-        atomic.write_text(out / errors_file_name(url), lines)
-    path = write_labels(result.table, out / label_file_name(url))
+        atomic.write_text(storage.join(out, errors_file_name(url)), lines)
+    path = write_labels(result.table, storage.join(out, label_file_name(url)))
     result.seconds["write"] = time.perf_counter() - t0
     status = result.status()
-    status["bytes"] = path.stat().st_size
+    status["bytes"] = storage.size(path)
     status["worker"] = os.getpid()
     return status

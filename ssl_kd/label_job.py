@@ -15,13 +15,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from tqdm import tqdm
 
-from ssl_kd import atomic
+from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
 from ssl_kd.config import option
 from ssl_kd.errors import UserError
@@ -68,15 +67,20 @@ class LabelWorker:
 
 
 def _check_out_dir(cfg: LabelConfig, teacher: Teacher) -> None:
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    existing = label_files(out)
+    out = cfg.out
+    if storage.is_file(out):
+        raise UserError(f"--out {storage.display(out)} exists and is not a directory")
+    storage.makedirs(out)
+    existing = label_files(out) if storage.exists(out) else []
     if existing:
-        check_same_labeling(read_meta(existing[0]), teacher.meta, str(existing[0]), "this run")
-    for stale in out.glob(".*.tmp"):  # left by a killed run; never a finished file
-        stale.unlink(missing_ok=True)
+        check_same_labeling(read_meta(existing[0]), teacher.meta, existing[0], "this run")
+    _remove_stale(out)
+
+
+def _remove_stale(out: str) -> None:
+    """Temp files left by a killed run (never a finished file; object stores have none)."""
+    for stale in storage.list_dir(out, ".*.tmp"):
+        storage.delete(stale)
 
 
 def _plan(cfg: LabelConfig, urls: list[str]) -> list[str]:
@@ -89,7 +93,8 @@ def _plan(cfg: LabelConfig, urls: list[str]) -> list[str]:
                 "label them into separate --out directories"
             )
         names[name] = url
-    return [u for u in urls if not (Path(cfg.out) / label_file_name(u)).exists()]
+    done = set(map(storage.name, storage.list_dir(cfg.out, "*.parquet")))  # one listing
+    return [u for u in urls if label_file_name(u) not in done]
 
 
 def _run_local(
@@ -197,7 +202,7 @@ def run_label(
     teacher = Teacher(cfg.teacher, cfg.k, cfg.temperature, cfg.embeddings, "cpu")
     _check_out_dir(cfg, teacher)
     todo = _plan(cfg, urls)
-    cfglib.save(cfg, Path(cfg.out) / "config.yaml")
+    cfglib.save(cfg, storage.join(cfg.out, "config.yaml"))
     log.info("%d shards: %d to label, %d already done", len(urls), len(todo), len(urls) - len(todo))
     start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="shard", desc="label", disable=not progress or not todo)
@@ -216,11 +221,12 @@ def run_label(
     else:
         statuses = _run_ray(cfg, todo, on_shard, worker_cls)
     bar.close()
-    for stale in Path(cfg.out).glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
+    _remove_stale(cfg.out)
     wall = time.perf_counter() - start
     summary = _summarize(cfg, urls, todo, statuses, wall)
-    atomic.write_text(Path(cfg.out) / "run_summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic.write_text(
+        storage.join(cfg.out, "run_summary.json"), json.dumps(summary, indent=2) + "\n"
+    )
     return summary
 
 

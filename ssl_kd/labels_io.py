@@ -14,13 +14,13 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ssl_kd import storage
 from ssl_kd.atomic import atomic_path
 from ssl_kd.errors import UserError
 
@@ -132,30 +132,32 @@ def label_file_name(shard_url: str) -> str:
     return f"{name}.parquet"
 
 
-def write_labels(table: pa.Table, path: str | os.PathLike[str]) -> Path:
-    """Write atomically (temp + rename): the file's presence means the shard is complete."""
+def write_labels(table: pa.Table, path: str | os.PathLike[str]) -> str:
+    """Write atomically (temp + rename, or one put): the file's presence means the shard is
+    complete; returns the path."""
     with atomic_path(path) as tmp:
         pq.write_table(
             table, tmp, compression="zstd", compression_level=9, use_dictionary=["shard"]
         )
-    return Path(path)
+    return os.fspath(path)
 
 
 def read_meta(path: str | os.PathLike[str]) -> LabelMeta:
     """The metadata of one label file (footer only)."""
     try:
-        kv = pq.read_schema(path).metadata
+        kv = pq.read_schema(os.fspath(path)).metadata
     except (pa.ArrowInvalid, OSError) as exc:
         raise UserError(f"{path} is not a readable Parquet file ({exc})") from None
     return LabelMeta.from_kv(kv, str(path))
 
 
-def label_files(directory: str | os.PathLike[str]) -> list[Path]:
-    """The label files of a directory, sorted (temp files and other names excluded)."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise UserError(f"label directory {d} does not exist")
-    return sorted(p for p in d.glob("*.parquet") if not p.name.startswith("."))
+def label_files(directory: str | os.PathLike[str]) -> list[str]:
+    """The label files of a directory (or prefix), sorted (temp files and other names
+    excluded)."""
+    if not storage.is_dir(directory):
+        raise UserError(f"label directory {storage.display(directory)} does not exist")
+    files = storage.list_dir(directory, "*.parquet")
+    return [p for p in files if not storage.name(p).startswith(".")]
 
 
 def check_same_labeling(a: LabelMeta, b: LabelMeta, where_a: str, where_b: str) -> None:
@@ -173,7 +175,7 @@ class LabelSet:
     """A validated directory of label files, read as a stream of record batches."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.directory = Path(directory)
+        self.directory = os.fspath(directory)
         self.files = label_files(directory)
         if not self.files:
             raise UserError(f"no label files (*.parquet) in {self.directory}")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from ssl_kd import atomic
+from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
 from ssl_kd.config import option
 from ssl_kd.errors import UserError
@@ -83,10 +83,16 @@ class MaterializeConfig:
     max_retries: int = option(2, help="retries of a task that failed on I/O", min=0)
 
 
-def _read_selection(path: Path) -> tuple[pa.Table, LabelMeta]:
-    if not (path / "selection.parquet" if path.is_dir() else path).is_file():
-        raise UserError(f"no selection at {path}: run ssl-kd select first")
-    parquet, meta = open_selection(path if path.is_dir() else path.parent)
+def _selection_dir(selection: str) -> str:
+    """The selection directory, given it or its ``selection.parquet``."""
+    return storage.parent(selection) if storage.is_file(selection) else selection
+
+
+def _read_selection(selection: str) -> tuple[pa.Table, LabelMeta]:
+    directory = _selection_dir(selection)
+    if not storage.is_file(storage.join(directory, "selection.parquet")):
+        raise UserError(f"no selection at {storage.display(selection)}: run ssl-kd select first")
+    parquet, meta = open_selection(directory)
     table = pq.read_table(parquet, columns=_COLUMNS)
     if table.num_rows == 0:
         raise UserError(f"the selection {parquet} is empty")
@@ -95,10 +101,7 @@ def _read_selection(path: Path) -> tuple[pa.Table, LabelMeta]:
 
 def resolve_sources(cfg: MaterializeConfig, names: list[str]) -> list[str]:
     """The URL of every source shard name; UserError naming one that cannot be found."""
-    selection_dir = Path(cfg.selection)
-    if not selection_dir.is_dir():
-        selection_dir = selection_dir.parent
-    by_name = shard_locations(selection_dir, cfg.shards)
+    by_name = shard_locations(_selection_dir(cfg.selection), cfg.shards)
     out = []
     for name in names:
         url = by_name.get(name)
@@ -113,39 +116,52 @@ def resolve_sources(cfg: MaterializeConfig, names: list[str]) -> list[str]:
 
 def _check_out(cfg: MaterializeConfig, identity: dict[str, Any]) -> dict[str, Any] | None:
     """The manifest when ``out`` already holds this run; clears an unfinished run of it."""
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
+    out = cfg.out
+    if storage.is_file(out):
         raise UserError(f"--out {out} exists and is not a directory")
-    manifest_path = out / "materialize.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
+    manifest_path = storage.join(out, "materialize.json")
+    if storage.is_file(manifest_path):
+        manifest = json.loads(storage.read_text(manifest_path))
         if manifest.get("identity") != identity:
             diff = [k for k in identity if manifest.get("identity", {}).get(k) != identity[k]]
             raise UserError(
                 f"{out} holds another materialization (different {', '.join(diff)}); "
                 "remove it or choose another --out"
             )
-        if all((out / s).is_file() for s in manifest["shards"]):
+        present = set(map(storage.name, storage.list_dir(out, "train-*.tar")))
+        if present.issuperset(manifest["shards"]):
             return manifest
         log.warning("%s lacks some of its shards: materialising again", out)
-    elif out.is_dir() and any(out.iterdir()):
-        previous = out / "config.yaml"
-        if not previous.is_file():
+    elif _holds_files(out):
+        previous = storage.join(out, "config.yaml")
+        if not storage.is_file(previous):
             raise UserError(f"{out} exists and is not empty; remove it or choose another --out")
         old = cfglib.read_yaml(previous)
         same = all(old.get(k) == getattr(cfg, k) for k in _IDENTITY)
-        if not same or Path(str(old.get("selection"))).resolve() != Path(cfg.selection).resolve():
+        if not same or not _same_place(str(old.get("selection")), cfg.selection):
             raise UserError(
                 f"{out} holds an unfinished materialization with another config; remove it or "
                 "choose another --out"
             )
         log.warning("%s holds an unfinished run of this config: starting it again", out)
     # Temp files of a killed run and the outputs of an unfinished or incomplete one.
-    for stale in [*out.glob("train-*.tar"), *out.glob(".*.tmp"), out / "dataset.json",
-                  manifest_path]:  # fmt: skip
-        stale.unlink(missing_ok=True)
-    shutil.rmtree(out / BUCKETS, ignore_errors=True)
+    for stale in [*storage.list_dir(out, "train-*.tar"), *storage.list_dir(out, ".*.tmp"),
+                  storage.join(out, "dataset.json"), manifest_path]:  # fmt: skip
+        storage.delete(stale)
+    storage.delete_tree(storage.join(out, BUCKETS))
     return None
+
+
+def _holds_files(directory: str) -> bool:
+    if storage.is_remote(directory):
+        return storage.exists(directory)  # a prefix exists only while objects are under it
+    return os.path.isdir(directory) and any(os.scandir(directory))
+
+
+def _same_place(a: str, b: str) -> bool:
+    if storage.is_remote(a) or storage.is_remote(b):
+        return a.rstrip("/") == b.rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def _run_tasks(
@@ -202,10 +218,8 @@ def _run_tasks(
 def run_materialize(cfg: MaterializeConfig, progress: bool = True) -> dict[str, Any]:
     """Write the selection as shuffled shards in ``cfg.out``; returns (and writes) the manifest."""
     start = time.perf_counter()
-    selection_path = Path(cfg.selection)
-    table, meta = _read_selection(selection_path)
-    if selection_path.is_dir():
-        selection_path = selection_path / "selection.parquet"
+    table, meta = _read_selection(cfg.selection)
+    selection_path = storage.join(_selection_dir(cfg.selection), "selection.parquet")
     identity = {"selection_sha256": file_sha256(selection_path),
                 **{k: getattr(cfg, k) for k in _IDENTITY}}  # fmt: skip
     done = _check_out(cfg, identity)
@@ -215,16 +229,17 @@ def run_materialize(cfg: MaterializeConfig, progress: bool = True) -> dict[str, 
     repeat = table.column("repeat").to_numpy().astype(np.int64)
     plan = make_plan(table.column("shard"), repeat, cfg.seed)
     urls = resolve_sources(cfg, plan.sources)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfglib.save(cfg, out / "config.yaml")  # first: marks the directory as this run's
-    buckets = out / BUCKETS
+    out = cfg.out
+    storage.makedirs(out)
+    cfglib.save(cfg, storage.join(out, "config.yaml"))  # first: marks the directory as this run's
+    # Spill files sit beside the output, where every node of a cluster can reach them.
+    buckets = storage.join(out, BUCKETS)
     seconds = {"plan": time.perf_counter() - start}
 
     try:
         written = _map_reduce(cfg, table, plan, urls, progress, seconds)
     finally:
-        shutil.rmtree(buckets, ignore_errors=True)  # spill files are never reused
+        storage.delete_tree(buckets)  # spill files are never reused
     seconds["total"] = time.perf_counter() - start
     return _finish(cfg, meta, table, repeat, identity, written, urls, seconds)
 
@@ -234,8 +249,7 @@ def _map_reduce(
     seconds: dict[str, float],
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Spill every source shard, then write every output shard; returns their summaries."""
-    out = Path(cfg.out)
-    buckets = out / BUCKETS
+    buckets = storage.join(cfg.out, BUCKETS)
     n = len(plan.position)
     offset = np.zeros(n, np.int64)
     size = np.zeros(n, np.int64)
@@ -244,7 +258,7 @@ def _map_reduce(
 
     def map_job(s: int) -> tuple:
         rows = table.take(pa.array(plan.source_rows[s])).drop(["shard"])
-        return urls[s], rows, str(bucket_path(buckets, s))
+        return urls[s], rows, bucket_path(buckets, s)
 
     def mapped(s: int, result: dict[str, Any]) -> None:
         entries = plan.source_entries[s]
@@ -261,7 +275,8 @@ def _map_reduce(
 
     def reduce_job(j: int) -> tuple:
         e = at[j * cfg.samples_per_shard : (j + 1) * cfg.samples_per_shard]
-        return str(out / (SHARD_PATTERN % j)), str(buckets), source_of[e], offset[e], size[e]
+        return (storage.join(cfg.out, SHARD_PATTERN % j), buckets, source_of[e], offset[e],
+                size[e])  # fmt: skip
 
     written: list[dict[str, Any]] = [{}] * n_out
 
@@ -284,7 +299,7 @@ def _finish(
     seconds: dict[str, float],
 ) -> dict[str, Any]:  # fmt: skip
     """Write ``dataset.json`` and, last, ``materialize.json``; returns the manifest."""
-    out = Path(cfg.out)
+    out = cfg.out
     cls = table.column("class").to_numpy()
     per_class = np.bincount(cls, weights=repeat, minlength=meta.num_classes).astype(np.int64)
     shards = [w["shard"] for w in written]
@@ -299,7 +314,7 @@ def _finish(
         "seed": cfg.seed,
         "config": cfglib.to_dict(cfg),
     }  # fmt: skip
-    atomic.write_text(out / "dataset.json", json.dumps(info, indent=2) + "\n")
+    atomic.write_text(storage.join(out, "dataset.json"), json.dumps(info, indent=2) + "\n")
     manifest = {
         "identity": identity,
         "samples": int(repeat.sum()),
@@ -312,5 +327,5 @@ def _finish(
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "config": cfglib.to_dict(cfg),
     }
-    atomic.write_text(out / "materialize.json", json.dumps(manifest, indent=2) + "\n")
+    atomic.write_text(storage.join(out, "materialize.json"), json.dumps(manifest, indent=2) + "\n")
     return {**manifest, "already_done": False}

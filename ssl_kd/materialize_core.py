@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ssl_kd import atomic
+from ssl_kd import atomic, storage
 from ssl_kd.errors import UserError
 from ssl_kd.labels_io import label_file_name
 from ssl_kd.shards.reader import IMAGE_EXTENSIONS, ReadStats, iter_shard
@@ -97,9 +96,9 @@ def map_source_shard(url: str, rows: pa.Table, bucket: str) -> dict[str, Any]:
             "size": size, "seconds": seconds}  # fmt: skip
 
 
-def bucket_path(bucket_dir: str | Path, source: int) -> Path:
-    """The spill file of source shard number ``source``."""
-    return Path(bucket_dir) / f"{source:06d}.bin"
+def bucket_path(bucket_dir: str, source: int) -> str:
+    """The spill file (or object) of source shard number ``source``."""
+    return storage.join(bucket_dir, f"{source:06d}.bin")
 
 
 def reduce_output_shard(
@@ -108,25 +107,19 @@ def reduce_output_shard(
     """Write one output shard, atomically: sample ``j`` is ``size[j]`` bytes at ``offset[j]``
     of the spill file of ``source[j]``, in the order given."""
     blocks: list[bytes] = [b""] * len(offset)
-    # Read spill file by spill file, forwards, so that each is opened once.
-    current, fh = -1, None
-    try:
-        for j in np.lexsort((offset, source)):
-            if source[j] != current:
-                if fh is not None:
-                    fh.close()
-                current = source[j]
-                fh = open(bucket_path(bucket_dir, int(current)), "rb")  # noqa: SIM115
-            fh.seek(int(offset[j]))
-            blocks[j] = fh.read(int(size[j]))
-    finally:
-        if fh is not None:
-            fh.close()
+    # Spill file by spill file, each opened once and read forwards.
+    order = np.lexsort((offset, source))
+    sources, starts = np.unique(source[order], return_index=True)
+    for s, js in zip(sources, np.split(order, starts[1:]), strict=True):
+        data = storage.read_ranges(bucket_path(bucket_dir, int(s)), offset[js].tolist(),
+                                   size[js].tolist())  # fmt: skip
+        for j, block in zip(js, data, strict=True):
+            blocks[j] = block
     with atomic.atomic_path(path) as tmp, open(tmp, "wb") as out:
         for block in blocks:
             out.write(block)
         out.write(END_OF_ARCHIVE)
-    return {"shard": Path(path).name, "samples": len(blocks), "bytes": sum(map(len, blocks))}
+    return {"shard": storage.name(path), "samples": len(blocks), "bytes": sum(map(len, blocks))}
 
 
 @dataclass

@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import faiss
@@ -24,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ssl_kd import atomic
+from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
 from ssl_kd.config import option
 from ssl_kd.dedup import leaked, near_duplicates
@@ -161,7 +160,7 @@ def run_select(cfg: SelectConfig) -> dict[str, Any]:
     best, *rest = _partials(cfg, labels)
     for part in rest:
         best.merge(part)
-    out = Path(cfg.out)
+    out = cfg.out
     if best.selected_counts().sum() == 0:
         raise UserError(f"no candidates in {cfg.labels} (empty files, or --min-score too high)")
     t_select = time.perf_counter()
@@ -197,15 +196,15 @@ def run_select(cfg: SelectConfig) -> dict[str, Any]:
     )
     report = _report(cfg, meta.classes, best, cls_ids, score, rep, removed)
     t_rows = time.perf_counter()
-    with atomic.atomic_path(out / "selection.parquet") as tmp:
+    with atomic.atomic_path(storage.join(out, "selection.parquet")) as tmp:
         pq.write_table(table.replace_schema_metadata(meta.to_kv()), tmp, compression="zstd")
     report["seconds"] = {
         "select": round(t_select - t0, 3),
         "rows_and_filters": round(t_rows - t_select, 3),
         "write": round(time.perf_counter() - t_rows, 3),
     }
-    atomic.write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    cfglib.save(cfg, out / "config.yaml")
+    atomic.write_text(storage.join(out, "report.json"), json.dumps(report, indent=2) + "\n")
+    cfglib.save(cfg, storage.join(out, "config.yaml"))
     return report
 
 

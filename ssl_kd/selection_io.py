@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ssl_kd import storage
 from ssl_kd.errors import UserError
 from ssl_kd.labels_io import LabelMeta
 
@@ -20,15 +21,15 @@ _COLUMNS = {
 }
 
 
-def open_selection(directory: str | Path) -> tuple[Path, LabelMeta]:
+def open_selection(directory: str | os.PathLike[str]) -> tuple[str, LabelMeta]:
     """``selection.parquet`` of ``directory`` and the labeling metadata it carries."""
-    d = Path(directory)
-    if d.is_file():
+    d = storage.display(directory)
+    if storage.is_file(directory):
         raise UserError(f"{d} is a file; give the directory written by ssl-kd select")
-    if not d.is_dir():
+    if not storage.is_dir(directory):
         raise UserError(f"selection directory {d} does not exist")
-    path = d / "selection.parquet"
-    if not path.is_file():
+    path = storage.join(directory, "selection.parquet")
+    if not storage.is_file(path):
         raise UserError(f"{d} holds no selection.parquet (written by ssl-kd select)")
     try:
         schema = pq.read_schema(path)

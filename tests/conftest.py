@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import io
+import socket
+import subprocess
+import sys
 import tarfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +122,77 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         code = int(exc.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+# A throwaway credential: tests assert that it never reaches a log line or a written file.
+S3_SECRET = "ssl-kd-test-secret-5f2c9a"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A real S3-compatible server (moto in server mode) on 127.0.0.1; yields its endpoint."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the S3 test server did not start on {endpoint}") from None
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
+    """A fresh bucket on the test server, with the AWS SDK pointed at it through the
+    environment only (as on a cluster node); yields ``s3://BUCKET``."""
+    import pyarrow.fs as pafs
+
+    from ssl_kd import storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ssl-kd-test-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role probing
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    bucket = f"b-{uuid.uuid4().hex[:12]}"
+    admin = pafs.S3FileSystem(
+        endpoint_override=s3_server, allow_bucket_creation=True, region="us-east-1",
+        access_key="ssl-kd-test-key", secret_key=S3_SECRET,
+    )  # fmt: skip
+    admin.create_dir(bucket)
+    storage.clear_cache()
+    yield f"s3://{bucket}"
+    storage.clear_cache()
+
+
+def upload_tree(local: Path, url: str) -> list[str]:
+    """Copy every file under ``local`` to ``url`` (same relative names); returns the URLs."""
+    from ssl_kd import storage
+
+    urls = []
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        dest = storage.join(url, *path.relative_to(local).parts)
+        storage.upload(path, dest)
+        urls.append(dest)
+    return urls

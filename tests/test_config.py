@@ -78,4 +78,4 @@ def test_bad_yaml_files(tmp_path: Path) -> None:
 def test_save_round_trips(tmp_path: Path) -> None:
     cfg = Demo(out="o", steps=5, limit=None)
     path = cfglib.save(cfg, tmp_path / "run" / "config.yaml")
-    assert cfglib.from_dict(Demo, yaml.safe_load(path.read_text())) == cfg
+    assert cfglib.from_dict(Demo, yaml.safe_load(Path(path).read_text())) == cfg

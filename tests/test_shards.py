@@ -85,7 +85,9 @@ def test_spec_brace_glob_dir_list_comma(shard_dir: Path, tmp_path: Path) -> None
     listing.write_text("# shards\nshards/x-000002.tar\n\n" + expected[0] + "\n")
     assert expand_shards(str(listing)) == [expected[2], expected[0]]
     assert expand_shards(f"{expected[1]},{expected[3]}") == [expected[1], expected[3]]
-    assert expand_shards("s3://bucket/u-{0..2}.tar") == [f"s3://bucket/u-{i}.tar" for i in range(3)]
+    assert expand_shards("https://host/u-{0..2}.tar") == [
+        f"https://host/u-{i}.tar" for i in range(3)
+    ]
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,9 @@ of any charts (``plots``) and contact sheet (``contact_sheet``) written on the w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from ssl_kd import storage
 from ssl_kd.errors import UserError
 from ssl_kd.inspect import text
 from ssl_kd.inspect.compare import compare_labels
@@ -56,7 +56,7 @@ def _check_pictures(cfg: InspectLabelsConfig | InspectSelectionConfig) -> None:
         raise UserError(f"--top must be >= 1, got {cfg.top}")
     if (cfg.contact_sheet is None) != (cfg.out is None):
         raise UserError("--contact-sheet CLASS and --out FILE.png go together")
-    if cfg.plots is not None and Path(cfg.plots).is_file():
+    if cfg.plots is not None and storage.is_file(cfg.plots):
         raise UserError(f"--plots {cfg.plots} is a file; give a directory for the charts")
 
 

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ssl_kd import storage
 from ssl_kd.errors import UserError
 from ssl_kd.labels_io import LabelMeta, LabelSet
 
@@ -31,10 +32,9 @@ CONFIDENCE_BINS = 20  # 0.05 wide: fine enough to see a calibration bump, short 
 
 def open_labels(directory: str | Path) -> LabelSet:
     """The label set of ``directory``, every file checked against the label schema."""
-    path = Path(directory)
-    if path.is_file():
-        raise UserError(f"{path} is a file; give the directory that holds the label files")
-    labels = LabelSet(path)
+    if storage.is_file(directory):
+        raise UserError(f"{directory} is a file; give the directory that holds the label files")
+    labels = LabelSet(directory)
     for file in labels.files:
         check_label_schema(pq.read_schema(file), labels.meta.k, str(file))
     return labels
@@ -112,8 +112,8 @@ def recorded_errors(directory: str | Path) -> dict[str, Any]:
     """Bad samples recorded by labeling in ``*.errors.jsonl``: total, per reason, shards."""
     by_reason: Counter[str] = Counter()
     shards = set()
-    for path in sorted(Path(directory).glob("*.errors.jsonl")):
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+    for path in storage.list_dir(directory, "*.errors.jsonl"):
+        for number, line in enumerate(storage.read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -157,7 +157,7 @@ def summarize_labels(labels: LabelSet, batch_rows: int = BATCH_ROWS) -> dict[str
         hist += np.histogram(np.clip(conf, 0.0, 1.0), bins=edges)[0]
         shards.update(pc.unique(batch.column("shard").cast(pa.string())).to_pylist())
     rows = int(count.sum())
-    sizes = [p.stat().st_size for p in labels.files]
+    sizes = [storage.size(p) for p in labels.files]
     empty = sum(pq.ParquetFile(p).metadata.num_rows == 0 for p in labels.files)
     per_class = [
         {

@@ -6,14 +6,14 @@ Figures are built on :class:`matplotlib.figure.Figure` with an explicit Agg canv
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ssl_kd import atomic
+from ssl_kd import atomic, storage
 
 MAX_TICK_LABELS = 40  # beyond this many classes, names would overlap: show indices
 
@@ -25,11 +25,11 @@ def new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def save_png(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
+def save_png(fig: Figure, path: str | os.PathLike[str], dpi: int = 100) -> str:
     """Write ``fig`` as PNG atomically; returns the path."""
     with atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-    return Path(path)
+    return os.fspath(path)
 
 
 def _class_axis(ax: Any, names: list[str]) -> None:
@@ -46,9 +46,8 @@ def _width(n_classes: int) -> float:
     return float(min(16, max(6, 0.3 * n_classes)))
 
 
-def label_plots(summary: dict[str, Any], out: str | Path) -> list[Path]:
+def label_plots(summary: dict[str, Any], out: str) -> list[str]:
     """``class_histogram.png`` (top-1 per class) and ``confidence_histogram.png``."""
-    out = Path(out)
     per_class = summary["per_class"]
     names = [p["name"] for p in per_class]
     fig = new_figure(_width(len(names)), 4)
@@ -57,7 +56,7 @@ def label_plots(summary: dict[str, Any], out: str | Path) -> list[Path]:
     ax.set_ylabel("images (top-1)")
     ax.set_title(f"Top-1 class histogram — {summary['rows']:,} images")
     _class_axis(ax, names)
-    paths = [save_png(fig, out / "class_histogram.png")]
+    paths = [save_png(fig, storage.join(out, "class_histogram.png"))]
 
     hist = summary["confidence"]["histogram"]
     edges = np.asarray(hist["edges"])
@@ -76,11 +75,11 @@ def label_plots(summary: dict[str, Any], out: str | Path) -> list[Path]:
     mean = summary["confidence"]["mean"]
     ax.set_title("Confidence" + (f" — mean {mean:.3f}" if mean is not None else ""))
     ax.set_xlim(0, 1)
-    paths.append(save_png(fig, out / "confidence_histogram.png"))
+    paths.append(save_png(fig, storage.join(out, "confidence_histogram.png")))
     return paths
 
 
-def selection_plots(summary: dict[str, Any], out: str | Path) -> list[Path]:
+def selection_plots(summary: dict[str, Any], out: str) -> list[str]:
     """``selection_counts.png``: selected and upsampled images per class, K as a line."""
     per_class = summary["per_class"]
     names = [p["name"] for p in per_class]
@@ -107,4 +106,4 @@ def selection_plots(summary: dict[str, Any], out: str | Path) -> list[Path]:
     )
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)  # beside, not on, bars
     _class_axis(ax, names)
-    return [save_png(fig, Path(out) / "selection_counts.png")]
+    return [save_png(fig, storage.join(out, "selection_counts.png"))]

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ssl_kd import storage
 from ssl_kd.errors import UserError
 from ssl_kd.inspect.labels import BATCH_ROWS
 from ssl_kd.selection_io import open_selection
@@ -25,12 +26,12 @@ log = logging.getLogger(__name__)
 
 def read_report(directory: str | Path) -> dict[str, Any] | None:
     """``report.json`` of a selection directory, or None when there is none."""
-    path = Path(directory) / "report.json"
-    if not path.is_file():
+    path = storage.join(directory, "report.json")
+    if not storage.is_file(path):
         log.warning("%s not found: candidates and removed images are unknown", path)
         return None
     try:
-        report = json.loads(path.read_text())
+        report = json.loads(storage.read_text(path))
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(report, dict) or not isinstance(report.get("per_class"), list):

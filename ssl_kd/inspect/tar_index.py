@@ -3,7 +3,8 @@
 :func:`index_members` walks the tar headers once (``tarfile`` seeks over member data instead of
 reading it) and records where each wanted key's members start; :func:`read_images` then seeks to
 each image in file order. A shard is thus read once at most, whatever number of its images are
-wanted, and the walk stops as soon as every wanted key has been seen.
+wanted, and the walk stops as soon as every wanted key has been seen. A shard in an object store
+is read forwards instead, once, up to the last wanted key.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import tarfile
 from pathlib import Path
 from typing import BinaryIO
 
+from ssl_kd import storage
 from ssl_kd.errors import UserError
-from ssl_kd.shards.reader import IMAGE_EXTENSIONS
+from ssl_kd.shards.reader import IMAGE_EXTENSIONS, ReadStats, iter_shard
 from ssl_kd.shards.tario import split_key
 
 Index = dict[str, dict[str, tuple[int, int]]]  # key → extension → (data offset, size)
@@ -50,9 +52,24 @@ def index_members(stream: BinaryIO, wanted: set[str] | None = None) -> Index:
     return index
 
 
-def read_images(path: str | Path, keys: set[str]) -> dict[str, bytes]:
-    """The encoded image of each of ``keys`` in the shard at ``path``; UserError if any is
-    missing."""
+def _read_streaming(url: str, keys: set[str]) -> dict[str, dict[str, bytes]]:
+    """The members of ``keys``, from one forward read (an object store serves a sequential
+    read well and every seek badly); stops once all were seen."""
+    found: dict[str, dict[str, bytes]] = {}
+    stats = ReadStats()
+    for sample in iter_shard(url, stats):
+        if sample["__key__"] in keys:
+            found[sample["__key__"]] = sample
+            if len(found) == len(keys):
+                break
+    if not found and stats.errors:
+        raise UserError(f"{url} is not a readable tar shard ({stats.errors[-1]['reason']})")
+    return found
+
+
+def _read_seeking(path: str | Path, keys: set[str]) -> dict[str, dict[str, bytes]]:
+    """The image member of each of ``keys`` found in a local shard: one header walk, then a
+    seek to each image in file order."""
     try:
         stream = _open(path)
     except OSError as exc:
@@ -62,21 +79,36 @@ def read_images(path: str | Path, keys: set[str]) -> dict[str, bytes]:
             index = index_members(stream, keys)
         except tarfile.TarError as exc:
             raise UserError(f"{path} is not a readable tar shard ({exc})") from None
-        missing = sorted(keys - index.keys())
-        if missing:
-            raise UserError(
-                f"shard {path} has no sample {missing[0]!r}"
-                + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "")
-                + ": is it the shard that was labeled?"
-            )
-        places = {}
-        for key in keys:
-            ext = next((e for e in IMAGE_EXTENSIONS if e in index[key]), None)
-            if ext is None:
-                raise UserError(f"sample {key!r} of {path} has no image member")
-            places[key] = index[key][ext]
-        images = {}
-        for key, (offset, size) in sorted(places.items(), key=lambda kv: kv[1][0]):
+        places = []
+        for key, members in index.items():
+            ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+            if ext is not None:
+                places.append((members[ext], key, ext))
+        found: dict[str, dict[str, bytes]] = {key: {} for key in index}
+        for (offset, size), key, ext in sorted(places):
             stream.seek(offset)
-            images[key] = stream.read(size)
+            found[key][ext] = stream.read(size)
+    return found
+
+
+def read_images(path: str | Path, keys: set[str]) -> dict[str, bytes]:
+    """The encoded image of each of ``keys`` in the shard at ``path``; UserError if any is
+    missing."""
+    if storage.is_remote(path):
+        found = _read_streaming(str(path), keys)
+    else:
+        found = _read_seeking(path, keys)
+    missing = sorted(keys - found.keys())
+    if missing:
+        raise UserError(
+            f"shard {path} has no sample {missing[0]!r}"
+            + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + ": is it the shard that was labeled?"
+        )
+    images = {}
+    for key in keys:
+        ext = next((e for e in IMAGE_EXTENSIONS if e in found[key]), None)
+        if ext is None:
+            raise UserError(f"sample {key!r} of {path} has no image member")
+        images[key] = found[key][ext]
     return images

@@ -7,36 +7,37 @@ selection, the label directory named by its own ``config.yaml``), or a spec the 
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import yaml
 
+from ssl_kd import storage
 from ssl_kd.errors import ShardSpecError, UserError
 from ssl_kd.shards.spec import expand_shards, shard_name
 
 
-def recorded_shard_spec(directory: str | Path) -> str:
+def recorded_shard_spec(directory: str | os.PathLike[str]) -> str:
     """The shard spec that labeled ``directory`` (a label or selection directory)."""
-    d = Path(directory)
+    d = os.fspath(directory)
     for _ in range(2):  # a selection's config names its labels; theirs names the shards
-        cfg_path = d / "config.yaml"
-        if not cfg_path.is_file():
+        cfg_path = storage.join(d, "config.yaml")
+        if not storage.is_file(cfg_path):
             break
-        cfg = yaml.safe_load(cfg_path.read_text()) or {}
+        cfg = yaml.safe_load(storage.read_text(cfg_path)) or {}
         if not isinstance(cfg, dict):
             break
         if cfg.get("shards"):
             return str(cfg["shards"])
         if not cfg.get("labels"):
             break
-        d = Path(cfg["labels"])
+        d = str(cfg["labels"])
     raise UserError(
         f"cannot tell where the shards of {directory} are (no config.yaml naming them): "
         "pass --shards DIR_OR_SPEC"
     )
 
 
-def shard_locations(directory: str | Path, spec: str | None = None) -> dict[str, str]:
+def shard_locations(directory: str | os.PathLike[str], spec: str | None = None) -> dict[str, str]:
     """Shard name → local path, from ``spec`` or the spec recorded for ``directory``."""
     given = spec is not None
     spec = spec if given else recorded_shard_spec(directory)

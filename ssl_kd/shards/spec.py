@@ -2,69 +2,90 @@
 
 A spec is a brace pattern (``data/u-{000000..000999}.tar``), a glob (``data/*.tar``), a text file
 listing one shard per line (``#`` comments, paths relative to the list file), a directory (its
-``*.tar`` files), or a single file. Object-store URLs (``s3://…``) are brace-expanded but not
-checked for existence here. Comma-separated specs are concatenated.
+``*.tar`` files), or a single file, on local disk or in an object store (``s3://bucket/u-*.tar``;
+wildcards in the file name only). ``http(s)://`` and ``pipe:`` URLs are brace-expanded but not
+checked for existence. Comma-separated specs are concatenated.
 """
 
 from __future__ import annotations
 
-import glob
 import os
-from pathlib import Path
 
 import braceexpand
 
+from ssl_kd import storage
 from ssl_kd.errors import ShardSpecError
 
 _LIST_SUFFIXES = (".txt", ".list", ".lst")
 
 
-def _is_remote(spec: str) -> bool:
-    return "://" in spec and not spec.startswith("file://")
+def _is_unchecked(spec: str) -> bool:
+    """A URL that webdataset's gopen reads (``http(s)://``, ``pipe:``): not listable here."""
+    return spec.startswith("pipe:") or ("://" in spec and not storage.is_remote(spec))
+
+
+def _missing(names: list[str]) -> list[str]:
+    """The names that are not files; one listing per directory for object stores."""
+    listed: dict[str, set[str]] = {}
+    missing = []
+    for n in names:
+        if _is_unchecked(n):
+            continue
+        if storage.is_remote(n):
+            d = storage.parent(n)
+            if d not in listed:
+                listed[d] = set(storage.list_dir(d))
+            if n not in listed[d]:
+                missing.append(n)
+        elif not os.path.isfile(n):
+            missing.append(n)
+    return missing
 
 
 def _expand_one(spec: str) -> list[str]:
     if spec.startswith("file://"):
         spec = spec[len("file://") :]
-    if _is_remote(spec):
+    if _is_unchecked(spec):
         return list(braceexpand.braceexpand(spec))
     if "{" in spec and ".." in spec:
         names = list(braceexpand.braceexpand(spec))
-        missing = [n for n in names if not os.path.isfile(n)]
+        missing = _missing(names)
         if len(missing) == len(names):
-            raise ShardSpecError(f"shard spec '{spec}' matched no files")
+            raise ShardSpecError(f"shard spec '{storage.display(spec)}' matched no files")
         if missing:
             raise ShardSpecError(
-                f"shard spec '{spec}' names {len(names)} shards but {len(missing)} do not exist "
-                f"(first missing: {missing[0]})"
+                f"shard spec '{storage.display(spec)}' names {len(names)} shards but "
+                f"{len(missing)} do not exist (first missing: {storage.display(missing[0])})"
             )
         return names
     if any(ch in spec for ch in "*?["):
-        return sorted(p for p in glob.glob(spec) if os.path.isfile(p))
-    path = Path(spec)
-    if path.is_dir():
-        return sorted(str(p) for p in path.glob("*.tar") if p.is_file())
-    if path.is_file() and path.suffix in _LIST_SUFFIXES:
-        return _read_list_file(path)
-    if path.is_file():
+        return storage.glob(spec)
+    if storage.is_dir(spec):
+        return storage.list_dir(spec, "*.tar")
+    if storage.is_file(spec) and spec.endswith(_LIST_SUFFIXES):
+        return _read_list_file(spec)
+    if storage.is_file(spec):
         return [spec]
-    raise ShardSpecError(f"shard spec '{spec}' matched no files (no such file or directory)")
+    raise ShardSpecError(
+        f"shard spec '{storage.display(spec)}' matched no files (no such file or directory)"
+    )
 
 
-def _read_list_file(path: Path) -> list[str]:
+def _read_list_file(path: str) -> list[str]:
     out: list[str] = []
-    for line in path.read_text().splitlines():
+    for line in storage.read_text(path).splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if _is_remote(line) or os.path.isabs(line):
+        if "://" in line or line.startswith("pipe:") or os.path.isabs(line):
             out.append(line)
         else:
-            out.append(str(path.parent / line))
-    missing = [p for p in out if not _is_remote(p) and not os.path.isfile(p)]
+            out.append(storage.join(storage.parent(path), line))
+    missing = _missing(out)
     if missing:
         raise ShardSpecError(
-            f"shard list {path} names {len(missing)} missing shard(s) (first: {missing[0]})"
+            f"shard list {storage.display(path)} names {len(missing)} missing shard(s) "
+            f"(first: {storage.display(missing[0])})"
         )
     return out
 

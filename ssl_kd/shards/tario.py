@@ -18,6 +18,8 @@ from typing import BinaryIO
 
 from webdataset.gopen import gopen
 
+from ssl_kd import storage
+
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
 _REGULAR = (b"0", b"\0", b"7")
@@ -116,19 +118,17 @@ def split_key(name: str) -> tuple[str, str] | None:
 
 @contextlib.contextmanager
 def open_tar(url: str) -> Iterator[BinaryIO]:
-    """Open a shard for streaming: a local path, ``file://``, or any URL webdataset's gopen
-    reads (``pipe:``, ``http(s)://``, ...); ``.tar.gz`` / ``.tgz`` are gunzipped."""
-    if url.startswith("file://"):
-        url = url[len("file://") :]
-    if "://" in url or url.startswith("pipe:"):
-        raw = gopen(url, "rb")
-    else:
-        raw = open(url, "rb", buffering=1 << 20)  # noqa: SIM115 - closed below
-    try:
-        if url.endswith((".gz", ".tgz")):
-            with gzip.GzipFile(fileobj=raw) as unzipped:
-                yield unzipped  # type: ignore[misc]
+    """Open a shard for streaming: a local path, ``file://``, an object-store URL (``s3://``),
+    or any URL webdataset's gopen reads (``pipe:``, ``http(s)://``, ...); ``.tar.gz`` / ``.tgz``
+    are gunzipped."""
+    with contextlib.ExitStack() as stack:
+        by_gopen = url.startswith("pipe:") or (
+            "://" in url and not storage.is_remote(url) and not url.startswith("file://")
+        )
+        if by_gopen:
+            raw = stack.enter_context(contextlib.closing(gopen(url, "rb")))
         else:
-            yield raw
-    finally:
-        raw.close()
+            raw = stack.enter_context(storage.open_input(url))
+        if url.endswith((".gz", ".tgz")):
+            raw = stack.enter_context(gzip.GzipFile(fileobj=raw))
+        yield raw

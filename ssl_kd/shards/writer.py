@@ -1,13 +1,13 @@
-"""Atomic WebDataset shard writing: each shard is written under a hidden temp name and renamed.
+"""Atomic WebDataset shard writing: each shard is written under a temp name and renamed (or,
+for an object store, uploaded in one put once complete).
 
 A reader that globs ``*.tar`` therefore never sees a partial shard, and a crash leaves only
-``.NAME.tar.tmp`` files behind, which a rerun overwrites.
+``.NAME.tar.*.tmp`` files behind, which a rerun removes.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -17,6 +17,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from ssl_kd import atomic
 from ssl_kd.shards.tario import BLOCK
 
 
@@ -55,15 +56,13 @@ class ShardWriter:
         self.total = 0
         self._tar: wds.TarWriter | None = None
         self._stream: Any = None
-        self._tmp = ""
+        self._tmp: Path | None = None
         self._final = ""
         self._count = 0
 
     def _open(self) -> None:
         self._final = self.pattern % self.index
-        final = Path(self._final)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = str(final.parent / f".{final.name}.tmp")
+        self._tmp = atomic.staging_path(self._final)
         self._stream = open(self._tmp, "wb")  # noqa: SIM115 - closed in _finish/abort
         # mtime fixed so that the same samples give byte-identical shards.
         self._tar = wds.TarWriter(self._stream, mtime=0.0)
@@ -73,7 +72,8 @@ class ShardWriter:
         assert self._tar is not None
         self._tar.close()
         self._stream.close()
-        os.replace(self._tmp, self._final)
+        assert self._tmp is not None
+        atomic.commit(self._tmp, self._final)
         self.written.append(self._final)
         self._tar = None
         self.index += 1
@@ -102,7 +102,8 @@ class ShardWriter:
         if self._tar is not None:
             self._tar.close()  # flushes tarfile's buffer, which would otherwise write on GC
             self._stream.close()
-            Path(self._tmp).unlink(missing_ok=True)
+            assert self._tmp is not None
+            atomic.discard(self._tmp, self._final)
             self._tar = None
 
     def __enter__(self) -> ShardWriter:

@@ -7,14 +7,14 @@ width, classes, preprocessing, config, version).
 
 from __future__ import annotations
 
+import io
 import os
 import random
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ssl_kd import __version__
+from ssl_kd import __version__, storage
 from ssl_kd.atomic import atomic_path
 from ssl_kd.errors import UserError
 from ssl_kd.models import Classifier, create_model
@@ -57,20 +57,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
-def save_checkpoint(path: str | os.PathLike[str], ckpt: dict[str, Any]) -> Path:
-    """Write atomically (temp file + rename): a checkpoint file is always complete."""
+def save_checkpoint(path: str | os.PathLike[str], ckpt: dict[str, Any]) -> str:
+    """Write atomically (temp file + rename, or one put): a checkpoint is always complete."""
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
-    return Path(path)
+    return os.fspath(path)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load with ``weights_only=True`` onto the CPU; bad paths or files raise UserError."""
-    p = Path(path)
-    if not p.is_file():
+    p = storage.display(path)
+    if not storage.is_file(path):
         raise UserError(f"checkpoint {p} does not exist")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        if storage.is_remote(path):
+            ckpt = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu",
+                              weights_only=True)  # fmt: skip
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{p} is not a readable ssl_kd checkpoint ({first})") from None

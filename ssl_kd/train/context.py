@@ -7,13 +7,13 @@ worker.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from ssl_kd import storage
 from ssl_kd.device import resolve_device
 from ssl_kd.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -43,8 +43,8 @@ class LocalContext:
     rank = 0
     world_size = 1
 
-    def __init__(self, out: Path) -> None:
-        self.path = Path(out) / "checkpoint.pt"
+    def __init__(self, out: str) -> None:
+        self.path = storage.join(out, "checkpoint.pt")
 
     def device(self, requested: str) -> torch.device:
         """The device asked for (``auto``: CUDA when present)."""
@@ -56,7 +56,7 @@ class LocalContext:
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         """The last checkpoint of this output directory, if any."""
-        return load_checkpoint(self.path) if self.path.exists() else None
+        return load_checkpoint(self.path) if storage.is_file(self.path) else None
 
     def save_checkpoint(self, ckpt: dict[str, Any], metrics: dict[str, Any]) -> None:
         """Write atomically over the previous one."""

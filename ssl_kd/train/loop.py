@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ssl_kd import atomic, storage
 from ssl_kd.errors import UserError
 from ssl_kd.shards.dataset import ShardImageDataset
 
@@ -109,10 +110,22 @@ class MetricsLog:
     """Appends one JSON object per line (JSONL) and flushes, so a crash loses nothing written."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = os.fspath(path)
+        self.remote = storage.is_remote(path)
+        # An object cannot be appended to: keep the text (a run resumed keeps its old lines)
+        # and put it whole on every write; a metrics log stays small.
+        self._text = ""
+        if self.remote:
+            self._text = storage.read_text(path) if storage.is_file(path) else ""
+        else:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` as one line."""
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        line = json.dumps(record, sort_keys=True) + "\n"
+        if self.remote:
+            self._text += line
+            atomic.write_text(self.path, self._text)
+            return
+        with open(self.path, "a") as fh:
+            fh.write(line)

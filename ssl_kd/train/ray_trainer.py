@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ssl_kd import storage
 from ssl_kd.errors import UserError
 from ssl_kd.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -124,14 +125,15 @@ def fit(cfg: Any, progress: bool = True) -> dict[str, Any]:
     from ssl_kd.ray_env import connect_ray
 
     connect_ray()
-    out = Path(cfg.out).resolve()
+    # Ray Train opens an s3:// storage path with pyarrow itself; a local one must be absolute.
+    out = cfg.out if storage.is_remote(cfg.out) else str(Path(cfg.out).resolve())
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"cfg": cfg, "progress": progress},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
         run_config=RunConfig(
             name="train",
-            storage_path=str(out / "ray"),
+            storage_path=storage.join(out, "ray"),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -141,7 +143,7 @@ def fit(cfg: Any, progress: bool = True) -> dict[str, Any]:
     except Exception as exc:  # Ray wraps the worker's error; its first line says what failed
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"training failed after {cfg.max_failures} restarts: {first}") from exc
-    summary_path = out / "summary.json"
-    if not summary_path.is_file():
+    summary_path = storage.join(out, "summary.json")
+    if not storage.is_file(summary_path):
         raise UserError(f"training ended without writing {summary_path}")
-    return json.loads(summary_path.read_text())
+    return json.loads(storage.read_text(summary_path))

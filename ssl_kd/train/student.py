@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ssl_kd import atomic
+from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
 from ssl_kd.classes import dataset_info_near, resolve_classes
 from ssl_kd.config import option
@@ -233,9 +233,9 @@ def train_worker(cfg: StudentConfig, ctx: RunContext, progress: bool = True) -> 
                            label_smoothing=cfg.label_smoothing,
                            label_temperature=s.label_temperature)  # fmt: skip
     val_urls = expand_shards(cfg.val_data) if cfg.val_data else []
-    out = Path(cfg.out)
+    out = cfg.out
     lead = ctx.rank == 0
-    metrics_log = MetricsLog(out / "metrics.jsonl") if lead else None
+    metrics_log = MetricsLog(storage.join(out, "metrics.jsonl")) if lead else None
 
     def checkpoint_state() -> dict[str, Any]:
         mine = {"epoch": state.epoch, "seen_in_epoch": state.seen_in_epoch, "rng": rng_state()}
@@ -288,7 +288,7 @@ def train_worker(cfg: StudentConfig, ctx: RunContext, progress: bool = True) -> 
     final = checkpoint_state()  # collective (gathers every rank's state): all ranks call it
     if not lead:
         return {}
-    save_checkpoint(out / "checkpoint.pt", final)
+    save_checkpoint(storage.join(out, "checkpoint.pt"), final)
     summary: dict[str, Any] = {
         "step": step,
         "resumed_at": start_step,
@@ -302,20 +302,20 @@ def train_worker(cfg: StudentConfig, ctx: RunContext, progress: bool = True) -> 
         if step > start_step
         else None,
         "skipped_samples": dataset.stats.skipped,
-        "checkpoint": str(out / "checkpoint.pt"),
+        "checkpoint": storage.join(out, "checkpoint.pt"),
     }
     if val_urls:
         summary["val"] = run_eval()
-    atomic.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic.write_text(storage.join(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def run_student(cfg: StudentConfig, progress: bool = True) -> dict[str, Any]:
     """Pretrain or fine-tune as ``cfg`` says (local or Ray Train); returns the summary."""
     _setup(cfg)  # bad input fails here, before any worker starts
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfglib.save(cfg, out / "config.yaml")
+    out = cfg.out
+    storage.makedirs(out)
+    cfglib.save(cfg, storage.join(out, "config.yaml"))
     if cfg.executor == "local":
         from ssl_kd.train.context import LocalContext
 

@@ -12,13 +12,12 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from ssl_kd import atomic
+from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
 from ssl_kd.classes import resolve_classes
 from ssl_kd.device import resolve_device
@@ -61,8 +60,8 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     classes = resolve_classes(urls, cfg.class_names, cfg.num_classes)
     pp = infer_preprocess(urls, cfg.channels, cfg.image_size, cfg.mean, cfg.std)
     device = resolve_device(cfg.device)
-    out = Path(cfg.out)
-    ckpt_path = out / "checkpoint.pt"
+    out = cfg.out
+    ckpt_path = storage.join(out, "checkpoint.pt")
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -71,7 +70,7 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     schedule = lr_schedule(cfg.schedule, cfg.lr, cfg.steps, cfg.warmup_steps)
     meta = make_meta(cfg.arch, cfg.width, cfg.dropout, classes, pp, cfglib.to_dict(cfg))
     step, state = 0, StreamState()
-    if ckpt_path.exists():
+    if storage.is_file(ckpt_path):
         ckpt = load_checkpoint(ckpt_path)
         check_resumable(ckpt["meta"]["config"], cfglib.to_dict(cfg), OPERATIONAL_KEYS, out)
         model.load_state_dict(ckpt["model"])
@@ -81,8 +80,8 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         set_rng_state(ckpt["rng"])
         log.info("resuming %s from step %d", out, step)
     model.to(device)
-    cfglib.save(cfg, out / "config.yaml")
-    metrics_log = MetricsLog(out / "metrics.jsonl")
+    cfglib.save(cfg, storage.join(out, "config.yaml"))
+    metrics_log = MetricsLog(storage.join(out, "metrics.jsonl"))
 
     def save() -> None:
         save_checkpoint(
@@ -169,5 +168,5 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     }
     if val_urls:
         summary["val"] = run_eval()
-    atomic.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic.write_text(storage.join(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
     return summary
