@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -132,7 +131,7 @@ def _check_out(cfg: MaterializeConfig, identity: dict[str, Any]) -> dict[str, An
         if present.issuperset(manifest["shards"]):
             return manifest
         log.warning("%s lacks some of its shards: materialising again", out)
-    elif _holds_files(out):
+    elif storage.holds_files(out):
         previous = storage.join(out, "config.yaml")
         if not storage.is_file(previous):
             raise UserError(f"{out} exists and is not empty; remove it or choose another --out")
@@ -150,12 +149,6 @@ def _check_out(cfg: MaterializeConfig, identity: dict[str, Any]) -> dict[str, An
         storage.delete(stale)
     storage.delete_tree(storage.join(out, BUCKETS))
     return None
-
-
-def _holds_files(directory: str) -> bool:
-    if storage.is_remote(directory):
-        return storage.exists(directory)  # a prefix exists only while objects are under it
-    return os.path.isdir(directory) and any(os.scandir(directory))
 
 
 def _same_place(a: str, b: str) -> bool:

@@ -127,6 +127,14 @@ def is_file(url: PathLike) -> bool:
     return _info(url).type == pafs.FileType.File
 
 
+def holds_files(url: PathLike) -> bool:
+    """Whether ``url`` is a directory with anything in it (a prefix with objects under it)."""
+    if not is_remote(url):
+        path = local_path(url)
+        return os.path.isdir(path) and any(os.scandir(path))
+    return is_dir(url)
+
+
 def size(url: PathLike) -> int:
     """The size in bytes of the file or object at ``url``."""
     if not is_remote(url):
@@ -236,6 +244,21 @@ def upload(local: PathLike, url: PathLike) -> None:
         raise UserError(f"cannot write {display(url)}: {_first_line(exc)}") from None
 
 
+def upload_tree(local: PathLike, url: PathLike, last: tuple[str, ...] = ()) -> list[str]:
+    """Copy every file under the local directory ``local`` to ``url``, keeping relative names;
+    the files named in ``last`` go after all others (a manifest that says the rest is there).
+    Returns the URLs written."""
+    root = Path(local)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name in last)  # stable: the others keep their order
+    written = []
+    for path in files:
+        dest = join(url, *path.relative_to(root).parts)
+        upload(path, dest)
+        written.append(dest)
+    return written
+
+
 def delete(url: PathLike) -> None:
     """Remove a file or object; nothing happens if it is absent."""
     if not is_remote(url):
@@ -253,4 +276,4 @@ def delete_tree(url: PathLike) -> None:
         return
     fs, path = resolve(url)
     with contextlib.suppress(FileNotFoundError):
-        fs.delete_dir_contents(path, missing_dir_ok=True)
+        fs.delete_dir(path)  # delete_dir_contents would leave a directory marker object

@@ -184,15 +184,3 @@ def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Itera
     storage.clear_cache()
     yield f"s3://{bucket}"
     storage.clear_cache()
-
-
-def upload_tree(local: Path, url: str) -> list[str]:
-    """Copy every file under ``local`` to ``url`` (same relative names); returns the URLs."""
-    from ssl_kd import storage
-
-    urls = []
-    for path in sorted(p for p in local.rglob("*") if p.is_file()):
-        dest = storage.join(url, *path.relative_to(local).parts)
-        storage.upload(path, dest)
-        urls.append(dest)
-    return urls

@@ -148,7 +148,7 @@ def test_stage_engine_fingerprints_and_downstream(tmp_path):
 def test_interrupted_stage_resumes_in_place_and_stale_outputs_go(tmp_path):
     log: list[str] = []
     stage = _stage(tmp_path, "a", {"x": 1}, log)
-    marker = marker_path(tmp_path, "a")
+    marker = Path(marker_path(tmp_path, "a"))
     run_stages([stage], tmp_path, announce=lambda _: None)
     # Pretend it died mid-way: the marker says not done, a partial file is there.
     record = json.loads(marker.read_text())

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from ssl_kd import config as cfglib
+from ssl_kd import storage
 from ssl_kd.config import option
 from ssl_kd.datasets.idx import read_idx
 from ssl_kd.errors import UserError
@@ -107,15 +109,15 @@ def _write_split(
 
 def import_fashion_mnist(cfg: FashionMnistConfig) -> dict[str, Any]:
     """Write the shards, truth file and ``dataset.json``; returns the dataset.json content."""
-    out = Path(cfg.out)
-    info_path = out / "dataset.json"
-    if info_path.is_file():
-        info = json.loads(info_path.read_text())
+    out = cfg.out
+    info_path = storage.join(out, "dataset.json")
+    if storage.is_file(info_path):
+        info = json.loads(storage.read_text(info_path))
         if info.get("config") == cfglib.to_dict(cfg):
             log.info("%s already holds this import; nothing to do", out)
             return info
         raise UserError(f"{out} holds a different import; remove it or choose another --out")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if storage.is_file(out) or storage.holds_files(out):
         raise UserError(f"{out} exists and is not empty; remove it or choose another --out")
 
     files = locate_source(cfg.source)
@@ -125,9 +127,13 @@ def import_fashion_mnist(cfg: FashionMnistConfig) -> dict[str, Any]:
         raise UserError(f"image and label files in {files['train_images'].parent} disagree in size")
     labeled, unlabeled = split_indices(train_y, cfg.labeled_per_class, cfg.seed)
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    remote = storage.is_remote(out)
+    if remote:  # built here, then uploaded with dataset.json last (it marks the import done)
+        tmp = Path(tempfile.mkdtemp(prefix="ssl_kd-import-"))
+    else:  # built beside ``out``, then renamed into place
+        tmp = Path(out).parent / f".{Path(out).name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     try:
         fmt = cfg.image_format
         train_keys = [f"train-{i:05d}" for i in range(len(train_x))]
@@ -165,10 +171,14 @@ def import_fashion_mnist(cfg: FashionMnistConfig) -> dict[str, Any]:
         }
         (tmp / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
         cfglib.save(cfg, tmp / "config.yaml")
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
+        if remote:
+            storage.upload_tree(tmp, out, last=("dataset.json",))
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            if os.path.exists(out):
+                os.rmdir(out)  # empty, checked above
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ssl_kd import storage
 from ssl_kd.errors import UserError
 from ssl_kd.inspect.plots import new_figure, save_png
 from ssl_kd.inspect.tar_index import read_images
@@ -23,12 +24,12 @@ from ssl_kd.shards.reader import SampleError, decode_image
 log = logging.getLogger(__name__)
 
 
-def _local(url: str) -> str:
+def _readable(url: str) -> str:
     if url.startswith("file://"):
         return url[len("file://") :]
-    if "://" in url or url.startswith("pipe:"):
+    if url.startswith("pipe:") or ("://" in url and not storage.is_remote(url)):
         raise UserError(
-            f"contact sheets read local shards only, and {url} is remote: "
+            f"contact sheets read shards on disk or in an object store, and {url} is neither: "
             "copy the shards here and pass --shards DIR"
         )
     return url
@@ -46,7 +47,7 @@ def fetch_images(rows: list[dict[str, Any]], locations: dict[str, str]) -> list[
                 f"shard {shard} is not among the {len(locations)} shards found: "
                 "pass --shards DIR_OR_SPEC naming it"
             )
-        for key, blob in read_images(_local(locations[shard]), keys).items():
+        for key, blob in read_images(_readable(locations[shard]), keys).items():
             data[shard, key] = blob
     images: list[np.ndarray | None] = []
     for row in rows:

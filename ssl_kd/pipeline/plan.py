@@ -22,10 +22,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from ssl_kd import atomic
+from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
 from ssl_kd.errors import UserError
 from ssl_kd.pipeline.config import PIPELINE_KEYS, PipelineConfig, stage_config
@@ -70,20 +69,25 @@ def params_of(cfg: Any, section: str) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k not in skip}
 
 
-def data_paths(cfg: PipelineConfig, root: Path) -> DataPaths:
+def data_paths(cfg: PipelineConfig, root: str) -> DataPaths:
     """The splits: the user's shards, or the Fashion-MNIST import under ``root/data``."""
     if cfg.uses_own_data():
         assert cfg.labeled and cfg.unlabeled and cfg.test
         return DataPaths(cfg.labeled, cfg.unlabeled, cfg.test, cfg.truth)
-    data = root / "data"
-    truth = cfg.truth or str(data / "unlabeled_truth.parquet")
-    return DataPaths(str(data / "labeled"), str(data / "unlabeled"), str(data / "test"), truth)
+    data = storage.join(root, "data")
+    truth = cfg.truth or storage.join(data, "unlabeled_truth.parquet")
+    return DataPaths(
+        storage.join(data, "labeled"),
+        storage.join(data, "unlabeled"),
+        storage.join(data, "test"),
+        truth,
+    )
 
 
 class PlanBuilder:
     """Collects stages in run order; each ``add_*`` returns the stage name."""
 
-    def __init__(self, cfg: PipelineConfig, root: Path, progress: bool) -> None:
+    def __init__(self, cfg: PipelineConfig, root: str, progress: bool) -> None:
         self.cfg = cfg
         self.root = root
         self.progress = progress
@@ -92,7 +96,7 @@ class PlanBuilder:
         self.data = data_paths(cfg, root)
 
     def _add(
-        self, name: str, directory: Path, params: dict[str, Any], run: Callable[[], dict[str, Any]],
+        self, name: str, directory: str, params: dict[str, Any], run: Callable[[], dict[str, Any]],
         deps: tuple[str, ...] = (),
     ) -> str:  # fmt: skip
         self.stages.append(Stage(name, directory, params, run, tuple(d for d in deps if d)))
@@ -104,7 +108,7 @@ class PlanBuilder:
         if self.cfg.uses_own_data():
             return self._add_own_data()
         fm = FashionMnistConfig(
-            out=str(self.root / "data"), labeled_per_class=self.cfg.labeled_per_class,
+            out=storage.join(self.root, "data"), labeled_per_class=self.cfg.labeled_per_class,
             seed=self.cfg.data_seed, source=self.cfg.source,
         )  # fmt: skip
         params = {k: v for k, v in cfglib.to_dict(fm).items() if k not in ("out", "source")}
@@ -112,7 +116,7 @@ class PlanBuilder:
         def run() -> dict[str, Any]:
             return dict(import_fashion_mnist(fm)["counts"])
 
-        return self._add("data", self.root / "data", params, run)
+        return self._add("data", storage.join(self.root, "data"), params, run)
 
     def _add_own_data(self) -> str:
         from ssl_kd.shards import expand_shards
@@ -125,13 +129,13 @@ class PlanBuilder:
                     for split, spec in (("labeled", d.labeled), ("unlabeled", d.unlabeled),
                                         ("test", d.test))}  # fmt: skip
 
-        return self._add("data", self.root / "data", params, run)
+        return self._add("data", storage.join(self.root, "data"), params, run)
 
-    def add_train(self, name: str, section: str, directory: Path, seed: int | None,
+    def add_train(self, name: str, section: str, directory: str, seed: int | None,
                   data_stage: str) -> str:  # fmt: skip
         from ssl_kd.train.supervised import run_train
 
-        paths: dict[str, Any] = {"data": self.data.labeled, "out": str(directory)}
+        paths: dict[str, Any] = {"data": self.data.labeled, "out": directory}
         if seed is not None:
             paths["seed"] = seed
         tc = stage_config(self.cfg, section, paths)
@@ -142,11 +146,11 @@ class PlanBuilder:
 
         return self._add(name, directory, params_of(tc, section), run, (data_stage,))
 
-    def add_label(self, name: str, directory: Path, teacher: str, deps: tuple[str, ...]) -> str:
+    def add_label(self, name: str, directory: str, teacher: str, deps: tuple[str, ...]) -> str:
         from ssl_kd.label_job import run_label
 
         lc = stage_config(self.cfg, "label", {"teacher": teacher, "shards": self.data.unlabeled,
-                                               "out": str(directory)})  # fmt: skip
+                                               "out": directory})  # fmt: skip
 
         def run() -> dict[str, Any]:
             s = run_label(lc, progress=self.progress)
@@ -159,31 +163,33 @@ class PlanBuilder:
 
         return self._add(name, directory, params_of(lc, "label"), run, deps)
 
-    def add_select(self, name: str, directory: Path, labels: Path, deps: tuple[str, ...]) -> str:
+    def add_select(self, name: str, directory: str, labels: str, deps: tuple[str, ...]) -> str:
         from ssl_kd.pipeline.precision import selection_precision
         from ssl_kd.select import run_select
 
-        sc = stage_config(self.cfg, "select", {"labels": str(labels), "out": str(directory)})
+        sc = stage_config(self.cfg, "select", {"labels": labels, "out": directory})
         truth = self.data.truth
 
         def run() -> dict[str, Any]:
             report = run_select(sc)
             figures: dict[str, Any] = {"selected": report["selected"],
                                        "short_classes": len(report["short_classes"])}  # fmt: skip
-            if truth and Path(truth).is_file():
+            if truth and storage.is_file(truth):
                 precision = selection_precision(directory, truth)
-                atomic.write_text(directory / "precision.json", json.dumps(precision, indent=2))
+                atomic.write_text(
+                    storage.join(directory, "precision.json"), json.dumps(precision, indent=2)
+                )
                 figures["precision"] = precision["precision"]
             return figures
 
         return self._add(name, directory, {**params_of(sc, "select"), "truth": truth}, run, deps)
 
     def add_materialize(
-        self, name: str, directory: Path, selection: Path, deps: tuple[str, ...]
+        self, name: str, directory: str, selection: str, deps: tuple[str, ...]
     ) -> str:
         from ssl_kd.materialize import run_materialize
 
-        paths = {"selection": str(selection), "out": str(directory), "shards": None}
+        paths = {"selection": selection, "out": directory, "shards": None}
         mc = stage_config(self.cfg, "materialize", paths)
 
         def run() -> dict[str, Any]:
@@ -192,11 +198,11 @@ class PlanBuilder:
 
         return self._add(name, directory, params_of(mc, "materialize"), run, deps)
 
-    def add_student(self, name: str, section: str, directory: Path, seed: int, data: str,
+    def add_student(self, name: str, section: str, directory: str, seed: int, data: str,
                     init: str | None, deps: tuple[str, ...]) -> str:  # fmt: skip
         from ssl_kd.train.student import run_student
 
-        paths: dict[str, Any] = {"data": data, "out": str(directory), "seed": seed}
+        paths: dict[str, Any] = {"data": data, "out": directory, "seed": seed}
         if section == "finetune":
             paths["init"] = init
         sc = stage_config(self.cfg, section, paths)
@@ -210,12 +216,12 @@ class PlanBuilder:
     def add_eval(self, model: Model, deps: tuple[str, ...]) -> str:
         from ssl_kd.evaluate import run_evaluate
 
-        directory = self.root / "eval" / model.slug
+        directory = storage.join(self.root, "eval", model.slug)
         paths = {
             "checkpoint": model.checkpoint,
             "data": self.data.test,
             "teacher": model.teacher_checkpoint,
-            "out": str(directory / "metrics.json"),
+            "out": storage.join(directory, "metrics.json"),
         }
         ec = stage_config(self.cfg, "evaluate", paths)
 
@@ -233,49 +239,48 @@ class PlanBuilder:
 
 def build_plan(cfg: PipelineConfig, progress: bool = True) -> PlanBuilder:
     """Every stage of ``cfg``'s pipeline in run order, and the models to report."""
-    root = Path(cfg.out)
+    root = cfg.out
+    at = storage.join  # the run directory may be a path or an s3:// prefix
     b = PlanBuilder(cfg, root, progress)
     data = b.add_data()
     test_dep = (data,)
-    teacher = b.add_train("teacher", "teacher", root / "teacher", None, data)
-    teacher_ckpt = str(root / "teacher" / "checkpoint.pt")
+    teacher = b.add_train("teacher", "teacher", at(root, "teacher"), None, data)
+    teacher_ckpt = at(root, "teacher", "checkpoint.pt")
     b.add_eval(Model("teacher", "teacher", 0, None, teacher, teacher_ckpt, None, None), test_dep)
     for seed in cfg.seeds:
-        base = b.add_train(f"baseline/seed{seed}", "baseline", root / "baseline" / f"seed{seed}",
-                           seed, data)  # fmt: skip
-        ckpt = str(root / "baseline" / f"seed{seed}" / "checkpoint.pt")
+        here = at(root, "baseline", f"seed{seed}")
+        base = b.add_train(f"baseline/seed{seed}", "baseline", here, seed, data)
+        ckpt = at(here, "checkpoint.pt")
         b.add_eval(Model(f"baseline-seed{seed}", "baseline", 0, seed, base, ckpt, teacher,
                          teacher_ckpt), test_dep)  # fmt: skip
 
     # Round 1: one teacher, so the labels, selection and shards are shared by every seed.
-    shared = root / "round1"
-    labels = b.add_label("round1/labels", shared / "labels", teacher_ckpt, (data, teacher))
-    selection = b.add_select("round1/selection", shared / "selection", shared / "labels", (labels,))
-    pseudo = b.add_materialize("round1/pseudo", shared / "pseudo", shared / "selection",
+    shared = at(root, "round1")
+    labels = b.add_label("round1/labels", at(shared, "labels"), teacher_ckpt, (data, teacher))
+    selection = b.add_select("round1/selection", at(shared, "selection"), at(shared, "labels"),
+                             (labels,))  # fmt: skip
+    pseudo = b.add_materialize("round1/pseudo", at(shared, "pseudo"), at(shared, "selection"),
                                (selection, data))  # fmt: skip
     for seed in cfg.seeds:
-        round_teacher, round_teacher_ckpt, pseudo_stage, pseudo_dir = (
-            teacher,
-            teacher_ckpt,
-            pseudo,
-            shared / "pseudo",
-        )
+        round_teacher, round_teacher_ckpt = teacher, teacher_ckpt
+        pseudo_stage, pseudo_dir = pseudo, at(shared, "pseudo")
         for r in range(1, cfg.rounds + 1):
-            here = root / f"round{r}" / f"seed{seed}"
+            here = at(root, f"round{r}", f"seed{seed}")
+            name = f"round{r}/seed{seed}"
             if r > 1:  # this seed's previous student labels the unlabeled set again
-                lab = b.add_label(f"round{r}/seed{seed}/labels", here / "labels",
-                                  round_teacher_ckpt, (data, round_teacher))  # fmt: skip
-                sel = b.add_select(f"round{r}/seed{seed}/selection", here / "selection",
-                                   here / "labels", (lab,))  # fmt: skip
-                pseudo_stage = b.add_materialize(f"round{r}/seed{seed}/pseudo", here / "pseudo",
-                                                 here / "selection", (sel, data))  # fmt: skip
-                pseudo_dir = here / "pseudo"
-            pre = b.add_student(f"round{r}/seed{seed}/pretrain", "pretrain", here / "pretrain",
-                                seed, str(pseudo_dir), None, (pseudo_stage,))  # fmt: skip
-            pre_ckpt = str(here / "pretrain" / "checkpoint.pt")
-            fin = b.add_student(f"round{r}/seed{seed}/finetune", "finetune", here / "finetune",
-                                seed, b.data.labeled, pre_ckpt, (pre, data))  # fmt: skip
-            fin_ckpt = str(here / "finetune" / "checkpoint.pt")
+                lab = b.add_label(f"{name}/labels", at(here, "labels"), round_teacher_ckpt,
+                                  (data, round_teacher))  # fmt: skip
+                sel = b.add_select(f"{name}/selection", at(here, "selection"),
+                                   at(here, "labels"), (lab,))  # fmt: skip
+                pseudo_stage = b.add_materialize(f"{name}/pseudo", at(here, "pseudo"),
+                                                 at(here, "selection"), (sel, data))  # fmt: skip
+                pseudo_dir = at(here, "pseudo")
+            pre = b.add_student(f"{name}/pretrain", "pretrain", at(here, "pretrain"), seed,
+                                pseudo_dir, None, (pseudo_stage,))  # fmt: skip
+            pre_ckpt = at(here, "pretrain", "checkpoint.pt")
+            fin = b.add_student(f"{name}/finetune", "finetune", at(here, "finetune"), seed,
+                                b.data.labeled, pre_ckpt, (pre, data))  # fmt: skip
+            fin_ckpt = at(here, "finetune", "checkpoint.pt")
             for role, stage, ckpt in (("pretrained", pre, pre_ckpt), ("finetuned", fin, fin_ckpt)):
                 b.add_eval(Model(f"round{r}-seed{seed}-{role}", role, r, seed, stage, ckpt,
                                  round_teacher, round_teacher_ckpt), test_dep)  # fmt: skip

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ssl_kd import storage
 from ssl_kd.errors import UserError
 
 
@@ -19,12 +19,12 @@ def _keyed(table: pa.Table, columns: list[str]) -> pa.Table:
     return pa.table(cols)
 
 
-def selection_precision(selection_dir: str | Path, truth: str | Path) -> dict[str, Any]:
+def selection_precision(selection_dir: str, truth: str) -> dict[str, Any]:
     """Share of selected rows whose class is the image's true label, overall and per class.
 
     Each selected (image, class) row counts once, however often upsampling repeats it.
     """
-    selection = pq.read_table(Path(selection_dir) / "selection.parquet",
+    selection = pq.read_table(storage.join(selection_dir, "selection.parquet"),
                               columns=["shard", "key", "class"])  # fmt: skip
     truth_table = pq.read_table(truth, columns=["shard", "key", "label"])
     joined = _keyed(selection, ["shard", "key", "class"]).join(

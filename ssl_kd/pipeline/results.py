@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from ssl_kd import atomic
+from ssl_kd import atomic, storage
 from ssl_kd.pipeline.plan import Model
 
 GOAL_POINTS = 3.0  # the fine-tuned student's top-1 over the baseline's, in points
@@ -47,12 +46,13 @@ def _spread(values: Sequence[float | None]) -> dict[str, float | None]:
     }
 
 
-def collect(root: Path, models: Sequence[Model], rounds: int) -> dict[str, Any]:
+def collect(root: str, models: Sequence[Model], rounds: int) -> dict[str, Any]:
     """Gather every model's test metrics and the selections' precision into one document."""
     rows: dict[tuple[str, int], list[tuple[Model, dict[str, Any]]]] = {}
     archs: dict[tuple[str, int], str] = {}
     for model in models:
-        metrics = json.loads((root / "eval" / model.slug / "metrics.json").read_text())
+        path = storage.join(root, "eval", model.slug, "metrics.json")
+        metrics = json.loads(storage.read_text(path))
         rows.setdefault((model.role, model.round), []).append((model, _metrics(metrics)))
         archs[model.role, model.round] = str(metrics["arch"])
     table = []
@@ -66,16 +66,18 @@ def collect(root: Path, models: Sequence[Model], rounds: int) -> dict[str, Any]:
             "per_seed": [{"seed": m.seed, **x} for m, x in entries],
             **{k: _spread([x[k] for _, x in entries]) for k in keys},
         })  # fmt: skip
-    precision = _precision(root, rounds)
+    seeds = sorted({m.seed for m in models if m.seed is not None})
+    precision = _precision(root, rounds, seeds)
     return {"models": table, "selection_precision": precision, "goals": _goals(table)}
 
 
-def _precision(root: Path, rounds: int) -> list[dict[str, Any]]:
+def _precision(root: str, rounds: int, seeds: list[int]) -> list[dict[str, Any]]:
     out = []
     for r in range(1, rounds + 1):
-        files = [root / "round1" / "selection" / "precision.json"] if r == 1 else sorted(
-            (root / f"round{r}").glob("seed*/selection/precision.json"))  # fmt: skip
-        values = [json.loads(f.read_text()) for f in files if f.is_file()]
+        files = [storage.join(root, "round1", "selection", "precision.json")] if r == 1 else [
+            storage.join(root, f"round{r}", f"seed{s}", "selection", "precision.json")
+            for s in seeds]  # fmt: skip
+        values = [json.loads(storage.read_text(f)) for f in files if storage.is_file(f)]
         if values:
             out.append({"round": r, "images": values[0]["images"],
                         "precision": _spread([v["precision"] for v in values])})  # fmt: skip
@@ -154,7 +156,7 @@ def format_markdown(doc: dict[str, Any], title: str, stage_table: str = "") -> s
     return "\n".join(lines) + "\n"
 
 
-def plot(doc: dict[str, Any], path: Path) -> Path:
+def plot(doc: dict[str, Any], path: str) -> str:
     """``results.png``: top-1 of every model (mean, min–max bars) and the goal line."""
     from ssl_kd.inspect.plots import new_figure, save_png
 
@@ -185,12 +187,12 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
 
 
 def write_results(
-    root: Path, models: Sequence[Model], rounds: int, title: str, stage_table: str = ""
+    root: str, models: Sequence[Model], rounds: int, title: str, stage_table: str = ""
 ) -> dict[str, Any]:
     """Write results.json, results.md and results.png under ``root/results``; returns the doc."""
     doc = collect(root, models, rounds)
-    out = root / "results"
-    atomic.write_text(out / "results.json", json.dumps(doc, indent=2) + "\n")
-    atomic.write_text(out / "results.md", format_markdown(doc, title, stage_table))
-    plot(doc, out / "results.png")
+    out = storage.join(root, "results")
+    atomic.write_text(storage.join(out, "results.json"), json.dumps(doc, indent=2) + "\n")
+    atomic.write_text(storage.join(out, "results.md"), format_markdown(doc, title, stage_table))
+    plot(doc, storage.join(out, "results.png"))
     return doc

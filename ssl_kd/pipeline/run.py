@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
-from ssl_kd import atomic
+from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
 from ssl_kd.pipeline.config import PipelineConfig
 from ssl_kd.pipeline.plan import build_plan
@@ -20,16 +19,16 @@ log = logging.getLogger(__name__)
 
 def run_pipeline(cfg: PipelineConfig, progress: bool = True, title: str = "") -> dict[str, Any]:
     """Run every out-of-date stage of ``cfg``; returns the summary written to pipeline.json."""
-    root = Path(cfg.out)
+    root = cfg.out
     plan = build_plan(cfg, progress)  # every stage config is built (and checked) before any runs
-    root.mkdir(parents=True, exist_ok=True)
-    cfglib.save(cfg, root / "config.yaml")
+    storage.makedirs(root)
+    cfglib.save(cfg, storage.join(root, "config.yaml"))
     t0 = time.perf_counter()
     results = run_stages(plan.stages, root, announce=lambda line: log.info("%s", line))
     table = format_summary(results)
     doc = write_results(root, plan.models, cfg.rounds, title or f"Results: {root}", table)
     summary = {
-        "out": str(root),
+        "out": root,
         "seconds": round(time.perf_counter() - t0, 2),
         "stages": [
             {
@@ -42,8 +41,8 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True, title: str = "") ->
             for r in results
         ],
         "goals": doc["goals"],
-        "results": str(root / "results" / "results.md"),
+        "results": storage.join(root, "results", "results.md"),
     }
-    atomic.write_text(root / "pipeline.json", json.dumps(summary, indent=2) + "\n")
+    atomic.write_text(storage.join(root, "pipeline.json"), json.dumps(summary, indent=2) + "\n")
     summary["table"] = table
     return summary

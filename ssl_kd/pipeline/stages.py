@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from ssl_kd import atomic
+from ssl_kd import atomic, storage
 from ssl_kd.errors import UserError
 
 MARKERS = "stages"
@@ -31,7 +29,7 @@ class Stage:
     """One step of the pipeline: ``run()`` writes into ``dir`` and returns its key figures."""
 
     name: str
-    dir: Path
+    dir: str
     params: dict[str, Any]
     run: Callable[[], dict[str, Any]]
     deps: tuple[str, ...] = ()
@@ -54,15 +52,15 @@ def fingerprint(params: dict[str, Any], upstream: Sequence[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def marker_path(root: Path, name: str) -> Path:
+def marker_path(root: str, name: str) -> str:
     """Where the marker of stage ``name`` lives under the run directory ``root``."""
-    return Path(root) / MARKERS / (name.replace("/", "__") + ".json")
+    return storage.join(root, MARKERS, name.replace("/", "__") + ".json")
 
 
-def read_marker(path: Path) -> dict[str, Any] | None:
+def read_marker(path: str) -> dict[str, Any] | None:
     """A stage marker, or None when there is none (or it is unreadable)."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_text(path))
     except (OSError, ValueError):
         return None
 
@@ -71,18 +69,17 @@ def _prepare(stage: Stage, marker: dict[str, Any] | None, fp: str) -> str:
     """Clear stale outputs; returns "ran" or "resumed"."""
     if marker is not None and marker.get("fingerprint") == fp:
         return "resumed"
-    if marker is None and stage.dir.exists() and any(stage.dir.iterdir()):
+    if marker is None and storage.holds_files(stage.dir):
         raise UserError(
             f"{stage.dir} holds files that ssl-kd run did not write; move them away or choose "
             "another --out"
         )
-    if stage.dir.exists():
-        shutil.rmtree(stage.dir)
+    storage.delete_tree(stage.dir)
     return "ran"
 
 
 def run_stages(
-    stages: Sequence[Stage], root: Path, announce: Callable[[str], None] = print
+    stages: Sequence[Stage], root: str, announce: Callable[[str], None] = print
 ) -> list[StageResult]:
     """Run the stages in order, skipping those whose outputs match their fingerprint."""
     fps: dict[str, str] = {}
@@ -104,7 +101,7 @@ def run_stages(
         announce(
             f"[{i}/{len(stages)}] {stage.name}: {'resuming' if status == 'resumed' else 'running'}"
         )
-        stage.dir.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(stage.dir)
         record = {"name": stage.name, "fingerprint": fp, "params": stage.params, "done": False}
         atomic.write_text(path, json.dumps(record, indent=2, default=str) + "\n")
         t0 = time.perf_counter()
