@@ -69,6 +69,11 @@ def resolve(url: PathLike) -> tuple[pafs.FileSystem, str]:
     text = os.fspath(url)
     if not is_remote(text):
         return pafs.LocalFileSystem(), os.path.abspath(local_path(text))
+    if "?" in text:
+        raise UserError(
+            f"{display(text)}: options in a URL (?…) are not supported; set them in the "
+            "environment (AWS_ENDPOINT_URL, AWS_REGION, …)"
+        )
     scheme, _, rest = text.partition("://")
     bucket = rest.split("/", 1)[0]
     return _filesystem(f"{scheme}://{bucket}", os.getpid()), rest.rstrip("/")

@@ -17,8 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import make_teacher, write_unlabeled_shards
+from conftest import S3_SECRET, make_teacher, write_unlabeled_shards
 
 pytestmark = pytest.mark.slow
 
@@ -78,6 +79,19 @@ def ray_head(tmp_path):
         log.close()
 
 
+def _wait_for_success(address: str, job_id: str, env: dict[str, str]) -> str:
+    """Poll until the job ends; fails unless it SUCCEEDED. Returns its logs."""
+    deadline, status = time.monotonic() + 180, ""
+    while time.monotonic() < deadline:
+        status = _ray(["job", "status", "--address", address, job_id], env, 30).stdout.upper()
+        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(2)
+    logs = _ray(["job", "logs", "--address", address, job_id], env, 30).stdout
+    assert "SUCCEEDED" in status, f"{status}\n{logs[-3000:]}"
+    return logs
+
+
 def test_label_job_through_ray_job_submit(tmp_path, ray_head):
     address, env = ray_head
     shards = tmp_path / "shards"
@@ -91,15 +105,7 @@ def test_label_job_through_ray_job_submit(tmp_path, ray_head):
                       "python", "jobs/label.py", "--teacher", str(teacher), "--shards",
                       str(shards), "--out", str(out), "--k", "3"], env)  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr[-2000:]
-
-    deadline, status = time.monotonic() + 180, ""
-    while time.monotonic() < deadline:
-        status = _ray(["job", "status", "--address", address, job_id], env, 30).stdout.upper()
-        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
-            break
-        time.sleep(2)
-    logs = _ray(["job", "logs", "--address", address, job_id], env, 30).stdout
-    assert "SUCCEEDED" in status, f"{status}\n{logs[-3000:]}"
+    logs = _wait_for_success(address, job_id, env)
     assert "labeled 3 shards" in logs
 
     files = sorted(out.glob("*.parquet"))
@@ -110,3 +116,29 @@ def test_label_job_through_ray_job_submit(tmp_path, ray_head):
     again = _ray(["job", "submit", "--address", address, "--submission-id", job_id,
                   "--no-wait", "--", "python", "-c", "pass"], env)  # fmt: skip
     assert again.returncode != 0
+
+
+def test_label_job_on_s3_through_ray_job_submit(s3, tmp_path, ray_head):
+    """The same job with every path in the S3 test server: the head (started after ``s3`` set
+    the environment) passes the credentials to the job's processes; none shows in its logs."""
+    from ssl_kd import storage
+    from ssl_kd.shards import array_samples, write_shards
+
+    address, env = ray_head
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (40, 16, 16), dtype=np.uint8)
+    keys = [f"img-{i:06d}" for i in range(40)]
+    write_shards(array_samples(images, None, keys), f"{s3}/u/u-%06d.tar", 20)
+    teacher = make_teacher(f"{s3}/teacher.pt")  # type: ignore[arg-type]
+    job_id = f"ssl-kd-test-{secrets.token_hex(4)}"
+    submitted = _ray(["job", "submit", "--address", address, "--submission-id", job_id,
+                      "--working-dir", ".", "--no-wait", "--",
+                      "python", "jobs/label.py", "--teacher", str(teacher), "--shards",
+                      f"{s3}/u", "--out", f"{s3}/labels", "--k", "3"], env)  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    logs = _wait_for_success(address, job_id, env)
+    assert S3_SECRET not in logs
+    files = storage.list_dir(f"{s3}/labels", "*.parquet")
+    assert [storage.name(f) for f in files] == ["u-000000.parquet", "u-000001.parquet"]
+    summary = json.loads(storage.read_text(f"{s3}/labels/run_summary.json"))
+    assert summary["rows"] == 40 and not summary["failed"]

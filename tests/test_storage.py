@@ -94,5 +94,7 @@ def test_unreachable_store_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> N
     try:
         with pytest.raises(UserError, match="s3://nowhere"):
             storage.list_dir("s3://nowhere/prefix")
+        with pytest.raises(UserError, match="not supported"):
+            storage.exists("s3://b/k?endpoint_override=127.0.0.1:9")
     finally:
         storage.clear_cache()
