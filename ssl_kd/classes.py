@@ -7,13 +7,16 @@ from pathlib import Path
 
 from ssl_kd import storage
 from ssl_kd.errors import UserError
+from ssl_kd.shards.tario import is_gopen_url
 
 
 def dataset_info_near(urls: list[str]) -> dict | None:
     """The ``dataset.json`` in the first shard's directory or its parent, if there is one."""
-    if not urls or ("://" in urls[0] and not storage.is_remote(urls[0])):
+    if not urls or is_gopen_url(urls[0]):
         return None  # http(s) and pipe: shards have no directory to look in
-    first = urls[0] if storage.is_remote(urls[0]) else str(Path(urls[0]).resolve())
+    first = urls[0]
+    if not storage.is_remote(first):
+        first = str(Path(storage.local_path(first)).resolve())
     shard_dir = storage.parent(first)
     for d in (shard_dir, storage.parent(shard_dir)):
         path = storage.join(d, "dataset.json")

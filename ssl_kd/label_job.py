@@ -66,7 +66,8 @@ class LabelWorker:
         return label_shard_to_dir(self.teacher, url, self.cfg.out, self.cfg.batch_size)
 
 
-def _check_out_dir(cfg: LabelConfig, teacher: Teacher) -> None:
+def _check_out_dir(cfg: LabelConfig, teacher: Teacher) -> list[str]:
+    """The label files already in ``cfg.out`` (checked to be this labeling's)."""
     out = cfg.out
     if storage.is_file(out):
         raise UserError(f"--out {storage.display(out)} exists and is not a directory")
@@ -75,15 +76,18 @@ def _check_out_dir(cfg: LabelConfig, teacher: Teacher) -> None:
     if existing:
         check_same_labeling(read_meta(existing[0]), teacher.meta, existing[0], "this run")
     _remove_stale(out)
+    return existing
 
 
 def _remove_stale(out: str) -> None:
-    """Temp files left by a killed run (never a finished file; object stores have none)."""
+    """Temp files left by a killed run (never a finished file)."""
+    if storage.is_remote(out):
+        return  # uploads are staged locally: an object store holds no temp objects
     for stale in storage.list_dir(out, ".*.tmp"):
         storage.delete(stale)
 
 
-def _plan(cfg: LabelConfig, urls: list[str]) -> list[str]:
+def _plan(urls: list[str], existing: list[str]) -> list[str]:
     names: dict[str, str] = {}
     for url in urls:
         name = label_file_name(url)
@@ -93,7 +97,7 @@ def _plan(cfg: LabelConfig, urls: list[str]) -> list[str]:
                 "label them into separate --out directories"
             )
         names[name] = url
-    done = set(map(storage.name, storage.list_dir(cfg.out, "*.parquet")))  # one listing
+    done = set(map(storage.name, existing))
     return [u for u in urls if label_file_name(u) not in done]
 
 
@@ -200,8 +204,8 @@ def run_label(
     """
     urls = expand_shards(cfg.shards)
     teacher = Teacher(cfg.teacher, cfg.k, cfg.temperature, cfg.embeddings, "cpu")
-    _check_out_dir(cfg, teacher)
-    todo = _plan(cfg, urls)
+    existing = _check_out_dir(cfg, teacher)
+    todo = _plan(urls, existing)
     cfglib.save(cfg, storage.join(cfg.out, "config.yaml"))
     log.info("%d shards: %d to label, %d already done", len(urls), len(todo), len(urls) - len(todo))
     start = time.perf_counter()

@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from ssl_kd import storage
 from ssl_kd.errors import UserError
 from ssl_kd.inspect.plots import new_figure, save_png
 from ssl_kd.inspect.tar_index import read_images
 from ssl_kd.shards.reader import SampleError, decode_image
+from ssl_kd.shards.tario import is_gopen_url
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 def _readable(url: str) -> str:
     if url.startswith("file://"):
         return url[len("file://") :]
-    if url.startswith("pipe:") or ("://" in url and not storage.is_remote(url)):
+    if is_gopen_url(url):
         raise UserError(
             f"contact sheets read shards on disk or in an object store, and {url} is neither: "
             "copy the shards here and pass --shards DIR"

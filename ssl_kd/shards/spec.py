@@ -15,13 +15,9 @@ import braceexpand
 
 from ssl_kd import storage
 from ssl_kd.errors import ShardSpecError
+from ssl_kd.shards.tario import is_gopen_url
 
 _LIST_SUFFIXES = (".txt", ".list", ".lst")
-
-
-def _is_unchecked(spec: str) -> bool:
-    """A URL that webdataset's gopen reads (``http(s)://``, ``pipe:``): not listable here."""
-    return spec.startswith("pipe:") or ("://" in spec and not storage.is_remote(spec))
 
 
 def _missing(names: list[str]) -> list[str]:
@@ -29,7 +25,7 @@ def _missing(names: list[str]) -> list[str]:
     listed: dict[str, set[str]] = {}
     missing = []
     for n in names:
-        if _is_unchecked(n):
+        if is_gopen_url(n):  # not listable: checked when read
             continue
         if storage.is_remote(n):
             d = storage.parent(n)
@@ -45,7 +41,7 @@ def _missing(names: list[str]) -> list[str]:
 def _expand_one(spec: str) -> list[str]:
     if spec.startswith("file://"):
         spec = spec[len("file://") :]
-    if _is_unchecked(spec):
+    if is_gopen_url(spec):
         return list(braceexpand.braceexpand(spec))
     if "{" in spec and ".." in spec:
         names = list(braceexpand.braceexpand(spec))
@@ -77,7 +73,7 @@ def _read_list_file(path: str) -> list[str]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if "://" in line or line.startswith("pipe:") or os.path.isabs(line):
+        if "://" in line or is_gopen_url(line) or os.path.isabs(line):
             out.append(line)
         else:
             out.append(storage.join(storage.parent(path), line))

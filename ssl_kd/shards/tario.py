@@ -116,16 +116,21 @@ def split_key(name: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2).lower()) if m else None
 
 
+def is_gopen_url(url: str) -> bool:
+    """A URL that only webdataset's gopen reads (``pipe:``, ``http(s)://``, ...): a stream, with
+    no directory to list or to look beside."""
+    return url.startswith("pipe:") or (
+        "://" in url and not url.startswith("file://") and not storage.is_remote(url)
+    )
+
+
 @contextlib.contextmanager
 def open_tar(url: str) -> Iterator[BinaryIO]:
     """Open a shard for streaming: a local path, ``file://``, an object-store URL (``s3://``),
     or any URL webdataset's gopen reads (``pipe:``, ``http(s)://``, ...); ``.tar.gz`` / ``.tgz``
     are gunzipped."""
     with contextlib.ExitStack() as stack:
-        by_gopen = url.startswith("pipe:") or (
-            "://" in url and not storage.is_remote(url) and not url.startswith("file://")
-        )
-        if by_gopen:
+        if is_gopen_url(url):
             raw = stack.enter_context(contextlib.closing(gopen(url, "rb")))
         else:
             raw = stack.enter_context(storage.open_input(url))
