@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
-from ssl_kd.dedup import leaked, near_duplicates
-from ssl_kd.labels_io import LabelSet
+from ssl_kd.label.files import LabelSet
+from ssl_kd.select.dedup import leaked, near_duplicates
 
 
 def embeddings(directory: str) -> tuple[np.ndarray, np.ndarray]:

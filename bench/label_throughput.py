@@ -25,13 +25,13 @@ from _report import emit
 
 from ssl_kd.datasets.fashion_mnist import DEFAULT_SOURCE
 from ssl_kd.datasets.idx import read_idx
-from ssl_kd.label import Teacher
-from ssl_kd.label_job import LabelConfig, run_label
-from ssl_kd.models import create_model
-from ssl_kd.preprocess import Preprocess, normalize
-from ssl_kd.ray_env import connect_ray
+from ssl_kd.executor import connect_ray
+from ssl_kd.label.run import LabelConfig, run_label
+from ssl_kd.label.teacher import Teacher
+from ssl_kd.models.checkpoint import make_meta, save_checkpoint
+from ssl_kd.models.preprocess import Preprocess, normalize
+from ssl_kd.models.registry import create_model
 from ssl_kd.shards import array_samples, write_shards
-from ssl_kd.train.checkpoint import make_meta, save_checkpoint
 
 
 def make_images(n: int, size: int) -> np.ndarray:

@@ -27,9 +27,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 from _report import emit
 
-from ssl_kd.dedup import near_duplicates
-from ssl_kd.labels_io import LabelMeta, build_table, write_labels
-from ssl_kd.select import SelectConfig, run_select
+from ssl_kd.label.files import LabelMeta, build_table, write_labels
+from ssl_kd.select.dedup import near_duplicates
+from ssl_kd.select.run import SelectConfig, run_select
 
 C, K_STORED, PER_FILE = 1000, 10, 100_000
 META = LabelMeta(

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from _report import emit
 
-from ssl_kd.models import create_model
-from ssl_kd.preprocess import Preprocess, augment, normalize
+from ssl_kd.models.preprocess import Preprocess, augment, normalize
+from ssl_kd.models.registry import create_model
 from ssl_kd.shards import array_samples, expand_shards, write_shards
 from ssl_kd.shards.dataset import ShardImageDataset
 from ssl_kd.train.loop import StreamState, stream_batches, train_step

@@ -57,7 +57,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from ssl_kd.evaluate import EvalConfig, format_report, run_evaluate
+    from ssl_kd.evaluate.run import EvalConfig, format_report, run_evaluate
 
     cfg = cfglib.resolve(EvalConfig, args)
     print(format_report(run_evaluate(cfg, progress=not args.quiet)))
@@ -65,7 +65,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_label(args: argparse.Namespace) -> int:
-    from ssl_kd.label_job import LabelConfig, run_label
+    from ssl_kd.label.run import LabelConfig, run_label
 
     cfg = cfglib.resolve(LabelConfig, args)
     s = run_label(cfg, progress=not args.quiet)
@@ -90,7 +90,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
-    from ssl_kd.select import SelectConfig, format_report, run_select
+    from ssl_kd.select.run import SelectConfig, format_report, run_select
 
     cfg = cfglib.resolve(SelectConfig, args)
     report = run_select(cfg)
@@ -103,7 +103,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 
 def _cmd_materialize(args: argparse.Namespace) -> int:
-    from ssl_kd.materialize import MaterializeConfig, run_materialize
+    from ssl_kd.materialize.run import MaterializeConfig, run_materialize
 
     cfg = cfglib.resolve(MaterializeConfig, args)
     m = run_materialize(cfg, progress=not args.quiet)
@@ -176,7 +176,7 @@ def _cmd_check_cluster(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from ssl_kd.models import list_models
+    from ssl_kd.models.registry import list_models
 
     print("\n".join(list_models()))
     return 0
@@ -289,10 +289,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 _STAGES: dict[str, tuple[str, Callable[[argparse.Namespace], int], str]] = {
     "train": ("ssl_kd.train.supervised:TrainConfig", _cmd_train, "supervised training on shards"),
-    "evaluate": ("ssl_kd.evaluate:EvalConfig", _cmd_evaluate, "metrics of a checkpoint"),
-    "label": ("ssl_kd.label_job:LabelConfig", _cmd_label, "top-k pseudo-labels of shards (Ray)"),
-    "select": ("ssl_kd.select:SelectConfig", _cmd_select, "class-balanced top-K per class"),
-    "materialize": ("ssl_kd.materialize:MaterializeConfig", _cmd_materialize,
+    "evaluate": ("ssl_kd.evaluate.run:EvalConfig", _cmd_evaluate, "metrics of a checkpoint"),
+    "label": ("ssl_kd.label.run:LabelConfig", _cmd_label, "top-k pseudo-labels of shards (Ray)"),
+    "select": ("ssl_kd.select.run:SelectConfig", _cmd_select, "class-balanced top-K per class"),
+    "materialize": ("ssl_kd.materialize.run:MaterializeConfig", _cmd_materialize,
                     "copy the selection into shuffled pseudo-labeled shards"),
     "pretrain": ("ssl_kd.train.student:StudentConfig", _student("StudentConfig"),
                  "train the student on pseudo-labeled shards (Ray Train)"),

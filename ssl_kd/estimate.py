@@ -55,8 +55,8 @@ class EstimateConfig:
 
 
 def _macs(model: str, channels: int, size: int, num_classes: int) -> int:
-    from ssl_kd.model_stats import count_macs
-    from ssl_kd.models import create_model
+    from ssl_kd.models.registry import create_model
+    from ssl_kd.models.stats import count_macs
 
     return int(count_macs(create_model(model, num_classes, channels, size), (channels, size, size)))
 
@@ -85,8 +85,8 @@ def throughput(cfg: EstimateConfig) -> dict[str, Any]:
         }
     import torch
 
-    from ssl_kd.model_stats import cpu_speed
-    from ssl_kd.models import create_model
+    from ssl_kd.models.registry import create_model
+    from ssl_kd.models.stats import cpu_speed
 
     model = create_model(cfg.model, cfg.num_classes, cfg.channels, cfg.image_size)
     speed = cpu_speed(model, (cfg.channels, cfg.image_size, cfg.image_size), cfg.budget_s, 32)
@@ -102,7 +102,7 @@ def bytes_per_row(cfg: EstimateConfig) -> dict[str, float]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ssl_kd.labels_io import LabelMeta, build_table, write_labels
+    from ssl_kd.label.files import LabelMeta, build_table, write_labels
 
     rng = np.random.default_rng(0)
     n, k = SAMPLE_ROWS, min(cfg.k, cfg.num_classes)

@@ -79,9 +79,9 @@ def make_teacher(
     """A randomly initialised checkpoint in the format ``ssl-kd train`` writes."""
     import torch
 
-    from ssl_kd.models import create_model
-    from ssl_kd.preprocess import Preprocess
-    from ssl_kd.train.checkpoint import make_meta, save_checkpoint
+    from ssl_kd.models.checkpoint import make_meta, save_checkpoint
+    from ssl_kd.models.preprocess import Preprocess
+    from ssl_kd.models.registry import create_model
 
     torch.manual_seed(seed)
     width = 0.5 if arch == "cnn" else 1.0

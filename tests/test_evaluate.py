@@ -13,7 +13,7 @@ from conftest import make_teacher
 from conftest import run_cli as _run
 from torch import nn
 
-from ssl_kd.evaluate import (
+from ssl_kd.evaluate.run import (
     EvalConfig,
     calibration,
     ece,
@@ -23,10 +23,10 @@ from ssl_kd.evaluate import (
     per_class_accuracy,
     run_evaluate,
 )
-from ssl_kd.model_stats import count_macs, cpu_speed, model_size
-from ssl_kd.preprocess import Preprocess, normalize
+from ssl_kd.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from ssl_kd.models.preprocess import Preprocess, normalize
+from ssl_kd.models.stats import count_macs, cpu_speed, model_size
 from ssl_kd.shards import expand_shards
-from ssl_kd.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
 
 def test_ece_matches_hand_computation() -> None:

@@ -18,7 +18,6 @@ from PIL import Image
 
 from ssl_kd.cli import main
 from ssl_kd.errors import UserError
-from ssl_kd.inspect import tar_index
 from ssl_kd.inspect.compare import compare_labels
 from ssl_kd.inspect.labels import (
     class_top,
@@ -28,10 +27,10 @@ from ssl_kd.inspect.labels import (
     summarize_labels,
 )
 from ssl_kd.inspect.selection import summarize_selection
-from ssl_kd.label_job import LabelConfig, run_label
-from ssl_kd.labels_io import LabelMeta, build_table, write_labels
-from ssl_kd.select import SelectConfig, run_select
-from ssl_kd.shards import ReadStats, encode_image, iter_shard
+from ssl_kd.label.files import LabelMeta, build_table, write_labels
+from ssl_kd.label.run import LabelConfig, run_label
+from ssl_kd.select.run import SelectConfig, run_select
+from ssl_kd.shards import ReadStats, encode_image, iter_shard, tar_index
 
 C, K = 5, 3
 META = LabelMeta(

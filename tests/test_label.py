@@ -14,12 +14,12 @@ from conftest import make_teacher, write_plain_tar, write_unlabeled_shards
 
 from ssl_kd.cli import main
 from ssl_kd.errors import UserError
-from ssl_kd.label_job import LabelConfig, run_label
-from ssl_kd.labels_io import LabelSet
-from ssl_kd.preprocess import Preprocess, fit_size, normalize
+from ssl_kd.label.files import LabelSet
+from ssl_kd.label.run import LabelConfig, run_label
+from ssl_kd.models.checkpoint import load_checkpoint, model_from_checkpoint
+from ssl_kd.models.preprocess import Preprocess, fit_size, normalize
 from ssl_kd.shards import ReadStats, encode_image, iter_samples
 from ssl_kd.shards.reader import decode_image, image_bytes
-from ssl_kd.train.checkpoint import load_checkpoint, model_from_checkpoint
 
 
 @pytest.fixture

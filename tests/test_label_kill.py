@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import make_teacher, write_unlabeled_shards
 
-from ssl_kd.labels_io import LabelSet
+from ssl_kd.label.files import LabelSet
 from ssl_kd.shards import ReadStats, iter_samples
 
 SHARDS = 20

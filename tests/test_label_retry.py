@@ -10,8 +10,8 @@ import pytest
 from conftest import make_teacher, write_unlabeled_shards
 
 from ssl_kd.cli import main
-from ssl_kd.label_job import LabelConfig, LabelWorker, run_label
-from ssl_kd.labels_io import LabelSet
+from ssl_kd.label.files import LabelSet
+from ssl_kd.label.run import LabelConfig, LabelWorker, run_label
 
 
 class FlakyWorker(LabelWorker):

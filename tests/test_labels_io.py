@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ssl_kd.errors import UserError
-from ssl_kd.labels_io import (
+from ssl_kd.label.files import (
     LabelMeta,
     LabelSet,
     build_table,

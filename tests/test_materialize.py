@@ -13,14 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_teacher, write_plain_tar, write_unlabeled_shards
 
-from ssl_kd.classes import resolve_classes
 from ssl_kd.cli import main
 from ssl_kd.errors import UserError
-from ssl_kd.label_job import LabelConfig, run_label
-from ssl_kd.materialize import MaterializeConfig, run_materialize
-from ssl_kd.materialize_core import sample_key
-from ssl_kd.select import SelectConfig, run_select
+from ssl_kd.label.run import LabelConfig, run_label
+from ssl_kd.materialize.run import MaterializeConfig, run_materialize
+from ssl_kd.materialize.shuffle import sample_key
+from ssl_kd.select.run import SelectConfig, run_select
 from ssl_kd.shards import ReadStats, expand_shards, iter_samples
+from ssl_kd.shards.classes import resolve_classes
 from ssl_kd.shards.dataset import ShardImageDataset
 
 PER_SHARD = 64

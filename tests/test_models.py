@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ssl_kd.errors import UserError
-from ssl_kd.models import count_parameters, create_model, list_models
+from ssl_kd.models.registry import count_parameters, create_model, list_models
 
 
 def test_registry_lists_required_models() -> None:

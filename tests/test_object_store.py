@@ -16,8 +16,8 @@ import pytest
 from conftest import S3_SECRET, make_teacher, run_cli, separable_images
 
 from ssl_kd import storage
+from ssl_kd.models.checkpoint import load_checkpoint
 from ssl_kd.shards import array_samples, write_shards
-from ssl_kd.train.checkpoint import load_checkpoint
 
 
 def _write_data(bucket: str) -> dict[str, str]:

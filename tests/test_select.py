@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from ssl_kd.errors import UserError
-from ssl_kd.labels_io import LabelMeta, build_table, write_labels
-from ssl_kd.select import SelectConfig, format_report, run_select
-from ssl_kd.select_core import SELECTORS, HeapSelector, MergeSelector, TopK
+from ssl_kd.label.files import LabelMeta, build_table, write_labels
+from ssl_kd.select.run import SelectConfig, format_report, run_select
+from ssl_kd.select.topk import SELECTORS, HeapSelector, MergeSelector, TopK
 
 C, K_STORED = 6, 4
 META = LabelMeta(

@@ -13,7 +13,7 @@ import torch
 from conftest import write_plain_tar
 
 from ssl_kd.errors import ShardSpecError
-from ssl_kd.preprocess import Preprocess, fit_size
+from ssl_kd.models.preprocess import Preprocess, fit_size
 from ssl_kd.shards import ReadStats, ShardWriter, encode_image, expand_shards, iter_samples
 from ssl_kd.shards.dataset import ShardImageDataset, buffer_shuffle
 from ssl_kd.shards.reader import decoded_samples

@@ -14,8 +14,8 @@ from conftest import separable_images, write_labeled_shards
 
 from ssl_kd.cli import main
 from ssl_kd.errors import UserError
+from ssl_kd.models.checkpoint import load_checkpoint
 from ssl_kd.shards import array_samples, write_shards
-from ssl_kd.train.checkpoint import load_checkpoint
 from ssl_kd.train.losses import kd_loss, student_loss, teacher_distribution
 from ssl_kd.train.student import FAIL_ONCE_ENV, FinetuneConfig, StudentConfig, run_student
 

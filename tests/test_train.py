@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ssl_kd.errors import UserError
-from ssl_kd.evaluate import EvalConfig, run_evaluate
+from ssl_kd.evaluate.run import EvalConfig, run_evaluate
+from ssl_kd.models.checkpoint import load_checkpoint, model_from_checkpoint
 from ssl_kd.train import supervised
-from ssl_kd.train.checkpoint import load_checkpoint, model_from_checkpoint
 from ssl_kd.train.supervised import TrainConfig, run_train
 
 

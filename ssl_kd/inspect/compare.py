@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from ssl_kd.errors import UserError
 from ssl_kd.inspect.labels import fixed_list
-from ssl_kd.labels_io import LabelSet
+from ssl_kd.label.files import LabelSet
 
 TOP_CONFUSIONS = 10
 

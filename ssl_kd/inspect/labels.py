@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from ssl_kd import storage
 from ssl_kd.errors import UserError
-from ssl_kd.labels_io import LabelMeta, LabelSet
+from ssl_kd.label.files import LabelMeta, LabelSet
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from ssl_kd import storage
 from ssl_kd.errors import UserError
 from ssl_kd.inspect.labels import BATCH_ROWS
-from ssl_kd.selection_io import open_selection
+from ssl_kd.select.files import open_selection
 
 log = logging.getLogger(__name__)
 

@@ -100,12 +100,12 @@ class PipelineConfig:
 _STAGE_CLASSES = {
     "teacher": "ssl_kd.train.supervised:TrainConfig",
     "baseline": "ssl_kd.train.supervised:TrainConfig",
-    "label": "ssl_kd.label_job:LabelConfig",
-    "select": "ssl_kd.select:SelectConfig",
-    "materialize": "ssl_kd.materialize:MaterializeConfig",
+    "label": "ssl_kd.label.run:LabelConfig",
+    "select": "ssl_kd.select.run:SelectConfig",
+    "materialize": "ssl_kd.materialize.run:MaterializeConfig",
     "pretrain": "ssl_kd.train.student:StudentConfig",
     "finetune": "ssl_kd.train.student:FinetuneConfig",
-    "evaluate": "ssl_kd.evaluate:EvalConfig",
+    "evaluate": "ssl_kd.evaluate.run:EvalConfig",
 }
 
 

@@ -147,7 +147,7 @@ class PlanBuilder:
         return self._add(name, directory, params_of(tc, section), run, (data_stage,))
 
     def add_label(self, name: str, directory: str, teacher: str, deps: tuple[str, ...]) -> str:
-        from ssl_kd.label_job import run_label
+        from ssl_kd.label.run import run_label
 
         lc = stage_config(self.cfg, "label", {"teacher": teacher, "shards": self.data.unlabeled,
                                                "out": directory})  # fmt: skip
@@ -165,7 +165,7 @@ class PlanBuilder:
 
     def add_select(self, name: str, directory: str, labels: str, deps: tuple[str, ...]) -> str:
         from ssl_kd.pipeline.precision import selection_precision
-        from ssl_kd.select import run_select
+        from ssl_kd.select.run import run_select
 
         sc = stage_config(self.cfg, "select", {"labels": labels, "out": directory})
         truth = self.data.truth
@@ -187,7 +187,7 @@ class PlanBuilder:
     def add_materialize(
         self, name: str, directory: str, selection: str, deps: tuple[str, ...]
     ) -> str:
-        from ssl_kd.materialize import run_materialize
+        from ssl_kd.materialize.run import run_materialize
 
         paths = {"selection": selection, "out": directory, "shards": None}
         mc = stage_config(self.cfg, "materialize", paths)
@@ -214,7 +214,7 @@ class PlanBuilder:
         return self._add(name, directory, params_of(sc, section), run, deps)
 
     def add_eval(self, model: Model, deps: tuple[str, ...]) -> str:
-        from ssl_kd.evaluate import run_evaluate
+        from ssl_kd.evaluate.run import run_evaluate
 
         directory = storage.join(self.root, "eval", model.slug)
         paths = {

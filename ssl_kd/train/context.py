@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ssl_kd import storage
 from ssl_kd.device import resolve_device
-from ssl_kd.train.checkpoint import load_checkpoint, save_checkpoint
+from ssl_kd.models.checkpoint import load_checkpoint, save_checkpoint
 
 
 class RunContext(Protocol):

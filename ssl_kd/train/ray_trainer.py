@@ -17,7 +17,7 @@ from torch import nn
 
 from ssl_kd import storage
 from ssl_kd.errors import UserError
-from ssl_kd.train.checkpoint import load_checkpoint, save_checkpoint
+from ssl_kd.models.checkpoint import load_checkpoint, save_checkpoint
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -122,7 +122,7 @@ def fit(cfg: Any, progress: bool = True) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ssl_kd.ray_env import connect_ray
+    from ssl_kd.executor import connect_ray
 
     connect_ray()
     # Ray Train opens an s3:// storage path with pyarrow itself; a local one must be absolute.

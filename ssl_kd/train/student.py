@@ -29,15 +29,10 @@ from torch import nn
 
 from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
-from ssl_kd.classes import dataset_info_near, resolve_classes
 from ssl_kd.config import option
 from ssl_kd.errors import UserError
-from ssl_kd.evaluate import eval_loader, evaluate
-from ssl_kd.models import create_model
-from ssl_kd.preprocess import Preprocess, augment, fit_size, infer_preprocess, normalize
-from ssl_kd.shards import expand_shards
-from ssl_kd.shards.dataset import ShardImageDataset
-from ssl_kd.train.checkpoint import (
+from ssl_kd.evaluate.run import eval_loader, evaluate
+from ssl_kd.models.checkpoint import (
     check_resumable,
     load_checkpoint,
     make_meta,
@@ -46,6 +41,11 @@ from ssl_kd.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from ssl_kd.models.preprocess import Preprocess, augment, fit_size, infer_preprocess, normalize
+from ssl_kd.models.registry import create_model
+from ssl_kd.shards import expand_shards
+from ssl_kd.shards.classes import dataset_info_near, resolve_classes
+from ssl_kd.shards.dataset import ShardImageDataset
 from ssl_kd.train.context import RunContext
 from ssl_kd.train.loop import MetricsLog, StreamState, stream_batches, train_step
 from ssl_kd.train.losses import student_loss

@@ -19,14 +19,9 @@ from tqdm import tqdm
 
 from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
-from ssl_kd.classes import resolve_classes
 from ssl_kd.device import resolve_device
-from ssl_kd.evaluate import eval_loader, evaluate
-from ssl_kd.models import create_model
-from ssl_kd.preprocess import augment, fit_size, infer_preprocess, normalize
-from ssl_kd.shards import expand_shards
-from ssl_kd.shards.dataset import ShardImageDataset
-from ssl_kd.train.checkpoint import (
+from ssl_kd.evaluate.run import eval_loader, evaluate
+from ssl_kd.models.checkpoint import (
     check_resumable,
     load_checkpoint,
     make_meta,
@@ -34,6 +29,11 @@ from ssl_kd.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from ssl_kd.models.preprocess import augment, fit_size, infer_preprocess, normalize
+from ssl_kd.models.registry import create_model
+from ssl_kd.shards import expand_shards
+from ssl_kd.shards.classes import resolve_classes
+from ssl_kd.shards.dataset import ShardImageDataset
 from ssl_kd.train.loop import MetricsLog, StreamState, cross_entropy, stream_batches, train_step
 from ssl_kd.train.optim import build_optimizer
 from ssl_kd.train.options import TrainOptions

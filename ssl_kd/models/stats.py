@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssl_kd.models import count_parameters
+from ssl_kd.models.registry import count_parameters
 
 THROUGHPUT_BATCH = 256
 

@@ -46,16 +46,16 @@ from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
 from ssl_kd.config import option
 from ssl_kd.errors import UserError
-from ssl_kd.label import file_sha256
-from ssl_kd.labels_io import LabelMeta
-from ssl_kd.materialize_core import (
+from ssl_kd.label.files import LabelMeta
+from ssl_kd.label.teacher import file_sha256
+from ssl_kd.materialize.shuffle import (
     Plan,
     bucket_path,
     make_plan,
     map_source_shard,
     reduce_output_shard,
 )
-from ssl_kd.selection_io import open_selection
+from ssl_kd.select.files import open_selection
 from ssl_kd.shards.locate import shard_locations
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def _run_tasks(
                     log.warning("%s failed (attempt %d): %s", args[0], attempt + 1, exc)
             on_done(i, result)
         return
-    from ssl_kd.ray_env import connect_ray
+    from ssl_kd.executor import connect_ray
 
     ray = connect_ray()
     task = ray.remote(fn).options(

@@ -1,7 +1,7 @@
 """Evaluation of a classifier checkpoint on labeled shards.
 
 One pass over the data gives top-1/top-5, loss, per-class accuracy, calibration and, with a
-teacher, the student's fidelity to it; :mod:`ssl_kd.model_stats` adds size and CPU speed.
+teacher, the student's fidelity to it; :mod:`ssl_kd.models.stats` adds size and CPU speed.
 Every metric is a pure function of the per-image :class:`Predictions` of that pass.
 """
 
@@ -24,11 +24,11 @@ from ssl_kd import config as cfglib
 from ssl_kd.config import option
 from ssl_kd.device import resolve_device
 from ssl_kd.errors import UserError
-from ssl_kd.model_stats import cpu_speed, model_size
-from ssl_kd.preprocess import Preprocess, fit_size, normalize
+from ssl_kd.models.checkpoint import load_checkpoint, model_from_checkpoint
+from ssl_kd.models.preprocess import Preprocess, fit_size, normalize
+from ssl_kd.models.stats import cpu_speed, model_size
 from ssl_kd.shards import expand_shards
 from ssl_kd.shards.dataset import ShardImageDataset
-from ssl_kd.train.checkpoint import load_checkpoint, model_from_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 
 from ssl_kd import storage
 from ssl_kd.errors import UserError
-from ssl_kd.labels_io import LabelMeta
+from ssl_kd.label.files import LabelMeta
 
 _COLUMNS = {
     "key": pa.types.is_string,

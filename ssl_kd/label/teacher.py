@@ -27,11 +27,11 @@ import torch
 from ssl_kd import atomic, storage
 from ssl_kd.device import resolve_device
 from ssl_kd.errors import UserError
-from ssl_kd.labels_io import LabelMeta, build_table, label_file_name, write_labels
-from ssl_kd.preprocess import Preprocess, fit_size, normalize
+from ssl_kd.label.files import LabelMeta, build_table, label_file_name, write_labels
+from ssl_kd.models.checkpoint import load_checkpoint, model_from_checkpoint
+from ssl_kd.models.preprocess import Preprocess, fit_size, normalize
 from ssl_kd.shards.reader import ReadStats, decoded_samples, iter_shard
 from ssl_kd.shards.spec import shard_name
-from ssl_kd.train.checkpoint import load_checkpoint, model_from_checkpoint
 
 
 def file_sha256(path: str | Path) -> str:

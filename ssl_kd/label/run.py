@@ -24,9 +24,9 @@ from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
 from ssl_kd.config import option
 from ssl_kd.errors import UserError
-from ssl_kd.label import Teacher, label_shard_to_dir
-from ssl_kd.labels_io import check_same_labeling, label_file_name, label_files, read_meta
-from ssl_kd.ray_env import connect_ray
+from ssl_kd.executor import connect_ray
+from ssl_kd.label.files import check_same_labeling, label_file_name, label_files, read_meta
+from ssl_kd.label.teacher import Teacher, label_shard_to_dir
 from ssl_kd.shards import expand_shards, shard_name
 
 log = logging.getLogger(__name__)

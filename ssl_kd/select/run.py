@@ -26,10 +26,10 @@ import pyarrow.parquet as pq
 from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
 from ssl_kd.config import option
-from ssl_kd.dedup import leaked, near_duplicates
 from ssl_kd.errors import UserError
-from ssl_kd.labels_io import LabelMeta, LabelSet
-from ssl_kd.select_core import SELECTORS, TopK, candidates_of, image_ids, repeats, split_ids
+from ssl_kd.label.files import LabelMeta, LabelSet
+from ssl_kd.select.dedup import leaked, near_duplicates
+from ssl_kd.select.topk import SELECTORS, TopK, candidates_of, image_ids, repeats, split_ids
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def _partials(cfg: SelectConfig, labels: LabelSet) -> list[TopK]:
     args = (labels.meta.num_classes, cfg.per_class, cfg.top_p, cfg.min_score, cfg.kselect)
     if cfg.executor == "local":
         return [partial_topk(files, *args)]
-    from ssl_kd.ray_env import connect_ray
+    from ssl_kd.executor import connect_ray
 
     ray = connect_ray()
     # A few groups per CPU: enough to balance the load, few enough that each group's lists

@@ -17,8 +17,8 @@ import torch
 from ssl_kd import __version__, storage
 from ssl_kd.atomic import atomic_path
 from ssl_kd.errors import UserError
-from ssl_kd.models import Classifier, create_model
-from ssl_kd.preprocess import Preprocess
+from ssl_kd.models.preprocess import Preprocess
+from ssl_kd.models.registry import Classifier, create_model
 
 FORMAT_VERSION = 1
 

@@ -1,5 +1,5 @@
 """The pure steps of materialising (no Ray): output keys, the shuffle plan, and the map and
-reduce of the two-pass external shuffle that :mod:`ssl_kd.materialize` runs.
+reduce of the two-pass external shuffle that :mod:`ssl_kd.materialize.run` runs.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from ssl_kd import atomic, storage
 from ssl_kd.errors import UserError
-from ssl_kd.labels_io import label_file_name
+from ssl_kd.label.files import label_file_name
 from ssl_kd.shards.reader import IMAGE_EXTENSIONS, ReadStats, iter_shard
 from ssl_kd.shards.spec import shard_name
 from ssl_kd.shards.writer import END_OF_ARCHIVE, tar_member

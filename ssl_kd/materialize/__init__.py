@@ -1,0 +1,1 @@
+"""Materialisation: the selected samples copied into new, shuffled pseudo-labeled shards."""

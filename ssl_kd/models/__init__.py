@@ -1,0 +1,1 @@
+"""Models: the architecture registry, preprocessing, the checkpoint format, size and speed."""
