@@ -13,16 +13,15 @@ from conftest import make_teacher
 from conftest import run_cli as _run
 from torch import nn
 
-from ssl_kd.evaluate.run import (
-    EvalConfig,
+from ssl_kd.evaluate.metrics import (
     calibration,
     ece,
     eval_loader,
     fidelity,
     kl_divergence,
     per_class_accuracy,
-    run_evaluate,
 )
+from ssl_kd.evaluate.run import EvalConfig, run_evaluate
 from ssl_kd.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from ssl_kd.models.preprocess import Preprocess, normalize
 from ssl_kd.models.stats import count_macs, cpu_speed, model_size

@@ -31,7 +31,7 @@ from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
 from ssl_kd.config import option
 from ssl_kd.errors import UserError
-from ssl_kd.evaluate.run import eval_loader, evaluate
+from ssl_kd.evaluate.metrics import eval_loader, evaluate
 from ssl_kd.models.checkpoint import (
     check_resumable,
     load_checkpoint,

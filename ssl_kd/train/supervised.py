@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
 from ssl_kd.device import resolve_device
-from ssl_kd.evaluate.run import eval_loader, evaluate
+from ssl_kd.evaluate.metrics import eval_loader, evaluate
 from ssl_kd.models.checkpoint import (
     check_resumable,
     load_checkpoint,
