@@ -36,12 +36,22 @@ def option(
     min: float | None = None,
     max: float | None = None,
     gt: float | None = None,
+    operational: bool = False,
 ) -> Any:
-    """A dataclass field with help text and inclusive (min, max) or exclusive (gt) bounds."""
-    meta = {"help": help, "min": min, "max": max, "gt": gt}
+    """A dataclass field with help text and inclusive (min, max) or exclusive (gt) bounds.
+
+    ``operational`` marks a key that changes where or how a run is watched, never what it
+    computes: a run may resume with another value, and the pipeline leaves it out of fingerprints.
+    """
+    meta = {"help": help, "min": min, "max": max, "gt": gt, "operational": operational}
     if isinstance(default, (dict, list)):  # mutable: every instance gets its own copy
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def operational_keys(cls: type) -> frozenset[str]:
+    """The fields of config class ``cls`` declared with ``option(..., operational=True)``."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("operational"))
 
 
 def _default(f: dataclasses.Field) -> Any:

@@ -38,12 +38,14 @@ class EvalConfig:
     teacher: str | None = option(
         None, help="teacher checkpoint: adds top-1 agreement, KL(teacher||student), teacher top-1"
     )
-    out: str | None = option(None, help="write the metrics as JSON to this file")
+    out: str | None = option(None, help="write the metrics as JSON to this file", operational=True)
     batch_size: int = option(256, help="images per forward pass", min=1)
-    num_workers: int = option(0, help="DataLoader worker processes", min=0)
-    device: str = option("auto", help="auto, cpu, cuda or cuda:N")
+    num_workers: int = option(0, help="DataLoader worker processes", min=0, operational=True)
+    device: str = option("auto", help="auto, cpu, cuda or cuda:N", operational=True)
     latency: bool = option(True, help="time CPU latency (batch 1) and throughput (batch 256)")
-    latency_budget_s: float = option(1.0, help="seconds spent on each CPU timing", gt=0)
+    latency_budget_s: float = option(
+        1.0, help="seconds spent on each CPU timing", gt=0, operational=True
+    )
 
 
 def check_teacher(meta: dict[str, Any], teacher_meta: dict[str, Any], teacher_path: str) -> None:

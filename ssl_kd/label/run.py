@@ -40,16 +40,22 @@ class LabelConfig:
 
     teacher: str = option(help="teacher checkpoint")
     shards: str = option(help="unlabeled shards (dir, brace pattern, glob or list file)")
-    out: str = option(help="directory of label files (one Parquet file per shard)")
+    out: str = option(
+        help="directory of label files (one Parquet file per shard)", operational=True
+    )
     k: int = option(10, help="classes kept per image", min=1)
     temperature: float = option(1.0, help="softmax temperature of the soft labels", gt=0)
     embeddings: bool = option(False, help="also store L2-normalised float16 embeddings")
     batch_size: int = option(256, help="images per forward pass", min=1)
-    executor: Literal["ray", "local"] = option("ray", help="Ray actors, or this process only")
+    executor: Literal["ray", "local"] = option(
+        "ray", help="Ray actors, or this process only", operational=True
+    )
     workers: int = option(0, help="worker actors (0: one per GPU, else per cpus_per_worker)", min=0)
-    cpus_per_worker: int = option(1, help="CPUs (and torch threads) per worker actor", min=1)
-    max_retries: int = option(2, help="retries of a failed shard", min=0)
-    device: str = option("auto", help="auto, cpu, cuda or cuda:N")
+    cpus_per_worker: int = option(
+        1, help="CPUs (and torch threads) per worker actor", min=1, operational=True
+    )
+    max_retries: int = option(2, help="retries of a failed shard", min=0, operational=True)
+    device: str = option("auto", help="auto, cpu, cuda or cuda:N", operational=True)
 
 
 class LabelWorker:

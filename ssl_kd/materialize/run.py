@@ -78,8 +78,12 @@ class MaterializeConfig:
     shards: str | None = option(
         None, help="source shard spec given to ssl-kd label (default: from the labels' config)"
     )
-    executor: Literal["ray", "local"] = option("ray", help="Ray tasks per shard, or local")
-    max_retries: int = option(2, help="retries of a task that failed on I/O", min=0)
+    executor: Literal["ray", "local"] = option(
+        "ray", help="Ray tasks per shard, or local", operational=True
+    )
+    max_retries: int = option(
+        2, help="retries of a task that failed on I/O", min=0, operational=True
+    )
 
 
 def _selection_dir(selection: str) -> str:

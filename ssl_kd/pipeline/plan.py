@@ -30,13 +30,6 @@ from ssl_kd.errors import UserError
 from ssl_kd.pipeline.config import PIPELINE_KEYS, PipelineConfig, stage_config
 from ssl_kd.pipeline.stages import Stage
 
-# Keys that change how or where a stage runs, never what it computes.
-OPERATIONAL = frozenset(
-    {"executor", "max_retries", "max_failures", "device", "log_every", "ckpt_every",
-     "eval_every", "num_workers", "cpus_per_worker", "workers_per_node", "progress",
-     "latency_budget_s", "batch_size_eval"}
-)  # fmt: skip
-
 
 @dataclass(frozen=True)
 class DataPaths:
@@ -65,7 +58,7 @@ class Model:
 def params_of(cfg: Any, section: str) -> dict[str, Any]:
     """The keys of a stage config that decide its outputs (no paths, no operational keys)."""
     values = cfglib.to_dict(cfg)
-    skip = (PIPELINE_KEYS[section] - {"seed"}) | OPERATIONAL
+    skip = (PIPELINE_KEYS[section] - {"seed"}) | cfglib.operational_keys(type(cfg))
     return {k: v for k, v in values.items() if k not in skip}
 
 

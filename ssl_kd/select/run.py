@@ -49,7 +49,9 @@ class SelectConfig:
         None, help="label dir of the evaluation set: drop its near-duplicates (needs embeddings)"
     )
     leak_threshold: float = option(0.95, help="cosine counted as a leak of --decontaminate", gt=0)
-    executor: Literal["ray", "local"] = option("ray", help="Ray tasks over label files, or local")
+    executor: Literal["ray", "local"] = option(
+        "ray", help="Ray tasks over label files, or local", operational=True
+    )
     kselect: Literal["faiss", "numpy"] = option(
         "faiss", help="per-class top-K by faiss heaps or numpy sorted merges (same result)"
     )

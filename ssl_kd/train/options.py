@@ -15,8 +15,10 @@ class TrainOptions:
     """Fields shared by :class:`~ssl_kd.train.supervised.TrainConfig` and the student configs."""
 
     data: str = option(help="labeled training shards (dir, brace pattern, glob or list file)")
-    out: str = option(help="output directory (config, checkpoint, metrics)")
-    val_data: str | None = option(None, help="labeled shards evaluated during and after training")
+    out: str = option(help="output directory (config, checkpoint, metrics)", operational=True)
+    val_data: str | None = option(
+        None, help="labeled shards evaluated during and after training", operational=True
+    )
     arch: str = option("cnn", help="model architecture (see `ssl-kd models`)")
     width: float = option(1.0, help="width multiplier of cnn models", gt=0)
     dropout: float = option(0.0, help="dropout before the classifier head", min=0, max=0.95)
@@ -39,8 +41,12 @@ class TrainOptions:
     flip: bool = option(True, help="random horizontal flips")
     shuffle_buffer: int = option(5000, help="samples in the shuffle buffer", min=0)
     seed: int = option(0, help="random seed (init, data order, augmentation)")
-    log_every: int = option(50, help="steps between metrics lines", min=1)
-    eval_every: int = option(0, help="steps between evaluations on val_data (0: at end)", min=0)
-    ckpt_every: int = option(500, help="steps between checkpoints", min=1)
-    num_workers: int = option(0, help="DataLoader workers (0 keeps resume exact)", min=0)
-    device: str = option("auto", help="auto, cpu, cuda or cuda:N")
+    log_every: int = option(50, help="steps between metrics lines", min=1, operational=True)
+    eval_every: int = option(
+        0, help="steps between evaluations on val_data (0: at end)", min=0, operational=True
+    )
+    ckpt_every: int = option(500, help="steps between checkpoints", min=1, operational=True)
+    num_workers: int = option(
+        0, help="DataLoader workers (0 keeps resume exact)", min=0, operational=True
+    )
+    device: str = option("auto", help="auto, cpu, cuda or cuda:N", operational=True)

@@ -55,11 +55,6 @@ from ssl_kd.train.schedule import lr_schedule
 
 log = logging.getLogger(__name__)
 
-# Changing these does not change what a run computes: a run may resume with other values.
-OPERATIONAL_KEYS = frozenset(
-    {"out", "val_data", "log_every", "eval_every", "ckpt_every", "num_workers", "device",
-     "executor", "max_failures", "progress"}
-)  # fmt: skip
 # Fault injection for the restart tests: "PATH:STEP" fails once at STEP, leaving PATH behind.
 FAIL_ONCE_ENV = "SSL_KD_FAIL_ONCE"
 
@@ -86,10 +81,16 @@ class StudentConfig(TrainOptions):
     warmup_steps: int = option(200, help="linear warm-up steps (cosine, constant)", min=0)
     workers: int = option(1, help="Ray Train workers (DDP ranks)", min=1)
     use_gpu: bool = option(False, help="one GPU per worker (NCCL); else CPU (gloo)")
-    executor: Literal["ray", "local"] = option("ray", help="Ray Train, or one local process")
-    max_failures: int = option(2, help="worker-group restarts from the last checkpoint", min=0)
-    num_workers: int = option(0, help="DataLoader workers per rank (0 keeps resume exact)", min=0)
-    device: str = option("auto", help="local executor: auto, cpu, cuda or cuda:N")
+    executor: Literal["ray", "local"] = option(
+        "ray", help="Ray Train, or one local process", operational=True
+    )
+    max_failures: int = option(
+        2, help="worker-group restarts from the last checkpoint", min=0, operational=True
+    )
+    num_workers: int = option(
+        0, help="DataLoader workers per rank (0 keeps resume exact)", min=0, operational=True
+    )
+    device: str = option("auto", help="local executor: auto, cpu, cuda or cuda:N", operational=True)
 
     def validate(self) -> None:
         """Cross-field checks (called by the config loader)."""
@@ -202,7 +203,9 @@ def train_worker(cfg: StudentConfig, ctx: RunContext, progress: bool = True) -> 
     step, state = 0, StreamState()
     ckpt = ctx.load_checkpoint()
     if ckpt is not None:
-        check_resumable(ckpt["meta"]["config"], cfglib.to_dict(cfg), OPERATIONAL_KEYS, cfg.out)
+        check_resumable(
+            ckpt["meta"]["config"], cfglib.to_dict(cfg), cfglib.operational_keys(type(cfg)), cfg.out
+        )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = int(ckpt["step"])

@@ -41,12 +41,6 @@ from ssl_kd.train.schedule import lr_schedule
 
 log = logging.getLogger(__name__)
 
-# Keys that change how a run is observed or where it runs, not what it computes: a run may be
-# resumed with different values of these.
-OPERATIONAL_KEYS = frozenset(
-    {"out", "val_data", "log_every", "eval_every", "ckpt_every", "num_workers", "device"}
-)
-
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig(TrainOptions):
@@ -72,7 +66,9 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     step, state = 0, StreamState()
     if storage.is_file(ckpt_path):
         ckpt = load_checkpoint(ckpt_path)
-        check_resumable(ckpt["meta"]["config"], cfglib.to_dict(cfg), OPERATIONAL_KEYS, out)
+        check_resumable(
+            ckpt["meta"]["config"], cfglib.to_dict(cfg), cfglib.operational_keys(type(cfg)), out
+        )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = int(ckpt["step"])
