@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli as _run
+from helpers import run_cli as _run
 
 
 def _error_line(err: str) -> str:

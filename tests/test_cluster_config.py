@@ -53,7 +53,7 @@ def test_invalid_cluster_file_is_one_clear_error(tmp_path):
 
 
 def test_check_cluster_command(capsys):
-    from conftest import run_cli
+    from helpers import run_cli
 
     code, out, _ = run_cli(["check-cluster", str(ROOT / "cluster.yaml")], capsys)
     assert code == 0 and "valid Ray cluster config (aws: head, gpu_worker, cpu_worker)" in out

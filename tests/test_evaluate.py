@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_teacher
-from conftest import run_cli as _run
+from helpers import make_teacher
+from helpers import run_cli as _run
 from torch import nn
 
 from ssl_kd.evaluate.metrics import (

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_teacher, write_plain_tar, write_unlabeled_shards
+from helpers import make_teacher, write_plain_tar, write_unlabeled_shards
 from PIL import Image
 
 from ssl_kd.cli import main

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import S3_SECRET, make_teacher, write_unlabeled_shards
+from helpers import S3_SECRET, make_teacher, write_unlabeled_shards
 
 pytestmark = pytest.mark.slow
 

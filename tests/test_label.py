@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import make_teacher, write_plain_tar, write_unlabeled_shards
+from helpers import make_teacher, write_plain_tar, write_unlabeled_shards
 
 from ssl_kd.cli import main
 from ssl_kd.errors import UserError

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_teacher, write_unlabeled_shards
+from helpers import make_teacher, write_unlabeled_shards
 
 from ssl_kd.label.files import LabelSet
 from ssl_kd.shards import ReadStats, iter_samples

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_teacher, write_unlabeled_shards
+from helpers import make_teacher, write_unlabeled_shards
 
 from ssl_kd.cli import main
 from ssl_kd.label.files import LabelSet

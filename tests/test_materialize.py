@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_teacher, write_plain_tar, write_unlabeled_shards
+from helpers import make_teacher, write_plain_tar, write_unlabeled_shards
 
 from ssl_kd.cli import main
 from ssl_kd.errors import UserError

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import S3_SECRET, make_teacher, run_cli, separable_images
+from helpers import S3_SECRET, make_teacher, run_cli, separable_images
 
 from ssl_kd import storage
 from ssl_kd.models.checkpoint import load_checkpoint
@@ -175,7 +175,7 @@ def test_whole_pipeline_into_a_bucket(
 ) -> None:
     """``ssl-kd run --out s3://…``: the import, every stage, markers and results in the bucket;
     a rerun finds every stage done there."""
-    from test_pipeline import TINY
+    from helpers import TINY
 
     from ssl_kd import config as cfglib
     from ssl_kd.pipeline.config import PipelineConfig

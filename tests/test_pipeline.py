@@ -7,29 +7,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli
+from helpers import TINY, run_cli
 
 from ssl_kd import config as cfglib
 from ssl_kd.errors import ConfigError, UserError
 from ssl_kd.pipeline.config import PipelineConfig, apply_overrides, stage_config
 from ssl_kd.pipeline.results import collect, format_markdown
 from ssl_kd.pipeline.stages import Stage, marker_path, run_stages
-
-# Seconds, not minutes: a few steps of each stage on 8x8 images.
-TINY = {
-    "labeled_per_class": 2,
-    "seeds": [0, 1],
-    "executor": "local",
-    "teacher": {"steps": 4, "batch_size": 8, "warmup_steps": 1, "shuffle_buffer": 0},
-    "label": {"batch_size": 32},
-    "select": {"per_class": 6, "top_p": 2},
-    "materialize": {"samples_per_shard": 25},
-    "pretrain": {"steps": 3, "batch_size": 8, "warmup_steps": 1, "loss": "soft"},
-    "finetune": {"steps": 2, "batch_size": 8, "warmup_steps": 0},
-    "baseline": {"batch_size": 8, "warmup_steps": 0},
-    "evaluate": {"latency": False},
-}
-
 
 def tiny_config(tmp_path: Path, source: Path, **over: object) -> PipelineConfig:
     data = {**TINY, "out": str(tmp_path / "run"), "source": str(source), **over}
@@ -99,7 +83,7 @@ def test_changed_key_reruns_only_what_it_affects(tmp_path, fake_fmnist):
 
 
 def test_own_shards_instead_of_fashion_mnist(tmp_path, separable_shards):
-    from conftest import write_unlabeled_shards
+    from helpers import write_unlabeled_shards
 
     from ssl_kd.pipeline.run import run_pipeline
 

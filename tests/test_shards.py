@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_plain_tar
+from helpers import write_plain_tar
 
 from ssl_kd.errors import ShardSpecError
 from ssl_kd.models.preprocess import Preprocess, fit_size

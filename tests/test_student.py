@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import separable_images, write_labeled_shards
+from helpers import separable_images, write_labeled_shards
 
 from ssl_kd.cli import main
 from ssl_kd.errors import UserError

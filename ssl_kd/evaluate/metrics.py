@@ -1,0 +1,233 @@
+"""The metrics of one evaluation pass: top-1/top-5, loss, per-class accuracy, calibration and
+fidelity to a reference model (the teacher).
+
+One pass over the data (:func:`predict`) gives per-image :class:`Predictions`; every metric is a
+pure function of them. Training's validation and ``ssl-kd evaluate`` both use :func:`evaluate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ssl_kd.models.preprocess import Preprocess, fit_size, normalize
+from ssl_kd.shards.dataset import ShardImageDataset
+
+ECE_BINS = 15
+
+
+class Reference(NamedTuple):
+    """A reference model scored on the same images, with its own input normalisation."""
+
+    model: nn.Module
+    pp: Preprocess
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Per-image results of one pass, on the CPU (a few numbers per image, not the logits)."""
+
+    num_classes: int
+    labels: torch.Tensor  # int64
+    pred: torch.Tensor  # int64, top-1 class
+    confidence: torch.Tensor  # float64, top-1 softmax probability
+    top5_hit: torch.Tensor  # bool, label among the top min(5, C)
+    loss: torch.Tensor  # float64, cross-entropy
+    teacher_pred: torch.Tensor | None = None
+    kl: torch.Tensor | None = None  # float64, KL(teacher || student) in nats
+
+
+def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(softmax(teacher) || softmax(student)) in nats, in float64, at temperature 1."""
+    log_t = teacher_logits.double().log_softmax(dim=1)
+    log_s = student_logits.double().log_softmax(dim=1)
+    p_t = log_t.exp()
+    # 0 * log 0 = 0: a class the teacher rules out contributes nothing, even where log_s = -inf.
+    terms = torch.where(p_t > 0, p_t * (log_t - log_s), torch.zeros_like(p_t))
+    return terms.sum(dim=1)
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    pp: Preprocess,
+    teacher: Reference | None = None,
+    progress: bool = False,
+) -> Predictions:
+    """Run ``model`` (and ``teacher``) over ``loader`` once; uint8 batches normalised per model."""
+    model.eval()
+    if teacher is not None:
+        teacher.model.eval()
+    parts: dict[str, list[torch.Tensor]] = {}
+    num_classes = 0
+
+    def keep(name: str, value: torch.Tensor) -> None:
+        parts.setdefault(name, []).append(value.cpu())
+
+    for images, labels in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
+        images = images.to(device, non_blocking=True)
+        labels = torch.as_tensor(labels).to(device)
+        logits = model(normalize(images, pp))
+        num_classes = logits.shape[1]
+        probs = logits.double().softmax(dim=1)
+        confidence, pred = probs.max(dim=1)
+        top = logits.topk(min(5, num_classes), dim=1).indices
+        keep("labels", labels)
+        keep("pred", pred)
+        keep("confidence", confidence)
+        keep("top5_hit", top.eq(labels[:, None]).any(dim=1))
+        keep("loss", nn.functional.cross_entropy(logits.double(), labels, reduction="none"))
+        if teacher is not None:
+            t_logits = teacher.model(normalize(images, teacher.pp))
+            keep("teacher_pred", t_logits.argmax(dim=1))
+            keep("kl", kl_divergence(t_logits, logits))
+    empty = {
+        "labels": torch.long,
+        "pred": torch.long,
+        "confidence": torch.float64,
+        "top5_hit": torch.bool,
+        "loss": torch.float64,
+    }
+    if teacher is not None:
+        empty |= {"teacher_pred": torch.long, "kl": torch.float64}
+    cols = {
+        k: torch.cat(parts[k]) if k in parts else torch.zeros(0, dtype=dt)
+        for k, dt in empty.items()
+    }
+    return Predictions(num_classes=num_classes, **cols)
+
+
+def accuracy(p: Predictions) -> dict[str, Any]:
+    """``n``, ``top1``, ``top5`` (top-k for fewer classes) and mean cross-entropy ``loss``."""
+    n = len(p.labels)
+    if n == 0:
+        return {"n": 0, "top1": float("nan"), "top5": float("nan"), "loss": float("nan")}
+    return {
+        "n": n,
+        "top1": p.pred.eq(p.labels).sum().item() / n,
+        "top5": p.top5_hit.sum().item() / n,
+        "loss": p.loss.sum().item() / n,
+    }
+
+
+def per_class_accuracy(
+    pred: torch.Tensor, labels: torch.Tensor, names: Sequence[str]
+) -> list[dict[str, Any]]:
+    """``{class, name, n, top1}`` for each class in ``names`` (top1 is None when n is 0)."""
+    c = len(names)
+    n = torch.bincount(labels, minlength=c)
+    hits = torch.bincount(labels[pred.eq(labels)], minlength=c)
+    return [
+        {
+            "class": i,
+            "name": name,
+            "n": int(n[i]),
+            "top1": hits[i].item() / n[i].item() if n[i] else None,
+        }
+        for i, name in enumerate(names)
+    ]
+
+
+def _bins(
+    confidence: torch.Tensor, correct: torch.Tensor, n_bins: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bin edges and per-bin (count, sum of confidence, sum of correct) over (lo, hi] bins."""
+    edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)
+    conf = confidence.double()
+    # bucketize(right=False) puts x in bin i when edges[i] < x <= edges[i+1] (0 in the first).
+    idx = torch.bucketize(conf, edges[1:-1])
+    count = torch.bincount(idx, minlength=n_bins)
+    conf_sum = torch.bincount(idx, weights=conf, minlength=n_bins)
+    acc_sum = torch.bincount(idx, weights=correct.double(), minlength=n_bins)
+    return edges, count, conf_sum, acc_sum
+
+
+def ece(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error: sum over equal-width bins of |acc - conf| * n_bin / n."""
+    if len(confidence) == 0:
+        return float("nan")
+    _, _, conf_sum, acc_sum = _bins(confidence, correct, n_bins)
+    # |acc_b - conf_b| * n_b / n == |sum of correct_b - sum of confidence_b| / n
+    return ((acc_sum - conf_sum).abs().sum() / len(confidence)).item()
+
+
+def calibration(
+    confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = ECE_BINS
+) -> dict[str, Any]:
+    """``ece``, ``confidence_mean`` and the reliability ``bins`` (lo, hi, n, acc, conf)."""
+    edges, count, conf_sum, acc_sum = _bins(confidence, correct, n_bins)
+    bins = [
+        {
+            "lo": round(edges[i].item(), 6),
+            "hi": round(edges[i + 1].item(), 6),
+            "n": int(count[i]),
+            "acc": acc_sum[i].item() / count[i].item() if count[i] else None,
+            "conf": conf_sum[i].item() / count[i].item() if count[i] else None,
+        }
+        for i in range(n_bins)
+    ]
+    mean = confidence.double().mean().item() if len(confidence) else float("nan")
+    return {
+        "ece": ece(confidence, correct, n_bins),
+        "confidence_mean": mean,
+        "n_bins": n_bins,
+        "bins": bins,
+    }
+
+
+def fidelity(
+    pred: torch.Tensor, teacher_pred: torch.Tensor, kl: torch.Tensor, labels: torch.Tensor
+) -> dict[str, float]:
+    """Top-1 ``agreement`` with the teacher, mean ``kl`` (teacher || student), ``teacher_top1``."""
+    n = len(labels)
+    if n == 0:
+        return {"agreement": float("nan"), "kl": float("nan"), "teacher_top1": float("nan")}
+    return {
+        "agreement": pred.eq(teacher_pred).sum().item() / n,
+        "kl": kl.double().mean().item(),
+        "teacher_top1": teacher_pred.eq(labels).sum().item() / n,
+    }
+
+
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    pp: Preprocess,
+    progress: bool = False,
+    *,
+    teacher: Reference | None = None,  # adds ``fidelity``
+    detailed: bool = False,
+    classes: Sequence[str] | None = None,  # names in ``per_class`` (else the class ids)
+) -> dict[str, Any]:
+    """``n``, ``top1``, ``top5``, ``loss``; ``detailed`` adds per-class and calibration."""
+    # The trainers pass only the first four arguments and log every key: keep those lean.
+    p = predict(model, loader, device, pp, teacher, progress)
+    result = accuracy(p)
+    if detailed:
+        names = list(classes) if classes is not None else [str(i) for i in range(p.num_classes)]
+        result["per_class"] = per_class_accuracy(p.pred, p.labels, names)
+        result["calibration"] = calibration(p.confidence, p.pred.eq(p.labels))
+    if teacher is not None:
+        assert p.teacher_pred is not None and p.kl is not None
+        result["fidelity"] = fidelity(p.pred, p.teacher_pred, p.kl, p.labels)
+    return result
+
+
+def eval_loader(
+    urls: list[str], pp: Preprocess, num_classes: int, batch_size: int, num_workers: int = 0
+) -> DataLoader:
+    """A deterministic loader over labeled shards prepared as ``pp`` says."""
+    ds = ShardImageDataset(urls, fit_size(pp), pp.channels, num_classes=num_classes)
+    # A private generator keeps evaluation from consuming the global RNG of a training run.
+    return DataLoader(
+        ds, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator()
+    )
