@@ -99,10 +99,8 @@ def throughput(cfg: EstimateConfig) -> dict[str, Any]:
 
 def bytes_per_row(cfg: EstimateConfig) -> dict[str, float]:
     """Parquet bytes per label row and per selection row, measured on a random sample."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from ssl_kd.label.files import LabelMeta, build_table, write_labels
+    from ssl_kd.select.files import build_selection, write_selection
 
     rng = np.random.default_rng(0)
     n, k = SAMPLE_ROWS, min(cfg.k, cfg.num_classes)
@@ -117,13 +115,9 @@ def bytes_per_row(cfg: EstimateConfig) -> dict[str, float]:
     table = build_table(meta, "u-000000", keys, classes, probs, emb)
     with tempfile.TemporaryDirectory() as tmp:
         label_path = Path(write_labels(table, Path(tmp) / "labels.parquet"))
-        selection = table.drop_columns([c for c in ("embedding",) if c in table.column_names])
-        selection = selection.append_column("class", pa.array(classes[:, 0].astype(np.int32)))
-        selection = selection.append_column("score", pa.array(probs[:, 0].astype(np.float32)))
-        selection = selection.append_column("rank", pa.array(np.arange(n, dtype=np.int32)))
-        selection = selection.append_column("repeat", pa.array(np.ones(n, np.int32)))
-        sel_path = Path(tmp) / "selection.parquet"
-        pq.write_table(selection, sel_path, compression="zstd")
+        ones = np.ones(n, np.int64)
+        selection = build_selection(table, classes[:, 0], probs[:, 0], np.arange(n), ones)
+        sel_path = Path(write_selection(selection, meta, tmp))
         return {"label": label_path.stat().st_size / n, "selection": sel_path.stat().st_size / n}
 
 
@@ -178,3 +172,8 @@ def format_estimate(e: dict[str, Any]) -> str:
         f"materialised shards: {_si_bytes(st['materialised_shards'])} "
         f"({i['image_bytes']:,} B/image + tar headers)",
     ])  # fmt: skip
+
+
+def format_summary(cfg: EstimateConfig, e: dict[str, Any]) -> str:
+    """What ``ssl-kd estimate`` prints (``--json`` prints ``e`` itself)."""
+    return format_estimate(e)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -220,6 +221,15 @@ def read_bytes(url: PathLike) -> bytes:
 def read_text(url: PathLike) -> str:
     """The whole file or object, decoded as UTF-8."""
     return read_bytes(url).decode("utf-8")
+
+
+def sha256(url: PathLike) -> str:
+    """Hex sha256 of the file or object at ``url``, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open_input(url) as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_ranges(url: PathLike, offsets: list[int], sizes: list[int]) -> list[bytes]:

@@ -15,6 +15,7 @@ from helpers import make_teacher, write_plain_tar, write_unlabeled_shards
 
 from ssl_kd.cli import main
 from ssl_kd.errors import UserError
+from ssl_kd.label.files import LabelMeta
 from ssl_kd.label.run import LabelConfig, run_label
 from ssl_kd.materialize.run import MaterializeConfig, run_materialize
 from ssl_kd.materialize.shuffle import sample_key
@@ -174,9 +175,14 @@ def test_bad_inputs(pipeline: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no selection at"):
         run_materialize(_cfg(pipeline, out, selection=str(tmp_path)), progress=False)
 
-    # A selection without the labels' config: the source shards must be named.
+    # A selection of an older version (no shard spec in its metadata) without the labels'
+    # config: the source shards must be named.
     (tmp_path / "sel").mkdir()
-    shutil.copy(pipeline["sel"] / "selection.parquet", tmp_path / "sel")
+    selection = pq.read_table(pipeline["sel"] / "selection.parquet")
+    meta = LabelMeta.from_kv(selection.schema.metadata, "selection")
+    assert meta.extra["shards"] == str(pipeline["shards"])
+    old = selection.replace_schema_metadata(replace(meta, extra={}).to_kv())
+    pq.write_table(old, tmp_path / "sel" / "selection.parquet")
     lone = _cfg(pipeline, out, selection=str(tmp_path / "sel"))
     with pytest.raises(UserError, match="pass --shards"):
         run_materialize(lone, progress=False)

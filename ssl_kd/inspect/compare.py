@@ -18,8 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ssl_kd.errors import UserError
-from ssl_kd.inspect.labels import fixed_list
-from ssl_kd.label.files import LabelSet
+from ssl_kd.label.files import LabelSet, fixed_list
 
 TOP_CONFUSIONS = 10
 

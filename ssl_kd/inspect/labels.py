@@ -1,7 +1,7 @@
 """One label directory: summary, the most confident images of a class, one key's labels.
 
 Each function makes one streaming pass over the record batches of the directory
-(:meth:`~ssl_kd.labels_io.LabelSet.iter_batches`) and keeps only per-class accumulators, the N
+(:meth:`~ssl_kd.label.files.LabelSet.iter_batches`) and keeps only per-class accumulators, the N
 best rows or the matches, so memory stays flat however many images there are. Confidence is the
 top-1 probability; entropy (nats) is that of the stored top-k probabilities renormalised to 1.
 """
@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from ssl_kd import storage
 from ssl_kd.errors import UserError
-from ssl_kd.label.files import LabelMeta, LabelSet
+from ssl_kd.label.files import LabelMeta, LabelSet, fixed_list
 
 log = logging.getLogger(__name__)
 
@@ -34,41 +34,7 @@ def open_labels(directory: str | Path) -> LabelSet:
     """The label set of ``directory``, every file checked against the label schema."""
     if storage.is_file(directory):
         raise UserError(f"{directory} is a file; give the directory that holds the label files")
-    labels = LabelSet(directory)
-    for file in labels.files:
-        check_label_schema(pq.read_schema(file), labels.meta.k, str(file))
-    return labels
-
-
-def check_label_schema(schema: pa.Schema, k: int, where: str) -> None:
-    """UserError naming the first column of a label file that is missing or mistyped."""
-
-    is_int, is_float = pa.types.is_integer, pa.types.is_floating
-
-    def fixed_list_of(t: pa.DataType, is_value: Any) -> bool:
-        return pa.types.is_fixed_size_list(t) and t.list_size == k and is_value(t.value_type)
-
-    def stringy(t: pa.DataType) -> bool:
-        if pa.types.is_dictionary(t):
-            t = t.value_type
-        return pa.types.is_string(t) or pa.types.is_large_string(t)
-
-    expected = {
-        "key": ("string", stringy),
-        "shard": ("string", stringy),
-        "topk_class": (f"fixed_size_list<int>[{k}]", lambda t: fixed_list_of(t, is_int)),
-        "topk_prob": (f"fixed_size_list<float>[{k}]", lambda t: fixed_list_of(t, is_float)),
-    }
-    for name, (wanted, ok) in expected.items():
-        if name not in schema.names:
-            raise UserError(
-                f"{where} has no '{name}' column, so it is not a label file "
-                f"(columns: {', '.join(schema.names)})"
-            )
-        if not ok(schema.field(name).type):
-            raise UserError(
-                f"{where}: column '{name}' is {schema.field(name).type}, expected {wanted}"
-            )
+    return LabelSet(directory)
 
 
 def resolve_class(meta: LabelMeta, text: str) -> int:
@@ -81,14 +47,6 @@ def resolve_class(meta: LabelMeta, text: str) -> int:
     raise UserError(
         f"unknown class {text!r}: give a name ({shown}) or an index 0..{meta.num_classes - 1}"
     )
-
-
-def fixed_list(column: pa.Array | pa.ChunkedArray, rows: int) -> np.ndarray:
-    """A fixed-size-list column as a (rows, list size) numpy array."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    size = column.type.list_size
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(rows, size)
 
 
 def topk_entropy(probs: np.ndarray) -> np.ndarray:

@@ -5,28 +5,36 @@ dictionary<string>, ``topk_class`` fixed_size_list<uint8|uint16|int32>[k] and ``
 fixed_size_list<float16>[k] (sorted by probability, descending), optional ``embedding``
 fixed_size_list<float16>[d] (L2-normalised penultimate features). zstd-compressed. Key-value
 metadata ``ssl_kd.*`` records the teacher and labeling settings; every file in a directory must
-agree on them, so labels of two different teachers are never mixed silently.
+agree on them, so labels of two different teachers are never mixed silently. ``extra["shards"]``
+records the shard spec the labels were made from (provenance, not identity: files labeled from
+two specs may share a directory); labels of older versions name it in the directory's
+``config.yaml`` instead.
+
+:class:`LabelSet` is the one reader: every file's metadata and schema are checked on open.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 from ssl_kd import storage
 from ssl_kd.atomic import atomic_path
-from ssl_kd.errors import UserError
+from ssl_kd.errors import ShardSpecError, UserError
+from ssl_kd.shards.locate import locate_shards
+from ssl_kd.shards.spec import shard_stem
 
 SCHEMA_VERSION = 1
 _PREFIX = "ssl_kd."
-_SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+SHARDS = "shards"  # the key of the shard spec in LabelMeta.extra
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,16 @@ class LabelMeta:
                 f"{source} is not an ssl_kd label file (no ssl_kd.* metadata)"
             ) from None
 
+    def with_shard_spec(self, spec: str) -> LabelMeta:
+        """This metadata recording ``spec`` as the shards the labels were made from."""
+        return replace(self, extra={**self.extra, SHARDS: spec})
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that must agree across a directory (all but the shard provenance)."""
+        fields = asdict(self)
+        fields["extra"] = {k: v for k, v in self.extra.items() if k != SHARDS}
+        return fields
+
 
 def class_type(num_classes: int) -> pa.DataType:
     """The smallest unsigned integer type holding every class id."""
@@ -88,7 +106,7 @@ def label_schema(meta: LabelMeta) -> pa.Schema:
     return pa.schema(fields, metadata=meta.to_kv())
 
 
-def _fixed_list(values: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray:
+def _to_fixed_list(values: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray:
     flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=dtype)
     return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
 
@@ -110,26 +128,21 @@ def build_table(
     columns = [
         pa.array(keys, pa.string()),
         pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([shard])),
-        _fixed_list(topk_class.astype(class_type(meta.num_classes).to_pandas_dtype()),
+        _to_fixed_list(topk_class.astype(class_type(meta.num_classes).to_pandas_dtype()),
                     schema.field("topk_class").type.value_type),
-        _fixed_list(topk_prob.astype(np.float16), pa.float16()),
+        _to_fixed_list(topk_prob.astype(np.float16), pa.float16()),
     ]  # fmt: skip
     if meta.embedding_dim:
         if embedding is None:
             raise ValueError("embedding expected by the metadata")
         emb = embedding.reshape(n, meta.embedding_dim).astype(np.float16)
-        columns.append(_fixed_list(emb, pa.float16()))
+        columns.append(_to_fixed_list(emb, pa.float16()))
     return pa.Table.from_arrays(columns, schema=schema)
 
 
 def label_file_name(shard_url: str) -> str:
     """``…/u-000012.tar`` → ``u-000012.parquet`` (deterministic from the shard)."""
-    name = shard_url.rstrip("/").rsplit("/", 1)[-1]
-    for suffix in _SHARD_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return f"{name}.parquet"
+    return f"{shard_stem(shard_url)}.parquet"
 
 
 def write_labels(table: pa.Table, path: str | os.PathLike[str]) -> str:
@@ -142,13 +155,56 @@ def write_labels(table: pa.Table, path: str | os.PathLike[str]) -> str:
     return os.fspath(path)
 
 
-def read_meta(path: str | os.PathLike[str]) -> LabelMeta:
-    """The metadata of one label file (footer only)."""
+def read_schema(path: str | os.PathLike[str]) -> pa.Schema:
+    """The Arrow schema of a Parquet file (footer only); UserError if it is not one."""
     try:
-        kv = pq.read_schema(os.fspath(path)).metadata
+        return pq.read_schema(os.fspath(path))
     except (pa.ArrowInvalid, OSError) as exc:
         raise UserError(f"{path} is not a readable Parquet file ({exc})") from None
-    return LabelMeta.from_kv(kv, str(path))
+
+
+def read_meta(path: str | os.PathLike[str]) -> LabelMeta:
+    """The metadata of one label file (footer only)."""
+    return LabelMeta.from_kv(read_schema(path).metadata, str(path))
+
+
+def _fixed_list_of(t: pa.DataType, k: int, is_value: Any) -> bool:
+    return pa.types.is_fixed_size_list(t) and t.list_size == k and is_value(t.value_type)
+
+
+def _stringy(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def check_label_schema(schema: pa.Schema, k: int, where: str) -> None:
+    """UserError naming the first column of a label file that is missing or mistyped."""
+    is_int, is_float = pa.types.is_integer, pa.types.is_floating
+    expected = {
+        "key": ("string", _stringy),
+        "shard": ("string", _stringy),
+        "topk_class": (f"fixed_size_list<int>[{k}]", lambda t: _fixed_list_of(t, k, is_int)),
+        "topk_prob": (f"fixed_size_list<float>[{k}]", lambda t: _fixed_list_of(t, k, is_float)),
+    }
+    for name, (wanted, ok) in expected.items():
+        if name not in schema.names:
+            raise UserError(
+                f"{where} has no '{name}' column, so it is not a label file "
+                f"(columns: {', '.join(schema.names)})"
+            )
+        if not ok(schema.field(name).type):
+            raise UserError(
+                f"{where}: column '{name}' is {schema.field(name).type}, expected {wanted}"
+            )
+
+
+def fixed_list(column: pa.Array | pa.ChunkedArray, rows: int) -> np.ndarray:
+    """A fixed-size-list column as a (rows, list size) numpy array."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    size = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(rows, size)
 
 
 def label_files(directory: str | os.PathLike[str]) -> list[str]:
@@ -161,9 +217,11 @@ def label_files(directory: str | os.PathLike[str]) -> list[str]:
 
 
 def check_same_labeling(a: LabelMeta, b: LabelMeta, where_a: str, where_b: str) -> None:
-    """UserError naming the first field in which two label files disagree."""
-    for name, va in asdict(a).items():
-        vb = getattr(b, name)
+    """UserError naming the first field in which two label files disagree (the shard
+    provenance aside)."""
+    fields_b = b.identity()
+    for name, va in a.identity().items():
+        vb = fields_b[name]
         if va != vb:
             raise UserError(
                 f"{where_a} and {where_b} come from different labelings ({name}: {va!r} vs "
@@ -172,16 +230,24 @@ def check_same_labeling(a: LabelMeta, b: LabelMeta, where_a: str, where_b: str) 
 
 
 class LabelSet:
-    """A validated directory of label files, read as a stream of record batches."""
+    """A validated directory of label files, read as a stream of record batches.
+
+    Every file must carry the same labeling metadata and the label schema for its ``k``.
+    """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = os.fspath(directory)
         self.files = label_files(directory)
         if not self.files:
             raise UserError(f"no label files (*.parquet) in {self.directory}")
-        self.meta = read_meta(self.files[0])
-        for path in self.files[1:]:
-            check_same_labeling(self.meta, read_meta(path), str(self.files[0]), str(path))
+        for path in self.files:
+            schema = read_schema(path)
+            meta = LabelMeta.from_kv(schema.metadata, str(path))
+            if path == self.files[0]:
+                self.meta = meta
+            else:
+                check_same_labeling(self.meta, meta, str(self.files[0]), str(path))
+            check_label_schema(schema, meta.k, str(path))
 
     @property
     def num_rows(self) -> int:
@@ -195,3 +261,42 @@ class LabelSet:
         for path in self.files:
             with pq.ParquetFile(path) as pf:
                 yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+
+
+def recorded_shard_spec(directory: str | os.PathLike[str]) -> str:
+    """The shard spec that the labels of ``directory`` were made from.
+
+    Labels record it in their metadata; those of older versions only in the ``config.yaml``
+    that ``ssl-kd label`` wrote beside them.
+    """
+    files = label_files(directory) if storage.is_dir(directory) else []
+    meta = read_meta(files[0]) if files else None
+    if meta is not None and meta.extra.get(SHARDS):
+        return str(meta.extra[SHARDS])
+    cfg_path = storage.join(directory, "config.yaml")
+    if storage.is_file(cfg_path):
+        cfg = yaml.safe_load(storage.read_text(cfg_path)) or {}
+        if isinstance(cfg, dict) and cfg.get(SHARDS):
+            return str(cfg[SHARDS])
+    raise UserError(
+        f"cannot tell where the shards of {directory} are (neither their metadata nor a "
+        "config.yaml names them): pass --shards DIR_OR_SPEC"
+    )
+
+
+def find_shards(spec: str | None, recorded: Callable[[], str], directory: str) -> dict[str, str]:
+    """Shard name → URL from ``spec``, else from ``recorded()`` (the spec the labels were made
+    from); UserError asking for ``--shards`` when the recorded shards are not here."""
+    if spec is not None:
+        return locate_shards(spec)
+    try:
+        return locate_shards(recorded())
+    except ShardSpecError as exc:
+        raise UserError(
+            f"the shards recorded for {directory} are not here ({exc}): pass --shards DIR_OR_SPEC"
+        ) from None
+
+
+def shard_locations(directory: str | os.PathLike[str], spec: str | None = None) -> dict[str, str]:
+    """Shard name → URL of the shards of a label directory: ``spec``, or the recorded one."""
+    return find_shards(spec, lambda: recorded_shard_spec(directory), os.fspath(directory))

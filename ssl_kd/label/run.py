@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -24,7 +23,7 @@ from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
 from ssl_kd.config import option
 from ssl_kd.errors import UserError
-from ssl_kd.executor import connect_ray
+from ssl_kd.executor import Failure, cluster_resources, map_actors
 from ssl_kd.label.files import check_same_labeling, label_file_name, label_files, read_meta
 from ssl_kd.label.teacher import Teacher, label_shard_to_dir
 from ssl_kd.shards import expand_shards, shard_name
@@ -66,6 +65,8 @@ class LabelWorker:
             torch.set_num_threads(threads)
         self.cfg = cfg
         self.teacher = Teacher(cfg.teacher, cfg.k, cfg.temperature, cfg.embeddings, cfg.device)
+        # Provenance: later stages find the images through the spec the labels were made from.
+        self.teacher.meta = self.teacher.meta.with_shard_spec(cfg.shards)
 
     def label(self, url: str) -> dict[str, Any]:
         """Label ``url`` into ``cfg.out``; returns the shard's status."""
@@ -107,34 +108,40 @@ def _plan(urls: list[str], existing: list[str]) -> list[str]:
     return [u for u in urls if label_file_name(u) not in done]
 
 
-def _run_local(
+def _label_all(
     cfg: LabelConfig, todo: list[str], on_shard: Progress, worker_cls: type[LabelWorker]
 ) -> list[dict[str, Any]]:
-    worker = worker_cls(cfg)
-    statuses = []
-    for url in todo:
-        statuses.append(_with_retries(lambda u=url: worker.label(u), url, cfg.max_retries))
+    """Label ``todo`` with a pool of workers; the status of every shard, in finishing order."""
+    statuses: list[dict[str, Any]] = []
+
+    def done(i: int, result: Any, attempts: int) -> None:
+        if isinstance(result, Failure):
+            statuses.append({"shard": shard_name(todo[i]), **result.record()})
+        else:
+            statuses.append({**result, "attempts": attempts})
         on_shard(statuses[-1])
+
+    if cfg.executor == "local":
+        args, actors, options = (cfg,), 1, None
+    else:
+        args, (actors, options) = (cfg, cfg.cpus_per_worker), _pool(cfg)
+    map_actors(
+        worker_cls,
+        args,
+        "label",
+        todo,
+        executor=cfg.executor,
+        on_done=done,
+        max_retries=cfg.max_retries,
+        actors=actors,
+        actor_options=options,
+    )
     return statuses
 
 
-def _with_retries(fn: Any, url: str, retries: int) -> dict[str, Any]:
-    for attempt in range(retries + 1):
-        try:
-            return {**fn(), "attempts": attempt + 1}
-        except UserError:
-            raise
-        except Exception as exc:
-            log.warning("shard %s failed (attempt %d): %s", url, attempt + 1, exc)
-            last = exc
-    return {"shard": shard_name(url), "failed": True, "error": repr(last), "attempts": retries + 1}
-
-
-def _run_ray(
-    cfg: LabelConfig, todo: list[str], on_shard: Progress, worker_cls: type[LabelWorker]
-) -> list[dict[str, Any]]:
-    ray = connect_ray()
-    resources = ray.cluster_resources()
+def _pool(cfg: LabelConfig) -> tuple[int, dict[str, Any]]:
+    """Ray actors to start and the resources of each: one per GPU, else per cpus_per_worker."""
+    resources = cluster_resources()
     gpus = int(resources.get("GPU", 0))
     use_gpu = gpus > 0 and cfg.device != "cpu"
     if cfg.workers:
@@ -143,62 +150,7 @@ def _run_ray(
         n = gpus
     else:
         n = max(1, int(resources.get("CPU", 1)) // cfg.cpus_per_worker)
-    n = min(n, len(todo)) or 1
-    actor_cls = ray.remote(worker_cls).options(
-        num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_gpu else 0
-    )
-    actors = [actor_cls.remote(cfg, cfg.cpus_per_worker) for _ in range(n)]
-    queue = deque(todo)
-    attempts: dict[str, int] = {}
-    inflight: dict[Any, tuple[str, Any]] = {}
-    statuses: list[dict[str, Any]] = []
-    replaced: dict[Any, Any] = {}
-
-    def submit(actor: Any) -> None:
-        if queue:
-            url = queue.popleft()
-            attempts[url] = attempts.get(url, 0) + 1
-            inflight[actor.label.remote(url)] = (url, actor)
-
-    for actor in actors:  # two calls per actor: the next shard is queued while one runs
-        submit(actor)
-        submit(actor)
-    while inflight:
-        done, _ = ray.wait(list(inflight), num_returns=1)
-        url, actor = inflight.pop(done[0])
-        try:
-            status = ray.get(done[0])
-            statuses.append({**status, "attempts": attempts[url]})
-            on_shard(statuses[-1])
-        except ray.exceptions.RayActorError as exc:
-            # Both calls queued on a dead actor fail: replace it once, reuse the replacement.
-            if actor not in replaced:
-                log.warning("worker died on %s: %s; starting a new one", url, exc)
-                replaced[actor] = actor_cls.remote(cfg, cfg.cpus_per_worker)
-            actor = replaced[actor]
-            _retry_or_fail(url, exc, cfg, attempts, queue, statuses, on_shard)
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if isinstance(exc.cause, UserError) else None
-            if cause is not None:
-                raise cause from None
-            _retry_or_fail(url, exc, cfg, attempts, queue, statuses, on_shard)
-        submit(actor)
-    return statuses
-
-
-def _retry_or_fail(
-    url: str, exc: BaseException, cfg: LabelConfig, attempts: dict[str, int],
-    queue: deque, statuses: list[dict[str, Any]], on_shard: Progress,
-) -> None:  # fmt: skip
-    if attempts[url] <= cfg.max_retries:
-        log.warning("retrying %s (attempt %d failed): %s", url, attempts[url], exc)
-        queue.append(url)
-    else:
-        error = str(exc).splitlines()[0]
-        statuses.append(
-            {"shard": shard_name(url), "failed": True, "error": error, "attempts": attempts[url]}
-        )
-        on_shard(statuses[-1])
+    return n, {"num_cpus": cfg.cpus_per_worker, "num_gpus": 1 if use_gpu else 0}
 
 
 def run_label(
@@ -224,12 +176,7 @@ def run_label(
         bar.update(1)
         bar.set_postfix(img_s=f"{rows / max(1e-9, time.perf_counter() - start):.0f}")
 
-    if not todo:
-        statuses: list[dict[str, Any]] = []
-    elif cfg.executor == "local":
-        statuses = _run_local(cfg, todo, on_shard, worker_cls)
-    else:
-        statuses = _run_ray(cfg, todo, on_shard, worker_cls)
+    statuses = _label_all(cfg, todo, on_shard, worker_cls) if todo else []
     bar.close()
     _remove_stale(cfg.out)
     wall = time.perf_counter() - start
@@ -272,3 +219,31 @@ def _summarize(
         "per_shard": sorted(statuses, key=lambda s: s["shard"]),
         "config": cfglib.to_dict(cfg),
     }
+
+
+def format_summary(cfg: LabelConfig, summary: dict[str, Any]) -> str:
+    """The line ``ssl-kd label`` prints on stdout."""
+    s = summary
+    if s["labeled"] == 0 and not s["failed"]:
+        return f"nothing to label: all {s['shards']} shards already labeled in {cfg.out}"
+    return (
+        f"labeled {s['labeled']} shards ({s['already_done']} already done): {s['rows']} images, "
+        f"{s['skipped_samples']} skipped, {s['bytes_per_image']} bytes/image, "
+        f"{s['images_per_s']} img/s -> {cfg.out}"
+    )
+
+
+def format_problems(cfg: LabelConfig, summary: dict[str, Any]) -> list[str]:
+    """The lines ``ssl-kd label`` prints on stderr: truncated and failed shards."""
+    s = summary
+    if s["labeled"] == 0 and not s["failed"]:
+        return []
+    lines = []
+    if s["truncated_shards"]:
+        lines.append(f"truncated shards: {', '.join(s['truncated_shards'])}")
+    if s["failed"]:
+        lines.append(
+            f"ssl-kd: {len(s['failed'])} shard(s) failed after retries (see "
+            f"{cfg.out}/run_summary.json); rerun the same command to retry them"
+        )
+    return lines

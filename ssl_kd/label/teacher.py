@@ -9,7 +9,6 @@ next batch while the model runs on this one — and :func:`label_shard_to_dir` w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -32,15 +31,6 @@ from ssl_kd.models.checkpoint import load_checkpoint, model_from_checkpoint
 from ssl_kd.models.preprocess import Preprocess, fit_size, normalize
 from ssl_kd.shards.reader import ReadStats, decoded_samples, iter_shard
 from ssl_kd.shards.spec import shard_name
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with storage.open_input(path) as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Teacher:
@@ -81,7 +71,7 @@ class Teacher:
             k=k,
             temperature=float(temperature),
             teacher_arch=meta["arch"],
-            teacher_sha256=file_sha256(checkpoint),
+            teacher_sha256=storage.sha256(checkpoint),
             preprocess=self.pp.to_dict(),
             embedding_dim=model.feature_dim if embeddings else 0,
         )

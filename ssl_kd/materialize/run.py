@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +45,8 @@ from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
 from ssl_kd.config import option
 from ssl_kd.errors import UserError
+from ssl_kd.executor import map_tasks
 from ssl_kd.label.files import LabelMeta
-from ssl_kd.label.teacher import file_sha256
 from ssl_kd.materialize.shuffle import (
     Plan,
     bucket_path,
@@ -55,14 +54,12 @@ from ssl_kd.materialize.shuffle import (
     map_source_shard,
     reduce_output_shard,
 )
-from ssl_kd.select.files import open_selection
-from ssl_kd.shards.locate import shard_locations
+from ssl_kd.select.files import SELECTION_COLUMNS, SELECTION_FILE, open_selection, shard_locations
 
 log = logging.getLogger(__name__)
 
 SHARD_PATTERN = "train-%06d.tar"
 BUCKETS = ".buckets"
-_COLUMNS = ["key", "shard", "class", "score", "rank", "repeat", "topk_class", "topk_prob"]
 # Settings that decide the bytes written; the others (executor, retries, spec) only how.
 _IDENTITY = ("seed", "samples_per_shard")
 
@@ -93,10 +90,10 @@ def _selection_dir(selection: str) -> str:
 
 def _read_selection(selection: str) -> tuple[pa.Table, LabelMeta]:
     directory = _selection_dir(selection)
-    if not storage.is_file(storage.join(directory, "selection.parquet")):
+    if not storage.is_file(storage.join(directory, SELECTION_FILE)):
         raise UserError(f"no selection at {storage.display(selection)}: run ssl-kd select first")
     parquet, meta = open_selection(directory)
-    table = pq.read_table(parquet, columns=_COLUMNS)
+    table = pq.read_table(parquet, columns=SELECTION_COLUMNS)
     if table.num_rows == 0:
         raise UserError(f"the selection {parquet} is empty")
     return table, meta
@@ -165,59 +162,25 @@ def _run_tasks(
     cfg: MaterializeConfig, fn: Callable[..., dict[str, Any]], n_jobs: int,
     job: Callable[[int], tuple], on_done: Callable[[int, dict[str, Any]], None],
 ) -> None:  # fmt: skip
-    """Run ``fn(*job(i))`` for ``i < n_jobs`` (in-process or as Ray tasks), then
-    ``on_done(i, result)``. I/O errors are retried ``max_retries`` times; a UserError stops
-    the run at once. Arguments are built only when their task starts.
-    """
-    if cfg.executor == "local":
-        for i in range(n_jobs):
-            args = job(i)
-            for attempt in range(cfg.max_retries + 1):
-                try:
-                    result = fn(*args)
-                    break
-                except OSError as exc:
-                    if attempt == cfg.max_retries:
-                        raise
-                    log.warning("%s failed (attempt %d): %s", args[0], attempt + 1, exc)
-            on_done(i, result)
-        return
-    from ssl_kd.executor import connect_ray
-
-    ray = connect_ray()
-    task = ray.remote(fn).options(
-        num_cpus=1, max_retries=cfg.max_retries, retry_exceptions=[OSError]
+    """Run ``fn(*job(i))`` for ``i < n_jobs``, then ``on_done(i, result)``. I/O errors are
+    retried ``max_retries`` times; any other error, or one retried in vain, stops the run."""
+    map_tasks(
+        fn,
+        n_jobs,
+        job,
+        executor=cfg.executor,
+        on_done=lambda i, r, _: on_done(i, r),
+        max_retries=cfg.max_retries,
+        retry_on=(OSError,),
     )
-    # A bounded window keeps the arguments of only a few tasks per CPU in the object store.
-    window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-    queue = deque(range(n_jobs))
-    inflight: dict[Any, int] = {}
-    try:
-        while queue or inflight:
-            while queue and len(inflight) < window:
-                i = queue.popleft()
-                inflight[task.remote(*job(i))] = i
-            done, _ = ray.wait(list(inflight), num_returns=1)
-            i = inflight.pop(done[0])
-            try:
-                result = ray.get(done[0])
-            except ray.exceptions.RayTaskError as exc:
-                if isinstance(exc.cause, UserError):
-                    raise exc.cause from None
-                raise
-            on_done(i, result)
-    except BaseException:
-        for ref in inflight:  # so that none writes into the spill directory being removed
-            ray.cancel(ref)
-        raise
 
 
 def run_materialize(cfg: MaterializeConfig, progress: bool = True) -> dict[str, Any]:
     """Write the selection as shuffled shards in ``cfg.out``; returns (and writes) the manifest."""
     start = time.perf_counter()
     table, meta = _read_selection(cfg.selection)
-    selection_path = storage.join(_selection_dir(cfg.selection), "selection.parquet")
-    identity = {"selection_sha256": file_sha256(selection_path),
+    selection_path = storage.join(_selection_dir(cfg.selection), SELECTION_FILE)
+    identity = {"selection_sha256": storage.sha256(selection_path),
                 **{k: getattr(cfg, k) for k in _IDENTITY}}  # fmt: skip
     done = _check_out(cfg, identity)
     if done is not None:
@@ -326,3 +289,13 @@ def _finish(
     }
     atomic.write_text(storage.join(out, "materialize.json"), json.dumps(manifest, indent=2) + "\n")
     return {**manifest, "already_done": False}
+
+
+def format_summary(cfg: MaterializeConfig, manifest: dict[str, Any]) -> str:
+    """The line ``ssl-kd materialize`` prints."""
+    m = manifest
+    verb = "already materialized" if m["already_done"] else "materialized"
+    return (
+        f"{verb} {m['samples']} samples ({m['selected_rows']} selected rows) from "
+        f"{m['source_shards']} source shards into {len(m['shards'])} shards -> {cfg.out}"
+    )

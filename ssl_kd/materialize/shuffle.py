@@ -4,7 +4,6 @@ reduce of the two-pass external shuffle that :mod:`ssl_kd.materialize.run` runs.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -15,9 +14,9 @@ import pyarrow.compute as pc
 
 from ssl_kd import atomic, storage
 from ssl_kd.errors import UserError
-from ssl_kd.label.files import label_file_name
-from ssl_kd.shards.reader import IMAGE_EXTENSIONS, ReadStats, iter_shard
-from ssl_kd.shards.spec import shard_name
+from ssl_kd.shards import soft_label
+from ssl_kd.shards.reader import ReadStats, image_ext, iter_shard
+from ssl_kd.shards.spec import shard_name, shard_stem
 from ssl_kd.shards.writer import END_OF_ARCHIVE, tar_member
 
 
@@ -29,11 +28,6 @@ def sample_key(stem: str, key: str, cls: int, copy: int, repeat: int) -> str:
     """
     tail = f"_c{cls}" + (f"_r{copy + 1}" if repeat > 1 else "")
     return f"{stem}/{key}{tail}"
-
-
-def shard_stem(shard: str) -> str:
-    """``u-000012.tar`` → ``u-000012``."""
-    return label_file_name(shard).removesuffix(".parquet")
 
 
 def map_source_shard(url: str, rows: pa.Table, bucket: str) -> dict[str, Any]:
@@ -65,21 +59,19 @@ def map_source_shard(url: str, rows: pa.Table, bucket: str) -> dict[str, Any]:
             hits = wanted.pop(sample["__key__"], None)
             if hits is None:
                 continue
-            ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+            ext = image_ext(sample)
             if ext is None:
                 raise UserError(f"sample {sample['__key__']} of {url} has no image member")
             for i in hits:
-                soft = {
-                    "class": cls[i], "topk_class": topk_class[i],
-                    "topk_prob": [float(p) for p in topk_prob[i]], "score": float(score[i]),
-                    "rank": rank[i], "source_shard": name, "source_key": sample["__key__"],
-                }  # fmt: skip
+                members = soft_label.encode(
+                    cls[i], topk_class[i], topk_prob[i], score[i], rank[i], name, sample["__key__"]
+                )
                 for c in range(int(repeat[i])):
                     key = sample_key(stem, sample["__key__"], cls[i], c, int(repeat[i]))
                     block = (
                         tar_member(f"{key}.{ext}", sample[ext])
-                        + tar_member(f"{key}.cls", str(cls[i]).encode())
-                        + tar_member(f"{key}.json", json.dumps(soft).encode())
+                        + tar_member(f"{key}.cls", members["cls"])
+                        + tar_member(f"{key}.json", members["json"])
                     )
                     fh.write(block)
                     offset[first[i] + c], size[first[i] + c] = written, len(block)

@@ -27,8 +27,10 @@ from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
 from ssl_kd.config import option
 from ssl_kd.errors import UserError
-from ssl_kd.label.files import LabelMeta, LabelSet
+from ssl_kd.executor import cluster_resources, map_tasks
+from ssl_kd.label.files import LabelMeta, LabelSet, fixed_list
 from ssl_kd.select.dedup import leaked, near_duplicates
+from ssl_kd.select.files import build_selection, write_selection
 from ssl_kd.select.topk import SELECTORS, TopK, candidates_of, image_ids, repeats, split_ids
 
 
@@ -58,7 +60,7 @@ class SelectConfig:
 
 
 def partial_topk(
-    files: list[tuple[int, str]], num_classes: int, k: int, top_p: int,
+    files: list[tuple[int, str]], num_classes: int, per_class: int, top_p: int,
     min_score: float | None, method: str = "faiss",
 ) -> TopK:  # fmt: skip
     """The exact per-class top-K of a group of label files ``(file index, path)``.
@@ -67,18 +69,15 @@ def partial_topk(
     in ascending image id (what :class:`HeapSelector` needs); the next file is read while this
     one is selected.
     """
-    selector = SELECTORS[method](num_classes, k)
+    selector = SELECTORS[method](num_classes, per_class)
     for file_index, table in _read_ahead(sorted(files), ["key", "topk_class", "topk_prob"]):
         n = table.num_rows
         if n == 0:
             continue
-        stored_k = table.schema.field("topk_class").type.list_size
         in_key_order = pc.sort_indices(table.column("key")).to_numpy()
-        classes = table.column("topk_class").combine_chunks().flatten().to_numpy()
-        probs = table.column("topk_prob").combine_chunks().flatten().to_numpy()
         cls_ids, score, rank = candidates_of(
-            classes.reshape(n, stored_k)[in_key_order],
-            probs.reshape(n, stored_k)[in_key_order],
+            fixed_list(table.column("topk_class"), n)[in_key_order],
+            fixed_list(table.column("topk_prob"), n)[in_key_order],
             top_p,
             min_score,
         )
@@ -100,18 +99,30 @@ def _read_ahead(files: list[tuple[int, str]], columns: list[str]) -> Iterator[tu
 
 
 def _partials(cfg: SelectConfig, labels: LabelSet) -> list[TopK]:
+    """Partial top-Ks of groups of label files: one group in-process, a few per CPU on Ray."""
     files = list(enumerate(str(p) for p in labels.files))
     args = (labels.meta.num_classes, cfg.per_class, cfg.top_p, cfg.min_score, cfg.kselect)
     if cfg.executor == "local":
-        return [partial_topk(files, *args)]
-    from ssl_kd.executor import connect_ray
+        groups, fn = 1, partial_topk
+    else:
+        # A few groups per CPU: enough to balance the load, few enough that each group's lists
+        # fill up and most of its candidates are rejected by a compare.
+        cpus = int(cluster_resources().get("CPU", 1))
+        groups, fn = max(1, min(len(files), 2 * cpus)), _single_threaded_partial
+    parts: list[TopK] = [TopK.empty(0, 0)] * groups
 
-    ray = connect_ray()
-    # A few groups per CPU: enough to balance the load, few enough that each group's lists
-    # fill up and most of its candidates are rejected by a compare.
-    groups = max(1, min(len(files), 2 * int(ray.cluster_resources().get("CPU", 1))))
-    task = ray.remote(_single_threaded_partial)
-    return ray.get([task.remote(files[g::groups], *args) for g in range(groups)])
+    def done(g: int, part: TopK, attempts: int) -> None:
+        parts[g] = part
+
+    map_tasks(
+        fn,
+        groups,
+        lambda g: (files[g::groups], *args),
+        executor=cfg.executor,
+        on_done=done,
+        window=groups,
+    )
+    return parts
 
 
 def _single_threaded_partial(*args: Any) -> TopK:
@@ -184,22 +195,10 @@ def run_select(cfg: SelectConfig) -> dict[str, Any]:
             if 0 < n < cfg.per_class:
                 rep[start : start + n] = repeats(int(n), cfg.per_class)
             start += n
-    table = pa.table(
-        {
-            "key": table.column("key"),
-            "shard": table.column("shard"),
-            "class": pa.array(cls_ids, pa.int32()),
-            "score": pa.array(score, pa.float32()),
-            "rank": pa.array(rank, pa.int32()),
-            "repeat": pa.array(rep, pa.int32()),
-            "topk_class": table.column("topk_class"),
-            "topk_prob": table.column("topk_prob"),
-        }
-    )
+    table = build_selection(table, cls_ids, score, rank, rep)
     report = _report(cfg, meta.classes, best, cls_ids, score, rep, removed)
     t_rows = time.perf_counter()
-    with atomic.atomic_path(storage.join(out, "selection.parquet")) as tmp:
-        pq.write_table(table.replace_schema_metadata(meta.to_kv()), tmp, compression="zstd")
+    write_selection(table, meta, out)
     report["seconds"] = {
         "select": round(t_select - t0, 3),
         "rows_and_filters": round(t_rows - t_select, 3),
@@ -218,7 +217,7 @@ def _eval_embeddings(directory: str, meta: LabelMeta) -> np.ndarray:
             f"--decontaminate {directory} must be labeled by the same teacher with --embeddings"
         )
     parts = [
-        b.column("embedding").flatten().to_numpy().reshape(b.num_rows, -1)
+        fixed_list(b.column("embedding"), b.num_rows)
         for b in evals.iter_batches(columns=["embedding"])
     ]
     return np.concatenate(parts).astype(np.float32)
@@ -235,8 +234,7 @@ def _filter(
     images, first, inverse = np.unique(image, return_index=True, return_inverse=True)
     priority = np.full(len(images), -np.inf, np.float32)
     np.maximum.at(priority, inverse, score)
-    emb = table.column("embedding").combine_chunks().flatten().to_numpy()
-    emb = emb.reshape(len(image), -1)[first].astype(np.float32)
+    emb = fixed_list(table.column("embedding"), len(image))[first].astype(np.float32)
     leak = np.zeros(len(images), bool)
     if reference is not None:
         leak = leaked(emb, reference, cfg.leak_threshold)
@@ -297,3 +295,12 @@ def format_report(report: dict[str, Any]) -> str:
             f"{p['name'][:20]:<20} {p['candidates']:>10} {p['selected']:>9} {lo:>7} {mean:>7}{mark}"
         )
     return "\n".join(lines)
+
+
+def format_summary(cfg: SelectConfig, report: dict[str, Any]) -> str:
+    """What ``ssl-kd select`` prints: the per-class table, then one line."""
+    return (
+        f"{format_report(report)}\n"
+        f"selected {report['selected']} images ({report['with_repeats']} with repeats), "
+        f"{len(report['short_classes'])} classes short of {cfg.per_class} -> {cfg.out}"
+    )

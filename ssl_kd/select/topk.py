@@ -50,17 +50,17 @@ class TopK:
     candidates: np.ndarray  # (C,) int64: candidates offered (after min_score)
 
     @classmethod
-    def empty(cls, num_classes: int, k: int) -> TopK:
+    def empty(cls, num_classes: int, per_class: int) -> TopK:
         """No candidates yet."""
         return cls(
-            np.full((num_classes, k), -np.inf, np.float32),
-            np.full((num_classes, k), NO_IMAGE, np.int64),
+            np.full((num_classes, per_class), -np.inf, np.float32),
+            np.full((num_classes, per_class), NO_IMAGE, np.int64),
             np.zeros(num_classes, np.int64),
         )
 
     @property
-    def k(self) -> int:
-        """Candidates kept per class."""
+    def per_class(self) -> int:
+        """Candidates kept per class (K)."""
         return self.score.shape[1]
 
     def selected_counts(self) -> np.ndarray:
@@ -94,20 +94,20 @@ class TopK:
             return
         cls_ids, score, image = cls_ids[enters], score[enters], image[enters]
         touched = np.flatnonzero(np.bincount(cls_ids, minlength=len(self.candidates)))
-        k = self.k
+        per_class = self.per_class
         # The filled part of the touched classes' lists, followed by the newcomers.
         cur = np.isfinite(self.score[touched])
-        all_cls = np.concatenate([np.repeat(touched, k)[cur.ravel()], cls_ids])
+        all_cls = np.concatenate([np.repeat(touched, per_class)[cur.ravel()], cls_ids])
         all_score = np.concatenate([self.score[touched][cur], score])
         all_image = np.concatenate([self.image[touched][cur], image])
         order = _sort_order(_class_score_key(all_cls, all_score), all_image)
         start = np.searchsorted(all_cls[order], touched)
         counts = np.diff(np.append(start, len(order)))
         rank = np.arange(len(order)) - np.repeat(start, counts)
-        keep = order[rank < k]
+        keep = order[rank < per_class]
         # Scatter back: class row, rank column; slots past a short class's count stay empty.
-        rows = np.repeat(touched, np.minimum(counts, k))
-        cols = rank[rank < k]
+        rows = np.repeat(touched, np.minimum(counts, per_class))
+        cols = rank[rank < per_class]
         self.score[touched], self.image[touched] = -np.inf, NO_IMAGE
         self.score[rows, cols] = all_score[keep]
         self.image[rows, cols] = all_image[keep]
@@ -134,9 +134,9 @@ class MergeSelector:
     _pending_size: int = 0
 
     @classmethod
-    def create(cls, num_classes: int, k: int) -> MergeSelector:
+    def create(cls, num_classes: int, per_class: int) -> MergeSelector:
         """An empty selector."""
-        return cls(TopK.empty(num_classes, k))
+        return cls(TopK.empty(num_classes, per_class))
 
     def add(self, cls_ids: np.ndarray, score: np.ndarray, image: np.ndarray) -> None:
         """Offer candidates (1-D arrays of equal length, any order)."""
@@ -171,8 +171,8 @@ class HeapSelector:
     takes id -1 for an empty slot, which no image may map to.
     """
 
-    def __init__(self, num_classes: int, k: int) -> None:
-        self._heap = faiss.ResultHeap(num_classes, k, keep_max=True)
+    def __init__(self, num_classes: int, per_class: int) -> None:
+        self._heap = faiss.ResultHeap(num_classes, per_class, keep_max=True)
         self._candidates = np.zeros(num_classes, np.int64)
         self._last = np.int64(-1)
 
@@ -203,10 +203,10 @@ class HeapSelector:
         empty = score < 0  # faiss's neutral value; probabilities are >= 0
         score[empty], image[empty] = -np.inf, NO_IMAGE
         # finalize() sorts by score only; order equal scores by image id.
-        c, k = score.shape
-        order = _sort_order(_class_score_key(np.repeat(np.arange(c), k), score.ravel()),
+        c, per_class = score.shape
+        order = _sort_order(_class_score_key(np.repeat(np.arange(c), per_class), score.ravel()),
                             image.ravel())  # fmt: skip
-        rows = order.reshape(c, k)  # classes stay in their rows: the class is the major key
+        rows = order.reshape(c, per_class)  # classes stay in their rows: the class is the major key
         return TopK(score.ravel()[rows], image.ravel()[rows], self._candidates)
 
 
@@ -294,11 +294,12 @@ def candidates_of(
     return cls_ids, score, rows
 
 
-def repeats(selected: int, k: int) -> np.ndarray:
-    """How often each of ``selected`` ranked samples is repeated to fill ``k`` (upsampling)."""
+def repeats(selected: int, per_class: int) -> np.ndarray:
+    """How often each of ``selected`` ranked samples is repeated to fill ``per_class``
+    (upsampling)."""
     if selected == 0:
         return np.zeros(0, np.int64)
-    base, extra = divmod(k, selected)
+    base, extra = divmod(per_class, selected)
     out = np.full(selected, base, np.int64)
     out[:extra] += 1
     return out

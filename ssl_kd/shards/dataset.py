@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ssl_kd.shards.reader import ReadStats, decoded_samples, iter_samples, read_soft_label
+from ssl_kd.shards import soft_label
+from ssl_kd.shards.reader import ReadStats, decoded_samples, iter_samples
 
 T = TypeVar("T")
 
@@ -98,7 +99,7 @@ class ShardImageDataset(IterableDataset):
             k, n = self.soft_k, self.num_classes
 
             def targets(sample: dict[str, Any]) -> tuple[int, np.ndarray, np.ndarray]:
-                return read_soft_label(sample, n, k)
+                return soft_label.decode(sample, n, k)
 
         decoded = decoded_samples(
             raw, self.stats, self.channels, self.labeled, self.num_classes, targets

@@ -9,11 +9,10 @@ never stops the read.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,11 +119,16 @@ def iter_samples(urls: Iterable[str], stats: ReadStats) -> Iterator[dict[str, An
         yield from iter_shard(url, stats)
 
 
+def image_ext(members: Container[str]) -> str | None:
+    """The extension of a sample's image member (the first of IMAGE_EXTENSIONS), or None."""
+    return next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
+
+
 def image_bytes(sample: dict[str, Any]) -> bytes:
     """The sample's encoded image; raises SampleError when it has none."""
-    for ext in IMAGE_EXTENSIONS:
-        if ext in sample:
-            return sample[ext]
+    ext = image_ext(sample)
+    if ext is not None:
+        return sample[ext]
     members = sorted(k for k in sample if not k.startswith("__"))
     raise SampleError(f"no image member (has: {', '.join(members) or 'nothing'})")
 
@@ -173,28 +177,6 @@ def read_label(sample: dict[str, Any], num_classes: int | None = None) -> int:
     if label < 0 or (num_classes is not None and label >= num_classes):
         raise SampleError(f"label {label} out of range for {num_classes} classes")
     return label
-
-
-def read_soft_label(
-    sample: dict[str, Any], num_classes: int | None, k: int
-) -> tuple[int, np.ndarray, np.ndarray]:
-    """``(class, topk_class, topk_prob)`` of a pseudo-labeled sample (``.cls`` and the ``.json``
-    soft label that ``ssl-kd materialize`` writes); SampleError if missing or malformed."""
-    label = read_label(sample, num_classes)
-    raw = sample.get("json")
-    if raw is None:
-        raise SampleError("no .json soft label")
-    try:
-        soft = json.loads(raw)
-        classes, probs = soft["topk_class"][:k], soft["topk_prob"][:k]
-        if len(classes) != k or len(probs) != k:
-            raise SampleError(f"soft label has fewer than {k} classes")
-        if num_classes is not None and (min(classes) < 0 or max(classes) >= num_classes):
-            raise SampleError(f"soft label class out of range for {num_classes} classes")
-        # numpy, not torch: per-sample torch.tensor calls cost more than decoding a small PNG
-        return label, np.array(classes, np.int64), np.array(probs, np.float32)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise SampleError(f"bad .json soft label ({exc})") from None
 
 
 def decoded_samples(

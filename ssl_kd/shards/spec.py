@@ -18,6 +18,7 @@ from ssl_kd.errors import ShardSpecError
 from ssl_kd.shards.tario import is_gopen_url
 
 _LIST_SUFFIXES = (".txt", ".list", ".lst")
+_SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 
 def _missing(names: list[str]) -> list[str]:
@@ -103,3 +104,12 @@ def expand_shards(spec: str | list[str]) -> list[str]:
 def shard_name(url: str) -> str:
     """The shard's file name (``u-000012.tar``): its identity in label and truth files."""
     return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def shard_stem(url: str) -> str:
+    """``…/u-000012.tar`` → ``u-000012``: the shard's name without its tar suffix."""
+    name = shard_name(url)
+    for suffix in _SHARD_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name

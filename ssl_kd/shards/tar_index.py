@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 from ssl_kd import storage
 from ssl_kd.errors import UserError
-from ssl_kd.shards.reader import IMAGE_EXTENSIONS, ReadStats, iter_shard
+from ssl_kd.shards.reader import ReadStats, image_ext, iter_shard
 from ssl_kd.shards.tario import split_key
 
 Index = dict[str, dict[str, tuple[int, int]]]  # key → extension → (data offset, size)
@@ -81,7 +81,7 @@ def _read_seeking(path: str | Path, keys: set[str]) -> dict[str, dict[str, bytes
             raise UserError(f"{path} is not a readable tar shard ({exc})") from None
         places = []
         for key, members in index.items():
-            ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+            ext = image_ext(members)
             if ext is not None:
                 places.append((members[ext], key, ext))
         found: dict[str, dict[str, bytes]] = {key: {} for key in index}
@@ -107,7 +107,7 @@ def read_images(path: str | Path, keys: set[str]) -> dict[str, bytes]:
         )
     images = {}
     for key in keys:
-        ext = next((e for e in IMAGE_EXTENSIONS if e in found[key]), None)
+        ext = image_ext(found[key])
         if ext is None:
             raise UserError(f"sample {key!r} of {path} has no image member")
         images[key] = found[key][ext]

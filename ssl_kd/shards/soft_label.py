@@ -1,0 +1,66 @@
+"""The soft-label members of a pseudo-labeled sample, as ``ssl-kd materialize`` writes them.
+
+A pseudo-labeled sample ``KEY`` holds, beside its image member (original bytes and extension):
+
+- ``KEY.cls``: the selected class as a decimal integer (ASCII), so any WebDataset reader that
+  wants hard labels finds them where it looks for them;
+- ``KEY.json``: one JSON object with ``class`` (the same integer), ``topk_class`` (the teacher's
+  top-k class ids, best first), ``topk_prob`` (their probabilities), ``score`` and ``rank`` (the
+  selection's score and the sample's rank in its class), ``source_shard`` and ``source_key``
+  (where the image came from).
+
+:func:`encode` writes both members; :func:`decode` reads back what training needs.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from ssl_kd.shards.reader import SampleError, read_label
+
+
+def encode(
+    cls: int,
+    topk_class: list[int],
+    topk_prob: list[float],
+    score: float,
+    rank: int,
+    source_shard: str,
+    source_key: str,
+) -> dict[str, bytes]:
+    """The ``cls`` and ``json`` members (extension → bytes) of one pseudo-labeled sample."""
+    soft = {
+        "class": cls,
+        "topk_class": topk_class,
+        "topk_prob": [float(p) for p in topk_prob],
+        "score": float(score),
+        "rank": rank,
+        "source_shard": source_shard,
+        "source_key": source_key,
+    }
+    return {"cls": str(cls).encode(), "json": json.dumps(soft).encode()}
+
+
+def decode(
+    sample: dict[str, Any], num_classes: int | None, k: int
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(class, topk_class, topk_prob)`` of a pseudo-labeled sample, the first ``k`` classes;
+    SampleError if a member is missing or malformed."""
+    label = read_label(sample, num_classes)
+    raw = sample.get("json")
+    if raw is None:
+        raise SampleError("no .json soft label")
+    try:
+        soft = json.loads(raw)
+        classes, probs = soft["topk_class"][:k], soft["topk_prob"][:k]
+        if len(classes) != k or len(probs) != k:
+            raise SampleError(f"soft label has fewer than {k} classes")
+        if num_classes is not None and (min(classes) < 0 or max(classes) >= num_classes):
+            raise SampleError(f"soft label class out of range for {num_classes} classes")
+        # numpy, not torch: per-sample torch.tensor calls cost more than decoding a small PNG
+        return label, np.array(classes, np.int64), np.array(probs, np.float32)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SampleError(f"bad .json soft label ({exc})") from None
