@@ -15,7 +15,7 @@ from helpers import make_teacher, write_plain_tar, write_unlabeled_shards
 from ssl_kd.cli import main
 from ssl_kd.errors import UserError
 from ssl_kd.label.files import LabelSet
-from ssl_kd.label.run import LabelConfig, run_label
+from ssl_kd.label.run import LabelConfig, format_problems, format_summary, run_label
 from ssl_kd.models.checkpoint import load_checkpoint, model_from_checkpoint
 from ssl_kd.models.preprocess import Preprocess, fit_size, normalize
 from ssl_kd.shards import ReadStats, encode_image, iter_samples
@@ -81,6 +81,11 @@ def test_rerun_labels_nothing(setup: dict[str, Path]) -> None:
     again = run_label(_cfg(setup), progress=False)
     assert again["already_done"] == 3 and again["labeled"] == 0 and again["rows"] == 0
     assert {p: p.stat().st_mtime_ns for p in setup["out"].glob("*.parquet")} == mtimes
+    cfg = _cfg(setup)
+    assert (
+        format_summary(cfg, again) == f"nothing to label: all 3 shards already labeled in {cfg.out}"
+    )
+    assert format_problems(cfg, again) == []
 
 
 def test_different_teacher_into_the_same_dir_is_refused(setup: dict[str, Path]) -> None:

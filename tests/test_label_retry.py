@@ -11,7 +11,7 @@ from helpers import make_teacher, write_unlabeled_shards
 
 from ssl_kd.cli import main
 from ssl_kd.label.files import LabelSet
-from ssl_kd.label.run import LabelConfig, LabelWorker, run_label
+from ssl_kd.label.run import LabelConfig, LabelWorker, format_problems, run_label
 
 
 class FlakyWorker(LabelWorker):
@@ -70,7 +70,10 @@ def test_bounded_retries_then_failure_reported(
     argv = ["-q", "label", "--teacher", cfg.teacher, "--shards", cfg.shards, "--out", cfg.out,
             "--executor", "local", "--k", "2"]  # fmt: skip
     assert main(argv) == 1
-    assert "3 shard(s) failed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "3 shard(s) failed" in err
+    problems = format_problems(cfg, summary)
+    assert len(problems) == 1 and problems[0] in err
 
 
 @pytest.mark.slow

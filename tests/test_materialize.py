@@ -17,7 +17,7 @@ from ssl_kd.cli import main
 from ssl_kd.errors import UserError
 from ssl_kd.label.files import LabelMeta
 from ssl_kd.label.run import LabelConfig, run_label
-from ssl_kd.materialize.run import MaterializeConfig, run_materialize
+from ssl_kd.materialize.run import MaterializeConfig, format_summary, run_materialize
 from ssl_kd.materialize.shuffle import sample_key
 from ssl_kd.select.run import SelectConfig, run_select
 from ssl_kd.shards import ReadStats, expand_shards, iter_samples
@@ -233,7 +233,11 @@ def test_cli_and_job_entrypoint(
     rows = pq.read_metadata(pipeline["sel"] / "selection.parquet").num_rows
     assert main(["-q", "materialize", *argv]) == 0
     line = f"materialized 300 samples ({rows} selected rows) from 3 source shards into 3 shards"
-    assert line in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert line in out
+    manifest = json.loads((tmp_path / "out" / "materialize.json").read_text())
+    cfg = MaterializeConfig(selection=str(pipeline["sel"]), out=str(tmp_path / "out"))
+    assert out == format_summary(cfg, {**manifest, "already_done": False}) + "\n"
     job = Path(__file__).parents[1] / "jobs" / "materialize.py"
     done = subprocess.run([sys.executable, str(job), *argv], capture_output=True, text=True,
                           timeout=300)  # fmt: skip

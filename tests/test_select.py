@@ -10,9 +10,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from ssl_kd.cli import main
 from ssl_kd.errors import UserError
 from ssl_kd.label.files import LabelMeta, build_table, write_labels
-from ssl_kd.select.run import SelectConfig, format_report, run_select
+from ssl_kd.select.run import SelectConfig, format_report, format_summary, run_select
 from ssl_kd.select.topk import SELECTORS, HeapSelector, MergeSelector, TopK
 
 C, K_STORED = 6, 4
@@ -160,6 +161,35 @@ def test_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="different labelings"):
         run_select(base)
     assert not (tmp_path / "sel").exists()
+
+
+def test_cli_prints_the_stage_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write_labels(tmp_path / "labels", files=2, rows=20)
+    cfg = SelectConfig(
+        labels=str(tmp_path / "labels"),
+        out=str(tmp_path / "sel"),
+        per_class=5,
+        top_p=2,
+        executor="local",
+    )
+    argv = [
+        "select",
+        "--labels",
+        cfg.labels,
+        "--out",
+        cfg.out,
+        "--per-class",
+        "5",
+        "--top-p",
+        "2",
+        "--executor",
+        "local",
+    ]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "sel" / "report.json").read_text())
+    summary = format_summary(cfg, report)
+    assert capsys.readouterr().out == summary + "\n"
+    assert summary.startswith(format_report(report) + "\nselected 30 images")
 
 
 @pytest.mark.slow
