@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ssl_kd.errors import UserError
-from ssl_kd.inspect.plots import new_figure, save_png
+from ssl_kd.figures import new_figure, save_png
 from ssl_kd.shards.reader import SampleError, decode_image
 from ssl_kd.shards.tar_index import read_images
 from ssl_kd.shards.tario import is_gopen_url

@@ -1,35 +1,15 @@
-"""PNG charts of a label summary or a selection, drawn with matplotlib's Agg canvas.
-
-Figures are built on :class:`matplotlib.figure.Figure` with an explicit Agg canvas, not through
-``pyplot``: no GUI backend is chosen, no global figure state is kept, and it works headless.
-"""
+"""PNG charts of a label summary or a selection (figures from :mod:`ssl_kd.figures`)."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from ssl_kd import atomic, storage
+from ssl_kd import storage
+from ssl_kd.figures import new_figure, save_png
 
 MAX_TICK_LABELS = 40  # beyond this many classes, names would overlap: show indices
-
-
-def new_figure(width: float, height: float) -> Figure:
-    """An empty figure on an Agg canvas."""
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save_png(fig: Figure, path: str | os.PathLike[str], dpi: int = 100) -> str:
-    """Write ``fig`` as PNG atomically; returns the path."""
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-    return os.fspath(path)
 
 
 def _class_axis(ax: Any, names: list[str]) -> None:
