@@ -8,25 +8,24 @@ their failures become one :class:`UserError` line.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ssl_kd.config import option, read_yaml
 from ssl_kd.errors import UserError
+
+
+@dataclass(frozen=True)
+class CheckClusterConfig:
+    """``ssl-kd check-cluster``: the cluster file to validate."""
+
+    file: str = option(help="cluster YAML (e.g. cluster.yaml)", positional=True, metavar="FILE")
 
 
 def validate_cluster_file(path: str | Path) -> dict[str, Any]:
     """Validate a cluster file with Ray's own schema and defaults; returns the prepared config."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"cluster file {p} does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"{p} is not valid YAML: {exc}".splitlines()[0]) from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{p} must hold a mapping (a Ray cluster config)")
+    raw = read_yaml(path, what="cluster file")
     try:
         from ray.autoscaler._private.util import prepare_config, validate_config
     except ImportError as exc:  # the private API moved: say so rather than skip the check
@@ -36,5 +35,16 @@ def validate_cluster_file(path: str | Path) -> dict[str, Any]:
         validate_config(prepared)
     except Exception as exc:  # jsonschema.ValidationError, ValueError, KeyError from Ray
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{p} is not a valid Ray cluster config: {first}") from None
+        raise UserError(f"{path} is not a valid Ray cluster config: {first}") from None
     return prepared
+
+
+def check_cluster(cfg: CheckClusterConfig) -> dict[str, Any]:
+    """``ssl-kd check-cluster``: the prepared config of a valid cluster file."""
+    return validate_cluster_file(cfg.file)
+
+
+def format_summary(cfg: CheckClusterConfig, prepared: dict[str, Any]) -> str:
+    """The line ``ssl-kd check-cluster`` prints for a valid file."""
+    types = ", ".join(prepared.get("available_node_types", {})) or "local provider"
+    return f"{cfg.file}: valid Ray cluster config ({prepared['provider']['type']}: {types})"

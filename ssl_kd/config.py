@@ -14,7 +14,7 @@ import dataclasses
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import yaml
@@ -37,13 +37,30 @@ def option(
     max: float | None = None,
     gt: float | None = None,
     operational: bool = False,
+    flag: str | None = None,
+    metavar: str | None = None,
+    positional: bool = False,
+    exclusive: str | None = None,
 ) -> Any:
     """A dataclass field with help text and inclusive (min, max) or exclusive (gt) bounds.
 
     ``operational`` marks a key that changes where or how a run is watched, never what it
     computes: a run may resume with another value, and the pipeline leaves it out of fingerprints.
+    The rest shape the command line: ``flag`` replaces ``--field-name``, ``metavar`` names the
+    value in ``--help``, ``positional`` makes the field a positional argument, and fields that
+    share an ``exclusive`` name may not be given together.
     """
-    meta = {"help": help, "min": min, "max": max, "gt": gt, "operational": operational}
+    meta = {
+        "help": help,
+        "min": min,
+        "max": max,
+        "gt": gt,
+        "operational": operational,
+        "flag": flag,
+        "metavar": metavar,
+        "positional": positional,
+        "exclusive": exclusive,
+    }
     if isinstance(default, (dict, list)):  # mutable: every instance gets its own copy
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -59,6 +76,11 @@ def _default(f: dataclasses.Field) -> Any:
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return f.default
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The command-line flag of a config field: ``--field-name`` unless declared otherwise."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -173,8 +195,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
         elif _default(f) is not dataclasses.MISSING:
             value = _default(f)
         else:
-            flag = "--" + name.replace("_", "-")
-            raise ConfigError(name, f"is required: set it in the config file or with {flag}")
+            raise ConfigError(name, f"is required: set it in the config file or with {flag_of(f)}")
         _check_bounds(name, f.metadata, value)
         values[name] = value
     obj = cls(**values)
@@ -184,45 +205,114 @@ def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
     return obj
 
 
-def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or a non-mapping raises UserError."""
+def read_yaml(path: str | os.PathLike[str], what: str = "config file") -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or a non-mapping raises UserError naming ``what``."""
     p = storage.display(path)
     if not storage.is_file(path):
-        raise UserError(f"config file {p} does not exist")
+        raise UserError(f"{what} {p} does not exist")
     try:
         data = yaml.safe_load(storage.read_text(path)) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"config file {p} is not valid YAML: {exc}".splitlines()[0]) from None
+        raise UserError(f"{what} {p} is not valid YAML: {exc}".splitlines()[0]) from None
     if not isinstance(data, dict):
-        raise UserError(f"config file {p} must hold a mapping of keys to values")
+        raise UserError(f"{what} {p} must hold a mapping of keys to values")
     return data
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add ``--config`` and one ``--flag`` per field of ``cls`` (values validated later)."""
-    parser.add_argument("--config", metavar="YAML", help="config file; flags override its keys")
+def add_arguments(parser: argparse.ArgumentParser, cls: type, *, config_file: bool = True) -> None:
+    """Add ``--config`` (unless ``config_file`` is false) and one argument per field of ``cls``.
+
+    Values are validated later, by :func:`resolve`.
+    """
+    if config_file:
+        parser.add_argument("--config", metavar="YAML", help="config file; flags override its keys")
     hints = _field_types(cls)
+    groups: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if typing.get_origin(hints[f.name]) is dict:
             continue  # sections of a pipeline config: set from YAML or ``--set section.key=value``
-        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        if meta.get("positional"):
+            parser.add_argument(f.name, metavar=meta.get("metavar"), help=meta.get("help", ""))
+            continue
         value = _default(f)
         default = "required" if value is dataclasses.MISSING else f"default: {value}"
-        help_text = f"{f.metadata.get('help', '')} ({_describe(hints[f.name])}; {default})"
+        help_text = f"{meta.get('help', '')} ({_describe(hints[f.name])}; {default})"
         # A bare boolean flag means true; ``--flag false`` still works (and YAML-like words).
         extra: dict[str, Any] = {"nargs": "?", "const": True} if hints[f.name] is bool else {}
-        parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text, **extra)
+        target: Any = parser
+        if meta.get("exclusive"):
+            if meta["exclusive"] not in groups:
+                groups[meta["exclusive"]] = parser.add_mutually_exclusive_group()
+            target = groups[meta["exclusive"]]
+        target.add_argument(
+            flag_of(f),
+            dest=f.name,
+            default=argparse.SUPPRESS,
+            help=help_text,
+            metavar=meta.get("metavar"),
+            **extra,
+        )
 
 
-def resolve(cls: type[T], args: argparse.Namespace) -> T:
-    """Merge defaults < ``--config`` YAML < command-line flags into a validated ``cls``."""
+def apply_overrides(
+    cls: type, data: Mapping[str, Any], assignments: Sequence[str]
+) -> dict[str, Any]:
+    """Apply ``--set section.key=value`` (or ``key=value``) to a mapping of ``cls``; YAML values.
+
+    The sections are the mapping-typed fields of ``cls``.
+    """
+    hints = _field_types(cls)
+    sections = [f.name for f in dataclasses.fields(cls) if typing.get_origin(hints[f.name]) is dict]
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for item in assignments:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            raise UserError(f"--set expects KEY=VALUE or SECTION.KEY=VALUE, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError:
+            value = raw
+        section, dot, key = name.partition(".")
+        if not dot:
+            out[name] = value
+            continue
+        if section not in sections:
+            raise UserError(
+                f"--set {item}: unknown section {section!r}; choose one of {', '.join(sections)}"
+            )
+        out[section] = {**(out.get(section) or {}), key: value}
+    return out
+
+
+def resolve(
+    cls: type[T],
+    args: argparse.Namespace,
+    overrides: Sequence[str] = (),
+    *,
+    name_flags: bool = False,
+) -> T:
+    """Merge defaults < ``--config`` YAML < command-line flags < ``overrides`` into a valid ``cls``.
+
+    ``overrides`` are ``--set`` assignments (:func:`apply_overrides`). With ``name_flags`` (a
+    command without ``--config``, where every value came from a flag) errors name the flag.
+    """
     data: dict[str, Any] = {}
     config_path = getattr(args, "config", None)
     if config_path:
         data.update(read_yaml(config_path))
-    names = {f.name for f in dataclasses.fields(cls)}
-    data.update({k: v for k, v in vars(args).items() if k in names})
-    return from_dict(cls, data)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    data.update({k: v for k, v in vars(args).items() if k in fields})
+    if overrides:
+        data = apply_overrides(cls, data, overrides)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as exc:
+        if not name_flags:
+            raise
+        f = fields.get(exc.key)
+        flag = flag_of(f) if f is not None else "--" + exc.key.replace("_", "-")
+        raise UserError(f"{flag} {str(exc).split(': ', 1)[1]}") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

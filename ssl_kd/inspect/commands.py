@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ssl_kd import storage
+from ssl_kd.config import option
 from ssl_kd.errors import UserError
 from ssl_kd.inspect import text
 from ssl_kd.inspect.compare import compare_labels
@@ -23,37 +24,48 @@ from ssl_kd.inspect.labels import (
 from ssl_kd.inspect.plots import label_plots, selection_plots
 from ssl_kd.inspect.selection import open_selection, selection_top, summarize_selection
 
+_TOP = "images per class view or contact sheet"
+_SHARDS = "where the shards are (none: as recorded at labeling)"
+
 
 @dataclass(frozen=True)
 class InspectLabelsConfig:
     """``ssl-kd inspect labels``: one view (summary unless cls, key or compare) plus pictures."""
 
-    directory: str
-    cls: str | None = None
-    key: str | None = None
-    compare: str | None = None
-    top: int = 16
-    plots: str | None = None
-    contact_sheet: str | None = None
-    out: str | None = None
-    shards: str | None = None
+    directory: str = option(
+        help="directory of label files (ssl-kd label)", positional=True, metavar="DIR"
+    )
+    cls: str | None = option(
+        None, help="class name or index", flag="--class", metavar="C", exclusive="view"
+    )
+    key: str | None = option(
+        None, help="show this image's labels in every shard that has it", exclusive="view"
+    )
+    compare: str | None = option(
+        None, help="top-1 agreement with these labels", metavar="OTHER_DIR", exclusive="view"
+    )
+    top: int = option(16, help=_TOP, min=1, metavar="N")
+    plots: str | None = option(None, help="write PNG charts into DIR", metavar="DIR")
+    contact_sheet: str | None = option(None, help="draw the class's top images", metavar="CLASS")
+    out: str | None = option(None, help="where --contact-sheet writes", metavar="FILE.png")
+    shards: str | None = option(None, help=_SHARDS, metavar="DIR_OR_SPEC")
 
 
 @dataclass(frozen=True)
 class InspectSelectionConfig:
     """``ssl-kd inspect selection``: per-class table plus pictures."""
 
-    directory: str
-    top: int = 16
-    plots: str | None = None
-    contact_sheet: str | None = None
-    out: str | None = None
-    shards: str | None = None
+    directory: str = option(
+        help="directory written by ssl-kd select", positional=True, metavar="DIR"
+    )
+    top: int = option(16, help=_TOP, min=1, metavar="N")
+    plots: str | None = option(None, help="write PNG charts into DIR", metavar="DIR")
+    contact_sheet: str | None = option(None, help="draw the class's top images", metavar="CLASS")
+    out: str | None = option(None, help="where --contact-sheet writes", metavar="FILE.png")
+    shards: str | None = option(None, help=_SHARDS, metavar="DIR_OR_SPEC")
 
 
 def _check_pictures(cfg: InspectLabelsConfig | InspectSelectionConfig) -> None:
-    if cfg.top < 1:
-        raise UserError(f"--top must be >= 1, got {cfg.top}")
     if (cfg.contact_sheet is None) != (cfg.out is None):
         raise UserError("--contact-sheet CLASS and --out FILE.png go together")
     if cfg.plots is not None and storage.is_file(cfg.plots):
@@ -80,7 +92,7 @@ def inspect_labels(cfg: InspectLabelsConfig) -> dict[str, Any]:
         doc["plots"] = [str(p) for p in label_plots(summary, cfg.plots)]
     if cfg.contact_sheet is not None:
         from ssl_kd.inspect.contact import contact_sheet  # imports torch
-        from ssl_kd.shards.locate import shard_locations
+        from ssl_kd.label.files import shard_locations
 
         cls = resolve_class(meta, cfg.contact_sheet)
         same = doc["view"] == "class" and doc["class"] == cls
@@ -99,7 +111,7 @@ def inspect_selection(cfg: InspectSelectionConfig) -> dict[str, Any]:
         doc["plots"] = [str(p) for p in selection_plots(doc, cfg.plots)]
     if cfg.contact_sheet is not None:
         from ssl_kd.inspect.contact import contact_sheet  # imports torch
-        from ssl_kd.shards.locate import shard_locations
+        from ssl_kd.select.files import shard_locations
 
         _, meta = open_selection(cfg.directory)
         view = selection_top(cfg.directory, resolve_class(meta, cfg.contact_sheet), cfg.top)
@@ -118,7 +130,7 @@ _FORMATS = {
 }
 
 
-def format_document(doc: dict[str, Any]) -> str:
+def format_document(cfg: Any, doc: dict[str, Any]) -> str:
     """The human-readable table of a document, then the files it wrote."""
     lines = [_FORMATS[doc["view"]](doc)]
     if doc.get("plots"):
