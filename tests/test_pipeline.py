@@ -11,9 +11,10 @@ from helpers import TINY, run_cli
 
 from ssl_kd import config as cfglib
 from ssl_kd.errors import ConfigError, UserError
-from ssl_kd.pipeline.config import PipelineConfig, apply_overrides, stage_config
+from ssl_kd.pipeline.config import PipelineConfig, stage_config
 from ssl_kd.pipeline.results import collect, format_markdown
 from ssl_kd.pipeline.stages import Stage, marker_path, run_stages
+
 
 def tiny_config(tmp_path: Path, source: Path, **over: object) -> PipelineConfig:
     data = {**TINY, "out": str(tmp_path / "run"), "source": str(source), **over}
@@ -33,9 +34,13 @@ def test_pipeline_end_to_end_then_rerun_skips_everything(tmp_path, fake_fmnist):
     assert set(_statuses(first).values()) == {"ran"}
     names = set(_statuses(first))
     for seed in (0, 1):
-        assert {f"baseline/seed{seed}", f"round1/seed{seed}/pretrain",
-                f"round2/seed{seed}/labels", f"round2/seed{seed}/finetune",
-                f"eval/round2-seed{seed}-finetuned"} <= names  # fmt: skip
+        assert {
+            f"baseline/seed{seed}",
+            f"round1/seed{seed}/pretrain",
+            f"round2/seed{seed}/labels",
+            f"round2/seed{seed}/finetune",
+            f"eval/round2-seed{seed}-finetuned",
+        } <= names
         for r in (1, 2):
             for stage in ("pretrain", "finetune"):
                 assert (root / f"round{r}/seed{seed}/{stage}/checkpoint.pt").is_file()
@@ -49,12 +54,20 @@ def test_pipeline_end_to_end_then_rerun_skips_everything(tmp_path, fake_fmnist):
 
     doc = json.loads((root / "results/results.json").read_text())
     rows = {(m["model"], m["round"]): m for m in doc["models"]}
-    assert set(rows) == {("teacher", 0), ("baseline", 0), ("pretrained", 1), ("finetuned", 1),
-                         ("pretrained", 2), ("finetuned", 2)}  # fmt: skip
+    assert set(rows) == {
+        ("teacher", 0),
+        ("baseline", 0),
+        ("pretrained", 1),
+        ("finetuned", 1),
+        ("pretrained", 2),
+        ("finetuned", 2),
+    }
     assert rows["baseline", 0]["seeds"] == [0, 1]
     # The table's figures are those of the evaluation files, summarised over seeds.
-    per_seed = [json.loads((root / f"eval/round1-seed{s}-finetuned/metrics.json").read_text())
-                for s in (0, 1)]  # fmt: skip
+    per_seed = [
+        json.loads((root / f"eval/round1-seed{s}-finetuned/metrics.json").read_text())
+        for s in (0, 1)
+    ]
     mean = sum(m["top1"] for m in per_seed) / 2
     assert rows["finetuned", 1]["top1"]["mean"] == pytest.approx(mean)
     assert [g["round"] for g in doc["goals"]] == [1, 2]
@@ -71,13 +84,18 @@ def test_changed_key_reruns_only_what_it_affects(tmp_path, fake_fmnist):
     from ssl_kd.pipeline.run import run_pipeline
 
     run_pipeline(tiny_config(tmp_path, fake_fmnist, seeds=[0]), progress=False)
-    changed = tiny_config(tmp_path, fake_fmnist, seeds=[0],
-                          finetune={**TINY["finetune"], "steps": 3})  # fmt: skip
+    changed = tiny_config(
+        tmp_path, fake_fmnist, seeds=[0], finetune={**TINY["finetune"], "steps": 3}
+    )
     status = _statuses(run_pipeline(changed, progress=False))
     ran = {name for name, s in status.items() if s == "ran"}
     # The baseline's default budget is the fine-tuning budget, so it follows too.
-    assert ran == {"round1/seed0/finetune", "eval/round1-seed0-finetuned", "baseline/seed0",
-                   "eval/baseline-seed0"}  # fmt: skip
+    assert ran == {
+        "round1/seed0/finetune",
+        "eval/round1-seed0-finetuned",
+        "baseline/seed0",
+        "eval/baseline-seed0",
+    }
     summary = json.loads((Path(changed.out) / "round1/seed0/finetune/summary.json").read_text())
     assert summary["step"] == 3
 
@@ -90,17 +108,23 @@ def test_own_shards_instead_of_fashion_mnist(tmp_path, separable_shards):
     unlabeled = tmp_path / "unlabeled"
     unlabeled.mkdir()
     write_unlabeled_shards(unlabeled, n_shards=2, per_shard=20)
-    data = {**TINY, "out": str(tmp_path / "run"), "seeds": [3], "num_classes": 4,
-            "labeled": str(separable_shards["train"]),
-            "unlabeled": str(unlabeled), "test": str(separable_shards["test"]),
-            "label": {"k": 4}, "select": {"per_class": 5, "top_p": 2}}  # fmt: skip
+    data = {
+        **TINY,
+        "out": str(tmp_path / "run"),
+        "seeds": [3],
+        "num_classes": 4,
+        "labeled": str(separable_shards["train"]),
+        "unlabeled": str(unlabeled),
+        "test": str(separable_shards["test"]),
+        "label": {"k": 4},
+        "select": {"per_class": 5, "top_p": 2},
+    }
     summary = run_pipeline(cfglib.from_dict(PipelineConfig, data), progress=False)
     assert _statuses(summary)["data"] == "ran"
     assert not (tmp_path / "run" / "data").exists() or not any((tmp_path / "run/data").iterdir())
     doc = json.loads((tmp_path / "run/results/results.json").read_text())
     assert doc["selection_precision"] == []  # no truth file given
-    assert {m["model"] for m in doc["models"]} == {"teacher", "baseline", "pretrained",
-                                                   "finetuned"}  # fmt: skip
+    assert {m["model"] for m in doc["models"]} == {"teacher", "baseline", "pretrained", "finetuned"}
 
 
 def _stage(tmp_path: Path, name: str, params: dict, log: list[str], deps=()) -> Stage:
@@ -117,8 +141,11 @@ def _stage(tmp_path: Path, name: str, params: dict, log: list[str], deps=()) -> 
 
 def test_stage_engine_fingerprints_and_downstream(tmp_path):
     log: list[str] = []
-    stages = [_stage(tmp_path, "a", {"x": 1}, log), _stage(tmp_path, "b", {"y": 2}, log, ["a"]),
-              _stage(tmp_path, "c", {"z": 3}, log)]  # fmt: skip
+    stages = [
+        _stage(tmp_path, "a", {"x": 1}, log),
+        _stage(tmp_path, "b", {"y": 2}, log, ["a"]),
+        _stage(tmp_path, "c", {"z": 3}, log),
+    ]
     run_stages(stages, tmp_path, announce=lambda _: None)
     assert log == ["a", "b", "c"]
     log.clear()
@@ -171,8 +198,9 @@ def test_section_keys_are_checked_at_load_time():
 
 
 def test_baseline_defaults_to_student_arch_and_finetune_budget():
-    cfg = cfglib.from_dict(PipelineConfig, {"pretrain": {"arch": "cnn_deep", "width": 0.5},
-                                            "finetune": {"steps": 321}})  # fmt: skip
+    cfg = cfglib.from_dict(
+        PipelineConfig, {"pretrain": {"arch": "cnn_deep", "width": 0.5}, "finetune": {"steps": 321}}
+    )
     base = stage_config(cfg, "baseline", {"data": "d", "out": "o", "seed": 4})
     assert (base.arch, base.width, base.steps, base.seed) == ("cnn_deep", 0.5, 321, 4)
     own = cfglib.from_dict(PipelineConfig, {"baseline": {"steps": 50}, "finetune": {"steps": 9}})
@@ -180,33 +208,43 @@ def test_baseline_defaults_to_student_arch_and_finetune_budget():
 
 
 def test_set_overrides():
-    data = apply_overrides({"select": {"per_class": 5}}, ["select.top_p=3", "rounds=2",
-                                                          "pretrain.loss=soft"])  # fmt: skip
-    assert data == {"select": {"per_class": 5, "top_p": 3}, "rounds": 2,
-                    "pretrain": {"loss": "soft"}}  # fmt: skip
-    with pytest.raises(UserError, match="unknown section 'pretrian'"):
-        apply_overrides({}, ["pretrian.steps=3"])
+    sets = ["select.top_p=3", "rounds=2", "pretrain.loss=soft"]
+    data = cfglib.apply_overrides(PipelineConfig, {"select": {"per_class": 5}}, sets)
+    expected = {"select": {"per_class": 5, "top_p": 3}, "rounds": 2, "pretrain": {"loss": "soft"}}
+    assert data == expected
+    with pytest.raises(UserError, match="unknown section 'pretrian'; choose one of teacher, label"):
+        cfglib.apply_overrides(PipelineConfig, {}, ["pretrian.steps=3"])
     with pytest.raises(UserError, match="KEY=VALUE"):
-        apply_overrides({}, ["steps"])
+        cfglib.apply_overrides(PipelineConfig, {}, ["steps"])
 
 
 def test_goals_and_markdown_from_known_figures(tmp_path):
     from ssl_kd.pipeline.plan import Model
 
     def metrics(top1: float) -> dict:
-        return {"top1": top1, "top5": 0.99, "calibration": {"ece": 0.02}, "arch": "cnn",
-                "model": {"params": 10, "macs": 20}, "cpu": None,
-                "fidelity": {"agreement": 0.9, "kl": 0.1}}  # fmt: skip
+        return {
+            "top1": top1,
+            "top5": 0.99,
+            "calibration": {"ece": 0.02},
+            "arch": "cnn",
+            "model": {"params": 10, "macs": 20},
+            "cpu": None,
+            "fidelity": {"agreement": 0.9, "kl": 0.1},
+        }
 
     models = []
-    figures = [("t", "teacher", 0, None, 0.82), ("b0", "baseline", 0, 0, 0.80),
-               ("b1", "baseline", 0, 1, 0.82), ("f0", "finetuned", 1, 0, 0.84),
-               ("f1", "finetuned", 1, 1, 0.86)]  # fmt: skip
+    figures = [
+        ("t", "teacher", 0, None, 0.82),
+        ("b0", "baseline", 0, 0, 0.80),
+        ("b1", "baseline", 0, 1, 0.82),
+        ("f0", "finetuned", 1, 0, 0.84),
+        ("f1", "finetuned", 1, 1, 0.86),
+    ]
     for slug, role, rnd, seed, top1 in figures:
         (tmp_path / "eval" / slug).mkdir(parents=True)
         (tmp_path / "eval" / slug / "metrics.json").write_text(json.dumps(metrics(top1)))
         models.append(Model(slug, role, rnd, seed, slug, "", None, None))
-    doc = collect(tmp_path, models, rounds=1)
+    doc = collect(tmp_path, models)
     [goal] = doc["goals"]
     assert goal["gain_over_baseline_points"] == pytest.approx(4.0)
     assert goal["goal_met"] and goal["above_teacher"]
@@ -221,8 +259,16 @@ def test_goals_and_markdown_from_known_figures(tmp_path):
 def test_cli_run_reports_and_rejects_bad_keys(tmp_path, fake_fmnist, capsys):
     config = tmp_path / "p.yaml"
     config.write_text(yaml.safe_dump({**TINY, "seeds": [0], "source": str(fake_fmnist)}))
-    argv = ["-q", "run", "--config", str(config), "--out", str(tmp_path / "run"),
-            "--set", "pretrain.steps=2"]  # fmt: skip
+    argv = [
+        "-q",
+        "run",
+        "--config",
+        str(config),
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        "pretrain.steps=2",
+    ]
     code, out, err = run_cli(argv, capsys)
     assert code == 0, err
     assert "round 1: fine-tuned student" in out and "results.md" in out
@@ -230,3 +276,24 @@ def test_cli_run_reports_and_rejects_bad_keys(tmp_path, fake_fmnist, capsys):
     assert cfg["pretrain"]["steps"] == 2
     code, _, err = run_cli(["run", "--config", str(config), "--set", "pretrain.stepz=2"], capsys)
     assert code == 2 and "pretrain.stepz" in err and len(err.strip().splitlines()) == 1
+
+
+def test_results_read_the_selections_the_plan_recorded(tmp_path, fake_fmnist):
+    from ssl_kd.pipeline.plan import Selection, build_plan
+
+    plan = build_plan(tiny_config(tmp_path, fake_fmnist, rounds=2), progress=False)
+    run = tmp_path / "run"
+    assert plan.selections == [
+        Selection(1, None, str(run / "round1" / "selection")),
+        Selection(2, 0, str(run / "round2" / "seed0" / "selection")),
+        Selection(2, 1, str(run / "round2" / "seed1" / "selection")),
+    ]
+    for sel, value in zip(plan.selections, (0.5, 0.8, 0.6), strict=True):
+        Path(sel.dir).mkdir(parents=True)
+        (Path(sel.dir) / "precision.json").write_text(json.dumps({"images": 7, "precision": value}))
+    doc = collect(str(run), [], plan.selections)
+    assert [p["round"] for p in doc["selection_precision"]] == [1, 2]
+    assert doc["selection_precision"][1]["precision"]["mean"] == pytest.approx(0.7)
+    (Path(plan.selections[2].dir) / "precision.json").unlink()
+    with pytest.raises(UserError, match=r"precision\.json is missing"):
+        collect(str(run), [], plan.selections)

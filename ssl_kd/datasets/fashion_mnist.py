@@ -42,9 +42,17 @@ FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 @dataclass(frozen=True)
@@ -94,20 +102,26 @@ def split_indices(labels: np.ndarray, per_class: int, seed: int) -> tuple[np.nda
 
 
 def _write_split(
-    root: Path, split: str, samples: Iterator[dict[str, Any]], cfg: FashionMnistConfig, total: int
+    root: Path,
+    split: str,
+    samples: Iterator[dict[str, Any]],
+    cfg: FashionMnistConfig,
+    total: int,
+    progress: bool,
 ) -> tuple[list[str], list[tuple[str, str]]]:
     """Write one split's shards; returns relative shard paths and (shard, key) per sample."""
     pattern = str(root / split / f"{split}-%06d.tar")
     placed: list[tuple[str, str]] = []
     with ShardWriter(pattern, cfg.samples_per_shard) as writer:
-        for sample in tqdm(samples, total=total, desc=split, unit="img", leave=False):
+        bar = tqdm(samples, total=total, desc=split, unit="img", leave=False, disable=not progress)
+        for sample in bar:
             # The sample lands in shard ``writer.index`` (the index moves on once it is full).
             placed.append((shard_name(pattern % writer.index), sample["__key__"]))
             writer.write(sample)
     return [str(Path(p).relative_to(root)) for p in writer.written], placed
 
 
-def import_fashion_mnist(cfg: FashionMnistConfig) -> dict[str, Any]:
+def import_fashion_mnist(cfg: FashionMnistConfig, progress: bool = True) -> dict[str, Any]:
     """Write the shards, truth file and ``dataset.json``; returns the dataset.json content."""
     out = cfg.out
     info_path = storage.join(out, "dataset.json")
@@ -146,7 +160,7 @@ def import_fashion_mnist(cfg: FashionMnistConfig) -> dict[str, Any]:
         shards: dict[str, list[str]] = {}
         placed: dict[str, list[tuple[str, str]]] = {}
         for split, (samples, total) in splits.items():
-            shards[split], placed[split] = _write_split(tmp, split, samples, cfg, total)
+            shards[split], placed[split] = _write_split(tmp, split, samples, cfg, total, progress)
         unlabeled_placed = placed["unlabeled"]
         truth = pa.table(
             {
@@ -183,3 +197,13 @@ def import_fashion_mnist(cfg: FashionMnistConfig) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return info
+
+
+def format_summary(cfg: FashionMnistConfig, info: dict[str, Any]) -> str:
+    """The line ``ssl-kd data fashion-mnist`` prints: images per split and the shard count."""
+    counts = info["counts"]
+    return (
+        f"Fashion-MNIST in {cfg.out}: {counts['labeled']} labeled, {counts['unlabeled']} "
+        f"unlabeled, {counts['test']} test images "
+        f"({sum(len(v) for v in info['shards'].values())} shards)"
+    )

@@ -126,8 +126,8 @@ def _si(x: float) -> str:
     return f"{x:g}"
 
 
-def format_report(r: dict[str, Any]) -> str:
-    """The printable summary of :func:`run_evaluate`'s result."""
+def format_summary(cfg: EvalConfig, r: dict[str, Any]) -> str:
+    """The printable summary of :func:`run_evaluate`'s result (``ssl-kd evaluate``'s stdout)."""
     out = r["config"].get("out")
     lines = [
         f"{r['arch']} on {r['n']} images: top-1 {100 * r['top1']:.2f}%  "

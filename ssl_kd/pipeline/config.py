@@ -10,28 +10,34 @@ misspelt key fails before any stage runs.
 from __future__ import annotations
 
 import dataclasses
-import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
-
-import yaml
 
 from ssl_kd import config as cfglib
 from ssl_kd.config import option
 from ssl_kd.errors import ConfigError, UserError
+from ssl_kd.stages import command, load
 
-# Keys the pipeline sets itself: paths between stages, and the seed of seeded stages.
-PIPELINE_KEYS = {
-    "teacher": {"data", "out", "val_data"},
-    "label": {"teacher", "shards", "out"},
-    "select": {"labels", "out"},
-    "materialize": {"selection", "out", "shards"},
-    "pretrain": {"data", "out", "val_data", "init", "seed"},
-    "finetune": {"data", "out", "val_data", "init", "seed"},
-    "baseline": {"data", "out", "val_data", "seed"},
-    "evaluate": {"checkpoint", "data", "teacher", "out"},
+# Each section is one stage of the command table; the seeded ones get the seed of their run.
+SECTION_STAGES = {
+    "teacher": "train",
+    "label": "label",
+    "select": "select",
+    "materialize": "materialize",
+    "pretrain": "pretrain",
+    "finetune": "finetune",
+    "baseline": "train",
+    "evaluate": "evaluate",
 }
-SECTIONS = tuple(PIPELINE_KEYS)
+SEEDED = frozenset({"pretrain", "finetune", "baseline"})
+SECTIONS = tuple(SECTION_STAGES)
+
+
+def pipeline_keys(section: str) -> frozenset[str]:
+    """Keys the pipeline sets itself: paths between stages, and the seed of seeded stages."""
+    keys = command(SECTION_STAGES[section]).pipeline_keys
+    return keys | {"seed"} if section in SEEDED else keys
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,9 +72,10 @@ class PipelineConfig:
     pretrain: dict[str, Any] = option({}, help="ssl-kd pretrain keys of the student")
     finetune: dict[str, Any] = option({}, help="ssl-kd finetune keys")
     baseline: dict[str, Any] = option(
-        {}, help="ssl-kd train keys of the supervised baseline (default: the student's "
+        {},
+        help="ssl-kd train keys of the supervised baseline (default: the student's "
         "architecture and the fine-tuning steps)",
-    )  # fmt: skip
+    )
     evaluate: dict[str, Any] = option({}, help="ssl-kd evaluate keys")
 
     def validate(self) -> None:
@@ -80,45 +87,45 @@ class PipelineConfig:
             raise ConfigError("seeds", "needs at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError("seeds", f"has repeats: {self.seeds}")
-        k = int(self.label.get("k", 10))
+        built = {
+            section: stage_config(self, section, _placeholders(section)) for section in SECTIONS
+        }
+        k, top_p = built["label"].k, built["select"].top_p
         if self.num_classes is not None and k > self.num_classes:
             raise ConfigError("label.k", f"is {k}, more than the {self.num_classes} classes")
-        top_p = int(self.select.get("top_p", 10))
         if top_p > k:
-            raise ConfigError("select.top_p", f"is {top_p}, more than the {k} classes kept per "
-                              "image (label.k)")  # fmt: skip
-        for section in SECTIONS:
-            placeholders = {k: 0 if k == "seed" else "-" for k in PIPELINE_KEYS[section]}
-            stage_config(self, section, placeholders)
+            raise ConfigError(
+                "select.top_p", f"is {top_p}, more than the {k} classes kept per image (label.k)"
+            )
 
     def uses_own_data(self) -> bool:
         """True when the user named their shards (no Fashion-MNIST import)."""
         return self.labeled is not None
 
 
-# Each section's stage config, imported when first used (the training ones load torch).
-_STAGE_CLASSES = {
-    "teacher": "ssl_kd.train.supervised:TrainConfig",
-    "baseline": "ssl_kd.train.supervised:TrainConfig",
-    "label": "ssl_kd.label.run:LabelConfig",
-    "select": "ssl_kd.select.run:SelectConfig",
-    "materialize": "ssl_kd.materialize.run:MaterializeConfig",
-    "pretrain": "ssl_kd.train.student:StudentConfig",
-    "finetune": "ssl_kd.train.student:FinetuneConfig",
-    "evaluate": "ssl_kd.evaluate.run:EvalConfig",
-}
+def _placeholders(section: str) -> dict[str, Any]:
+    """Stand-ins for the paths and seed, for a dry build of a section's stage config."""
+    return {k: 0 if k == "seed" else "-" for k in pipeline_keys(section)}
 
 
 def _stage_class(section: str) -> type:
-    module, name = _STAGE_CLASSES[section].split(":")
-    return getattr(importlib.import_module(module), name)
+    spec = command(SECTION_STAGES[section]).config
+    assert spec is not None, section
+    return load(spec)
+
+
+def stage_runner(section: str) -> Callable[..., Any]:
+    """The function that runs a section's stage (as ``ssl-kd <stage>`` does)."""
+    return load(command(SECTION_STAGES[section]).runner)
 
 
 def section_values(cfg: PipelineConfig, section: str) -> dict[str, Any]:
     """The section's keys with the pipeline-wide defaults filled in (no paths)."""
     values: dict[str, Any] = dict(getattr(cfg, section))
     fields = {f.name for f in dataclasses.fields(_stage_class(section))}
-    if "executor" in fields:
+    # The teacher and the baseline train in this process unless their section asks for Ray,
+    # as they did before ``ssl-kd train`` could run on Ray Train.
+    if "executor" in fields and SECTION_STAGES[section] != "train":
         values.setdefault("executor", cfg.executor)
     for key in ("num_classes", "class_names"):
         if key in fields and getattr(cfg, key) is not None:
@@ -135,7 +142,7 @@ def section_values(cfg: PipelineConfig, section: str) -> dict[str, Any]:
 def stage_config(cfg: PipelineConfig, section: str, paths: dict[str, Any]) -> Any:
     """The validated config of one stage: the section's keys plus the pipeline's ``paths``."""
     values = section_values(cfg, section)
-    clash = sorted(set(values) & PIPELINE_KEYS[section])
+    clash = sorted(set(values) & pipeline_keys(section))
     if clash:
         raise ConfigError(
             f"{section}.{clash[0]}", "is set by the pipeline; remove it from the section"
@@ -144,27 +151,3 @@ def stage_config(cfg: PipelineConfig, section: str, paths: dict[str, Any]) -> An
         return cfglib.from_dict(_stage_class(section), {**values, **paths})
     except ConfigError as exc:
         raise ConfigError(f"{section}.{exc.key}", str(exc).split(": ", 1)[1]) from None
-
-
-def apply_overrides(data: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
-    """Apply ``--set section.key=value`` (or ``key=value``) to a config mapping; YAML values."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
-    for item in assignments:
-        name, sep, raw = item.partition("=")
-        if not sep or not name:
-            raise UserError(f"--set expects KEY=VALUE or SECTION.KEY=VALUE, got {item!r}")
-        try:
-            value = yaml.safe_load(raw) if raw else None
-        except yaml.YAMLError:
-            value = raw
-        section, dot, key = name.partition(".")
-        if not dot:
-            out[name] = value
-            continue
-        if section not in SECTIONS:
-            raise UserError(
-                f"--set {item}: unknown section {section!r}; choose one of {', '.join(SECTIONS)}"
-            )
-        out.setdefault(section, {})
-        out[section] = {**(out[section] or {}), key: value}
-    return out

@@ -27,7 +27,7 @@ from typing import Any
 from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
 from ssl_kd.errors import UserError
-from ssl_kd.pipeline.config import PIPELINE_KEYS, PipelineConfig, stage_config
+from ssl_kd.pipeline.config import PipelineConfig, pipeline_keys, stage_config, stage_runner
 from ssl_kd.pipeline.stages import Stage
 
 
@@ -55,10 +55,19 @@ class Model:
     teacher_checkpoint: str | None
 
 
+@dataclass(frozen=True)
+class Selection:
+    """A selection whose pseudo-label precision the results table reports."""
+
+    round: int
+    seed: int | None  # None: shared by every seed (round 1)
+    dir: str  # holds precision.json once the stage has run
+
+
 def params_of(cfg: Any, section: str) -> dict[str, Any]:
     """The keys of a stage config that decide its outputs (no paths, no operational keys)."""
     values = cfglib.to_dict(cfg)
-    skip = (PIPELINE_KEYS[section] - {"seed"}) | cfglib.operational_keys(type(cfg))
+    skip = (pipeline_keys(section) - {"seed"}) | cfglib.operational_keys(type(cfg))
     return {k: v for k, v in values.items() if k not in skip}
 
 
@@ -86,28 +95,36 @@ class PlanBuilder:
         self.progress = progress
         self.stages: list[Stage] = []
         self.models: list[Model] = []
+        self.selections: list[Selection] = []
         self.data = data_paths(cfg, root)
 
     def _add(
-        self, name: str, directory: str, params: dict[str, Any], run: Callable[[], dict[str, Any]],
+        self,
+        name: str,
+        directory: str,
+        params: dict[str, Any],
+        run: Callable[[], dict[str, Any]],
         deps: tuple[str, ...] = (),
-    ) -> str:  # fmt: skip
+    ) -> str:
         self.stages.append(Stage(name, directory, params, run, tuple(d for d in deps if d)))
         return name
 
     def add_data(self) -> str:
+        """The labeled, unlabeled and test splits: the Fashion-MNIST import, or the user's."""
         from ssl_kd.datasets.fashion_mnist import FashionMnistConfig, import_fashion_mnist
 
         if self.cfg.uses_own_data():
             return self._add_own_data()
         fm = FashionMnistConfig(
-            out=storage.join(self.root, "data"), labeled_per_class=self.cfg.labeled_per_class,
-            seed=self.cfg.data_seed, source=self.cfg.source,
-        )  # fmt: skip
+            out=storage.join(self.root, "data"),
+            labeled_per_class=self.cfg.labeled_per_class,
+            seed=self.cfg.data_seed,
+            source=self.cfg.source,
+        )
         params = {k: v for k, v in cfglib.to_dict(fm).items() if k not in ("out", "source")}
 
         def run() -> dict[str, Any]:
-            return dict(import_fashion_mnist(fm)["counts"])
+            return dict(import_fashion_mnist(fm, progress=self.progress)["counts"])
 
         return self._add("data", storage.join(self.root, "data"), params, run)
 
@@ -115,23 +132,23 @@ class PlanBuilder:
         from ssl_kd.shards import expand_shards
 
         d = self.data
-        params = {"labeled": d.labeled, "unlabeled": d.unlabeled, "test": d.test, "truth": d.truth}
+        splits = {"labeled": d.labeled, "unlabeled": d.unlabeled, "test": d.test}
+        params = {**splits, "truth": d.truth}
 
         def run() -> dict[str, Any]:  # checks that every split names shards
-            return {f"{split}_shards": len(expand_shards(spec))
-                    for split, spec in (("labeled", d.labeled), ("unlabeled", d.unlabeled),
-                                        ("test", d.test))}  # fmt: skip
+            return {f"{split}_shards": len(expand_shards(spec)) for split, spec in splits.items()}
 
         return self._add("data", storage.join(self.root, "data"), params, run)
 
-    def add_train(self, name: str, section: str, directory: str, seed: int | None,
-                  data_stage: str) -> str:  # fmt: skip
-        from ssl_kd.train.supervised import run_train
-
+    def add_train(
+        self, name: str, section: str, directory: str, seed: int | None, data_stage: str
+    ) -> str:
+        """A supervised model (``ssl-kd train``): the teacher or a baseline."""
         paths: dict[str, Any] = {"data": self.data.labeled, "out": directory}
         if seed is not None:
             paths["seed"] = seed
         tc = stage_config(self.cfg, section, paths)
+        run_train = stage_runner(section)
 
         def run() -> dict[str, Any]:
             s = run_train(tc, progress=self.progress)
@@ -140,10 +157,10 @@ class PlanBuilder:
         return self._add(name, directory, params_of(tc, section), run, (data_stage,))
 
     def add_label(self, name: str, directory: str, teacher: str, deps: tuple[str, ...]) -> str:
-        from ssl_kd.label.run import run_label
-
-        lc = stage_config(self.cfg, "label", {"teacher": teacher, "shards": self.data.unlabeled,
-                                               "out": directory})  # fmt: skip
+        """Pseudo-labels of the unlabeled split by the ``teacher`` checkpoint."""
+        paths = {"teacher": teacher, "shards": self.data.unlabeled, "out": directory}
+        lc = stage_config(self.cfg, "label", paths)
+        run_label = stage_runner("label")
 
         def run() -> dict[str, Any]:
             s = run_label(lc, progress=self.progress)
@@ -156,18 +173,33 @@ class PlanBuilder:
 
         return self._add(name, directory, params_of(lc, "label"), run, deps)
 
-    def add_select(self, name: str, directory: str, labels: str, deps: tuple[str, ...]) -> str:
+    def add_select(
+        self,
+        name: str,
+        directory: str,
+        labels: str,
+        deps: tuple[str, ...],
+        round: int,
+        seed: int | None,
+    ) -> str:
+        """The top-K selection of ``labels``, and its precision when the true labels are known."""
         from ssl_kd.pipeline.precision import selection_precision
-        from ssl_kd.select.run import run_select
 
         sc = stage_config(self.cfg, "select", {"labels": labels, "out": directory})
+        run_select = stage_runner("select")
         truth = self.data.truth
+        if truth:
+            self.selections.append(Selection(round, seed, directory))
 
         def run() -> dict[str, Any]:
             report = run_select(sc)
-            figures: dict[str, Any] = {"selected": report["selected"],
-                                       "short_classes": len(report["short_classes"])}  # fmt: skip
-            if truth and storage.is_file(truth):
+            figures: dict[str, Any] = {
+                "selected": report["selected"],
+                "short_classes": len(report["short_classes"]),
+            }
+            if truth:
+                if not storage.is_file(truth):
+                    raise UserError(f"truth file {truth} does not exist")
                 precision = selection_precision(directory, truth)
                 atomic.write_text(
                     storage.join(directory, "precision.json"), json.dumps(precision, indent=2)
@@ -180,10 +212,10 @@ class PlanBuilder:
     def add_materialize(
         self, name: str, directory: str, selection: str, deps: tuple[str, ...]
     ) -> str:
-        from ssl_kd.materialize.run import run_materialize
-
+        """The selection copied into shuffled pseudo-labeled shards."""
         paths = {"selection": selection, "out": directory, "shards": None}
         mc = stage_config(self.cfg, "materialize", paths)
+        run_materialize = stage_runner("materialize")
 
         def run() -> dict[str, Any]:
             m = run_materialize(mc, progress=self.progress)
@@ -191,14 +223,22 @@ class PlanBuilder:
 
         return self._add(name, directory, params_of(mc, "materialize"), run, deps)
 
-    def add_student(self, name: str, section: str, directory: str, seed: int, data: str,
-                    init: str | None, deps: tuple[str, ...]) -> str:  # fmt: skip
-        from ssl_kd.train.student import run_student
-
+    def add_student(
+        self,
+        name: str,
+        section: str,
+        directory: str,
+        seed: int,
+        data: str,
+        init: str | None,
+        deps: tuple[str, ...],
+    ) -> str:
+        """A student stage (``pretrain`` or ``finetune``, which starts from ``init``)."""
         paths: dict[str, Any] = {"data": data, "out": directory, "seed": seed}
         if section == "finetune":
             paths["init"] = init
         sc = stage_config(self.cfg, section, paths)
+        run_student = stage_runner(section)
 
         def run() -> dict[str, Any]:
             s = run_student(sc, progress=self.progress)
@@ -207,8 +247,7 @@ class PlanBuilder:
         return self._add(name, directory, params_of(sc, section), run, deps)
 
     def add_eval(self, model: Model, deps: tuple[str, ...]) -> str:
-        from ssl_kd.evaluate.run import run_evaluate
-
+        """Test metrics of ``model``, which the results table reports."""
         directory = storage.join(self.root, "eval", model.slug)
         paths = {
             "checkpoint": model.checkpoint,
@@ -217,6 +256,7 @@ class PlanBuilder:
             "out": storage.join(directory, "metrics.json"),
         }
         ec = stage_config(self.cfg, "evaluate", paths)
+        run_evaluate = stage_runner("evaluate")
 
         def run() -> dict[str, Any]:
             r = run_evaluate(ec)
@@ -226,8 +266,85 @@ class PlanBuilder:
             return figures
 
         self.models.append(model)
-        return self._add(f"eval/{model.slug}", directory, params_of(ec, "evaluate"), run,
-                         (*deps, model.stage, model.teacher_stage or ""))  # fmt: skip
+        deps = (*deps, model.stage, model.teacher_stage or "")
+        return self._add(f"eval/{model.slug}", directory, params_of(ec, "evaluate"), run, deps)
+
+
+@dataclass(frozen=True)
+class Pseudo:
+    """The pseudo-labeled shards a student pretrains on, and the teacher that labeled them."""
+
+    stage: str
+    dir: str
+    teacher: str  # the teacher's stage
+    teacher_checkpoint: str
+
+
+def _add_pseudo(
+    b: PlanBuilder,
+    here: str,
+    name: str,
+    teacher: tuple[str, str],
+    data: str,
+    round: int,
+    seed: int | None,
+) -> Pseudo:
+    """Labels, selection and materialised shards under ``here`` from ``teacher`` (stage, ckpt)."""
+    at = storage.join
+    labels = b.add_label(f"{name}/labels", at(here, "labels"), teacher[1], (data, teacher[0]))
+    selection = b.add_select(
+        f"{name}/selection", at(here, "selection"), at(here, "labels"), (labels,), round, seed
+    )
+    pseudo = b.add_materialize(
+        f"{name}/pseudo", at(here, "pseudo"), at(here, "selection"), (selection, data)
+    )
+    return Pseudo(pseudo, at(here, "pseudo"), *teacher)
+
+
+def _add_student_rounds(b: PlanBuilder, seed: int, round1: Pseudo, data: str) -> None:
+    """Every round of one seed's student; from round 2 on, its last student is the teacher."""
+    at = storage.join
+    test_dep = (data,)
+    pseudo = round1
+    for r in range(1, b.cfg.rounds + 1):
+        here = at(b.root, f"round{r}", f"seed{seed}")
+        name = f"round{r}/seed{seed}"
+        if r > 1:  # this seed's previous student labels the unlabeled set again
+            teacher = (pseudo.teacher, pseudo.teacher_checkpoint)
+            pseudo = _add_pseudo(b, here, name, teacher, data, r, seed)
+        pre_ckpt = at(here, "pretrain", "checkpoint.pt")
+        pre = b.add_student(
+            f"{name}/pretrain",
+            "pretrain",
+            at(here, "pretrain"),
+            seed,
+            pseudo.dir,
+            None,
+            (pseudo.stage,),
+        )
+        fin_ckpt = at(here, "finetune", "checkpoint.pt")
+        fin = b.add_student(
+            f"{name}/finetune",
+            "finetune",
+            at(here, "finetune"),
+            seed,
+            b.data.labeled,
+            pre_ckpt,
+            (pre, data),
+        )
+        for role, stage, ckpt in (("pretrained", pre, pre_ckpt), ("finetuned", fin, fin_ckpt)):
+            model = Model(
+                f"round{r}-seed{seed}-{role}",
+                role,
+                r,
+                seed,
+                stage,
+                ckpt,
+                pseudo.teacher,
+                pseudo.teacher_checkpoint,
+            )
+            b.add_eval(model, test_dep)
+        pseudo = Pseudo(pseudo.stage, pseudo.dir, fin, fin_ckpt)
 
 
 def build_plan(cfg: PipelineConfig, progress: bool = True) -> PlanBuilder:
@@ -244,38 +361,12 @@ def build_plan(cfg: PipelineConfig, progress: bool = True) -> PlanBuilder:
         here = at(root, "baseline", f"seed{seed}")
         base = b.add_train(f"baseline/seed{seed}", "baseline", here, seed, data)
         ckpt = at(here, "checkpoint.pt")
-        b.add_eval(Model(f"baseline-seed{seed}", "baseline", 0, seed, base, ckpt, teacher,
-                         teacher_ckpt), test_dep)  # fmt: skip
-
+        model = Model(
+            f"baseline-seed{seed}", "baseline", 0, seed, base, ckpt, teacher, teacher_ckpt
+        )
+        b.add_eval(model, test_dep)
     # Round 1: one teacher, so the labels, selection and shards are shared by every seed.
-    shared = at(root, "round1")
-    labels = b.add_label("round1/labels", at(shared, "labels"), teacher_ckpt, (data, teacher))
-    selection = b.add_select("round1/selection", at(shared, "selection"), at(shared, "labels"),
-                             (labels,))  # fmt: skip
-    pseudo = b.add_materialize("round1/pseudo", at(shared, "pseudo"), at(shared, "selection"),
-                               (selection, data))  # fmt: skip
+    round1 = _add_pseudo(b, at(root, "round1"), "round1", (teacher, teacher_ckpt), data, 1, None)
     for seed in cfg.seeds:
-        round_teacher, round_teacher_ckpt = teacher, teacher_ckpt
-        pseudo_stage, pseudo_dir = pseudo, at(shared, "pseudo")
-        for r in range(1, cfg.rounds + 1):
-            here = at(root, f"round{r}", f"seed{seed}")
-            name = f"round{r}/seed{seed}"
-            if r > 1:  # this seed's previous student labels the unlabeled set again
-                lab = b.add_label(f"{name}/labels", at(here, "labels"), round_teacher_ckpt,
-                                  (data, round_teacher))  # fmt: skip
-                sel = b.add_select(f"{name}/selection", at(here, "selection"),
-                                   at(here, "labels"), (lab,))  # fmt: skip
-                pseudo_stage = b.add_materialize(f"{name}/pseudo", at(here, "pseudo"),
-                                                 at(here, "selection"), (sel, data))  # fmt: skip
-                pseudo_dir = at(here, "pseudo")
-            pre = b.add_student(f"{name}/pretrain", "pretrain", at(here, "pretrain"), seed,
-                                pseudo_dir, None, (pseudo_stage,))  # fmt: skip
-            pre_ckpt = at(here, "pretrain", "checkpoint.pt")
-            fin = b.add_student(f"{name}/finetune", "finetune", at(here, "finetune"), seed,
-                                b.data.labeled, pre_ckpt, (pre, data))  # fmt: skip
-            fin_ckpt = at(here, "finetune", "checkpoint.pt")
-            for role, stage, ckpt in (("pretrained", pre, pre_ckpt), ("finetuned", fin, fin_ckpt)):
-                b.add_eval(Model(f"round{r}-seed{seed}-{role}", role, r, seed, stage, ckpt,
-                                 round_teacher, round_teacher_ckpt), test_dep)  # fmt: skip
-            round_teacher, round_teacher_ckpt = fin, fin_ckpt
+        _add_student_rounds(b, seed, round1, data)
     return b

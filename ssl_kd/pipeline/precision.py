@@ -24,8 +24,8 @@ def selection_precision(selection_dir: str, truth: str) -> dict[str, Any]:
 
     Each selected (image, class) row counts once, however often upsampling repeats it.
     """
-    selection = pq.read_table(storage.join(selection_dir, "selection.parquet"),
-                              columns=["shard", "key", "class"])  # fmt: skip
+    path = storage.join(selection_dir, "selection.parquet")
+    selection = pq.read_table(path, columns=["shard", "key", "class"])
     truth_table = pq.read_table(truth, columns=["shard", "key", "label"])
     joined = _keyed(selection, ["shard", "key", "class"]).join(
         _keyed(truth_table, ["shard", "key", "label"]), keys=["shard", "key"]

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ssl_kd import atomic, storage
-from ssl_kd.pipeline.plan import Model
+from ssl_kd.errors import UserError
+from ssl_kd.pipeline.plan import Model, Selection
 
 GOAL_POINTS = 3.0  # the fine-tuned student's top-1 over the baseline's, in points
 ROLES = ("teacher", "baseline", "pretrained", "finetuned")
@@ -46,7 +47,9 @@ def _spread(values: Sequence[float | None]) -> dict[str, float | None]:
     }
 
 
-def collect(root: str, models: Sequence[Model], rounds: int) -> dict[str, Any]:
+def collect(
+    root: str, models: Sequence[Model], selections: Sequence[Selection] = ()
+) -> dict[str, Any]:
     """Gather every model's test metrics and the selections' precision into one document."""
     rows: dict[tuple[str, int], list[tuple[Model, dict[str, Any]]]] = {}
     archs: dict[tuple[str, int], str] = {}
@@ -60,28 +63,35 @@ def collect(root: str, models: Sequence[Model], rounds: int) -> dict[str, Any]:
         rows.items(), key=lambda kv: (kv[0][1], ROLES.index(kv[0][0]))
     ):
         keys = entries[0][1].keys()
-        table.append({
-            "model": role, "round": rnd, "arch": archs[role, rnd],
-            "seeds": [m.seed for m, _ in entries],
-            "per_seed": [{"seed": m.seed, **x} for m, x in entries],
-            **{k: _spread([x[k] for _, x in entries]) for k in keys},
-        })  # fmt: skip
-    seeds = sorted({m.seed for m in models if m.seed is not None})
-    precision = _precision(root, rounds, seeds)
-    return {"models": table, "selection_precision": precision, "goals": _goals(table)}
+        table.append(
+            {
+                "model": role,
+                "round": rnd,
+                "arch": archs[role, rnd],
+                "seeds": [m.seed for m, _ in entries],
+                "per_seed": [{"seed": m.seed, **x} for m, x in entries],
+                **{k: _spread([x[k] for _, x in entries]) for k in keys},
+            }
+        )
+    return {"models": table, "selection_precision": _precision(selections), "goals": _goals(table)}
 
 
-def _precision(root: str, rounds: int, seeds: list[int]) -> list[dict[str, Any]]:
-    out = []
-    for r in range(1, rounds + 1):
-        files = [storage.join(root, "round1", "selection", "precision.json")] if r == 1 else [
-            storage.join(root, f"round{r}", f"seed{s}", "selection", "precision.json")
-            for s in seeds]  # fmt: skip
-        values = [json.loads(storage.read_text(f)) for f in files if storage.is_file(f)]
-        if values:
-            out.append({"round": r, "images": values[0]["images"],
-                        "precision": _spread([v["precision"] for v in values])})  # fmt: skip
-    return out
+def _precision(selections: Sequence[Selection]) -> list[dict[str, Any]]:
+    """Per round, the spread of the selections' precision (every precision.json must exist)."""
+    by_round: dict[int, list[dict[str, Any]]] = {}
+    for sel in sorted(selections, key=lambda s: (s.round, -1 if s.seed is None else s.seed)):
+        path = storage.join(sel.dir, "precision.json")
+        if not storage.is_file(path):
+            raise UserError(f"{path} is missing: the selection stage writes it; rerun ssl-kd run")
+        by_round.setdefault(sel.round, []).append(json.loads(storage.read_text(path)))
+    return [
+        {
+            "round": r,
+            "images": values[0]["images"],
+            "precision": _spread([v["precision"] for v in values]),
+        }
+        for r, values in sorted(by_round.items())
+    ]
 
 
 def _row(table: list[dict[str, Any]], role: str, rnd: int) -> dict[str, Any] | None:
@@ -97,14 +107,16 @@ def _goals(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
         prev = teacher if rnd == 1 else _row(table, "finetuned", rnd - 1)
         gain = 100 * (student["top1"]["mean"] - baseline["top1"]["mean"]) if baseline else None
         over_teacher = 100 * (student["top1"]["mean"] - prev["top1"]["mean"]) if prev else None
-        goals.append({
-            "round": rnd,
-            "gain_over_baseline_points": gain,
-            "goal_points": GOAL_POINTS,
-            "goal_met": gain is not None and gain >= GOAL_POINTS,
-            "gain_over_teacher_points": over_teacher,
-            "above_teacher": over_teacher is not None and over_teacher > 0,
-        })  # fmt: skip
+        goals.append(
+            {
+                "round": rnd,
+                "gain_over_baseline_points": gain,
+                "goal_points": GOAL_POINTS,
+                "goal_met": gain is not None and gain >= GOAL_POINTS,
+                "gain_over_teacher_points": over_teacher,
+                "above_teacher": over_teacher is not None and over_teacher > 0,
+            }
+        )
     return goals
 
 
@@ -121,14 +133,26 @@ def _num(s: dict[str, float | None], fmt: str) -> str:
     return "–" if s["mean"] is None else format(s["mean"], fmt)
 
 
+_INTRO = (
+    "Top-1 and top-5 on the test set, in %: mean ± sample std over the seeds (min–max in "
+    "results.json). Agreement and KL(teacher‖student) are measured against the model's own "
+    "teacher; latency is batch 1 on this CPU."
+)
+_HEADER = (
+    "| model | round | arch | seeds | top-1 | top-5 | agreement | KL | ECE | params | MACs | "
+    "latency ms | img/s |"
+)
+_COLORS = {
+    "teacher": "tab:gray",
+    "baseline": "tab:orange",
+    "pretrained": "tab:cyan",
+    "finetuned": "tab:blue",
+}
+
+
 def format_markdown(doc: dict[str, Any], title: str, stage_table: str = "") -> str:
     """``results.md``: the model table, selection precision and the goals."""
-    lines = [f"# {title}", "", "Top-1 and top-5 on the test set, in %: mean ± sample std over "
-             "the seeds (min–max in results.json). Agreement and KL(teacher‖student) are "
-             "measured against the model's own teacher; latency is batch 1 on this CPU.", "",
-             "| model | round | arch | seeds | top-1 | top-5 | agreement | KL | ECE | params | "
-             "MACs | latency ms | img/s |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [f"# {title}", "", _INTRO, "", _HEADER, "|---|---:|---|---:" + "|---:" * 9 + "|"]
     for t in doc["models"]:
         lines.append(
             f"| {t['model']} | {t['round'] or '–'} | {t['arch']} | {len(t['seeds'])} | "
@@ -138,8 +162,13 @@ def format_markdown(doc: dict[str, Any], title: str, stage_table: str = "") -> s
             f"{_num(t['images_per_s'], ',.0f')} |"
         )
     if doc["selection_precision"]:
-        lines += ["", "Pseudo-label precision of the selection (selected class = true label):",
-                  "", "| round | selected images | precision |", "|---:|---:|---:|"]  # fmt: skip
+        lines += [
+            "",
+            "Pseudo-label precision of the selection (selected class = true label):",
+            "",
+            "| round | selected images | precision |",
+            "|---:|---:|---:|",
+        ]
         for p in doc["selection_precision"]:
             lines.append(f"| {p['round']} | {p['images']:,} | {_pct(p['precision'])} |")
     lines += ["", "Goals:", ""]
@@ -158,26 +187,34 @@ def format_markdown(doc: dict[str, Any], title: str, stage_table: str = "") -> s
 
 def plot(doc: dict[str, Any], path: str) -> str:
     """``results.png``: top-1 of every model (mean, min–max bars) and the goal line."""
-    from ssl_kd.inspect.plots import new_figure, save_png
+    from ssl_kd.figures import new_figure, save_png  # imports matplotlib
 
     table = doc["models"]
     names = [f"{t['model']}" + (f" r{t['round']}" if t["round"] else "") for t in table]
     means = [100 * t["top1"]["mean"] for t in table]
     lo = [m - 100 * t["top1"]["min"] for m, t in zip(means, table, strict=True)]
     hi = [100 * t["top1"]["max"] - m for m, t in zip(means, table, strict=True)]
-    colors = {"teacher": "tab:gray", "baseline": "tab:orange", "pretrained": "tab:cyan",
-              "finetuned": "tab:blue"}  # fmt: skip
     fig = new_figure(max(6.0, 1.1 * len(table)), 4)
     ax = fig.add_subplot()
-    ax.bar(range(len(table)), means, yerr=[lo, hi], capsize=4,
-           color=[colors[t["model"]] for t in table])  # fmt: skip
+    ax.bar(
+        range(len(table)),
+        means,
+        yerr=[lo, hi],
+        capsize=4,
+        color=[_COLORS[t["model"]] for t in table],
+    )
     for i, m in enumerate(means):  # above the error bar
         ax.text(i, m + hi[i] + 0.1, f"{m:.2f}", ha="center", va="bottom", fontsize=8)
     base = next((t for t in table if t["model"] == "baseline"), None)
     if base:
         goal = 100 * base["top1"]["mean"] + GOAL_POINTS
-        ax.axhline(goal, color="tab:red", linestyle="--", linewidth=1,
-                   label=f"baseline + {GOAL_POINTS:.0f} points")  # fmt: skip
+        ax.axhline(
+            goal,
+            color="tab:red",
+            linestyle="--",
+            linewidth=1,
+            label=f"baseline + {GOAL_POINTS:.0f} points",
+        )
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xticks(range(len(table)), names, rotation=20, ha="right", fontsize=8)
     ax.set_ylim(max(0.0, min(means) - 5), min(100.0, max(means) + 3))
@@ -187,10 +224,14 @@ def plot(doc: dict[str, Any], path: str) -> str:
 
 
 def write_results(
-    root: str, models: Sequence[Model], rounds: int, title: str, stage_table: str = ""
+    root: str,
+    models: Sequence[Model],
+    selections: Sequence[Selection],
+    title: str,
+    stage_table: str = "",
 ) -> dict[str, Any]:
     """Write results.json, results.md and results.png under ``root/results``; returns the doc."""
-    doc = collect(root, models, rounds)
+    doc = collect(root, models, selections)
     out = storage.join(root, "results")
     atomic.write_text(storage.join(out, "results.json"), json.dumps(doc, indent=2) + "\n")
     atomic.write_text(storage.join(out, "results.md"), format_markdown(doc, title, stage_table))

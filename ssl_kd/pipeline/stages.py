@@ -93,8 +93,10 @@ def run_stages(
         path = marker_path(root, stage.name)
         marker = read_marker(path)
         if marker is not None and marker.get("fingerprint") == fp and marker.get("done"):
-            results.append(StageResult(stage.name, "skipped", float(marker.get("seconds", 0.0)),
-                                       marker.get("figures", {}), fp))  # fmt: skip
+            seconds = float(marker.get("seconds", 0.0))
+            results.append(
+                StageResult(stage.name, "skipped", seconds, marker.get("figures", {}), fp)
+            )
             announce(f"[{i}/{len(stages)}] {stage.name}: up to date")
             continue
         status = _prepare(stage, marker, fp)
@@ -113,7 +115,7 @@ def run_stages(
     return results
 
 
-def format_summary(results: Sequence[StageResult]) -> str:
+def format_stage_table(results: Sequence[StageResult]) -> str:
     """A table of stages: status, seconds (of the run that made the outputs), key figures."""
     width = max((len(r.name) for r in results), default=5)
     lines = [f"{'stage':<{width}}  {'status':<8} {'seconds':>8}  figures"]
