@@ -178,11 +178,24 @@ def test_cli_with_teacher_prints_fidelity_and_writes_json(
     teacher = make_teacher(tmp_path / "teacher.pt", seed=1)
     out_json = tmp_path / "eval.json"
     code, out, _ = _run(
-        ["-q", "evaluate", "--checkpoint", str(student), "--data", str(separable_shards["test"]),
-         "--teacher", str(teacher), "--out", str(out_json), "--device", "cpu",
-         "--latency-budget-s", "0.01"],
+        [
+            "-q",
+            "evaluate",
+            "--checkpoint",
+            str(student),
+            "--data",
+            str(separable_shards["test"]),
+            "--teacher",
+            str(teacher),
+            "--out",
+            str(out_json),
+            "--device",
+            "cpu",
+            "--latency-budget-s",
+            "0.01",
+        ],
         capsys,
-    )  # fmt: skip
+    )
     assert code == 0
     lines = out.splitlines()
     assert "top-1" in lines[0] and str(out_json) in lines[0]
@@ -191,8 +204,19 @@ def test_cli_with_teacher_prints_fidelity_and_writes_json(
     assert any(ln.startswith("CPU (") for ln in lines)
     assert sum(1 for ln in lines if ln.split()[:1] in (["0"], ["1"], ["2"], ["3"])) == 4
     r = json.loads(out_json.read_text())
-    for key in ("n", "top1", "top5", "loss", "per_class", "calibration", "fidelity", "model",
-                "cpu", "arch", "config"):  # fmt: skip
+    for key in (
+        "n",
+        "top1",
+        "top5",
+        "loss",
+        "per_class",
+        "calibration",
+        "fidelity",
+        "model",
+        "cpu",
+        "arch",
+        "config",
+    ):
         assert key in r, key
     assert {"agreement", "kl", "teacher_top1", "teacher", "teacher_macs"} <= set(r["fidelity"])
     assert {"ece", "confidence_mean", "bins"} <= set(r["calibration"])
@@ -211,10 +235,22 @@ def test_teacher_with_another_input_format_is_a_user_error(
     student = make_teacher(tmp_path / "student.pt")
     teacher = make_teacher(tmp_path / "teacher.pt", **kw)
     code, out, err = _run(
-        ["-q", "evaluate", "--checkpoint", str(student), "--data", str(separable_shards["test"]),
-         "--teacher", str(teacher), "--device", "cpu", "--out", str(tmp_path / "e.json")],
+        [
+            "-q",
+            "evaluate",
+            "--checkpoint",
+            str(student),
+            "--data",
+            str(separable_shards["test"]),
+            "--teacher",
+            str(teacher),
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "e.json"),
+        ],
         capsys,
-    )  # fmt: skip
+    )
     errors = [ln for ln in err.splitlines() if ln.startswith("ssl-kd: error:")]
     assert code == 2 and len(errors) == 1 and "same images" in errors[0]
     assert out == "" and not (tmp_path / "e.json").exists()

@@ -34,9 +34,14 @@ from ssl_kd.shards import ReadStats, encode_image, iter_shard, tar_index
 
 C, K = 5, 3
 META = LabelMeta(
-    num_classes=C, classes=["cat", "dog", "3", "owl", "eel"], k=K, temperature=2.0,
-    teacher_arch="cnn", teacher_sha256="ab" * 32, preprocess={},
-)  # fmt: skip
+    num_classes=C,
+    classes=["cat", "dog", "3", "owl", "eel"],
+    k=K,
+    temperature=2.0,
+    teacher_arch="cnn",
+    teacher_sha256="ab" * 32,
+    preprocess={},
+)
 
 
 def _synthetic(root: Path, files: int = 3, rows: int = 40, seed: int = 0) -> None:
@@ -358,9 +363,11 @@ def test_plots(
 
 
 def test_contact_sheets_read_each_shard_once(
-    pipeline: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path,
+    pipeline: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     walks: list[str] = []
     real = tar_index.index_members
 

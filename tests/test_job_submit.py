@@ -34,8 +34,9 @@ def _free_port() -> int:
 
 
 def _ray(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(RAY), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)  # fmt: skip
+    return subprocess.run(
+        [str(RAY), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
 
 
 @pytest.fixture
@@ -45,17 +46,35 @@ def ray_head(tmp_path):
         pytest.skip(f"no ray executable beside {sys.executable}")
     # `python` in a job entrypoint is this environment's, as on a node that installed the project.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "RAY_USAGE_STATS_ENABLED": "0", "PATH": path}  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": path,
+    }
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = _free_port(), _free_port()
     log = (tmp_path / "head.log").open("w")
     head = subprocess.Popen(
-        [str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-         "--include-dashboard=true", "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            str(RAY),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.monotonic() + 90
@@ -100,10 +119,31 @@ def test_label_job_through_ray_job_submit(tmp_path, ray_head):
     teacher = make_teacher(tmp_path / "teacher.pt")
     out = tmp_path / "labels"
     job_id = f"ssl-kd-test-{secrets.token_hex(4)}"
-    submitted = _ray(["job", "submit", "--address", address, "--submission-id", job_id,
-                      "--working-dir", ".", "--no-wait", "--",
-                      "python", "jobs/label.py", "--teacher", str(teacher), "--shards",
-                      str(shards), "--out", str(out), "--k", "3"], env)  # fmt: skip
+    submitted = _ray(
+        [
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--submission-id",
+            job_id,
+            "--working-dir",
+            ".",
+            "--no-wait",
+            "--",
+            "python",
+            "jobs/label.py",
+            "--teacher",
+            str(teacher),
+            "--shards",
+            str(shards),
+            "--out",
+            str(out),
+            "--k",
+            "3",
+        ],
+        env,
+    )
     assert submitted.returncode == 0, submitted.stderr[-2000:]
     logs = _wait_for_success(address, job_id, env)
     assert "labeled 3 shards" in logs
@@ -113,8 +153,22 @@ def test_label_job_through_ray_job_submit(tmp_path, ray_head):
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["rows"] == 60 and not summary["failed"]
     # A reused submission id is refused: the natural guard against submitting twice.
-    again = _ray(["job", "submit", "--address", address, "--submission-id", job_id,
-                  "--no-wait", "--", "python", "-c", "pass"], env)  # fmt: skip
+    again = _ray(
+        [
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--submission-id",
+            job_id,
+            "--no-wait",
+            "--",
+            "python",
+            "-c",
+            "pass",
+        ],
+        env,
+    )
     assert again.returncode != 0
 
 
@@ -131,10 +185,31 @@ def test_label_job_on_s3_through_ray_job_submit(s3, tmp_path, ray_head):
     write_shards(array_samples(images, None, keys), f"{s3}/u/u-%06d.tar", 20)
     teacher = make_teacher(f"{s3}/teacher.pt")  # type: ignore[arg-type]
     job_id = f"ssl-kd-test-{secrets.token_hex(4)}"
-    submitted = _ray(["job", "submit", "--address", address, "--submission-id", job_id,
-                      "--working-dir", ".", "--no-wait", "--",
-                      "python", "jobs/label.py", "--teacher", str(teacher), "--shards",
-                      f"{s3}/u", "--out", f"{s3}/labels", "--k", "3"], env)  # fmt: skip
+    submitted = _ray(
+        [
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--submission-id",
+            job_id,
+            "--working-dir",
+            ".",
+            "--no-wait",
+            "--",
+            "python",
+            "jobs/label.py",
+            "--teacher",
+            str(teacher),
+            "--shards",
+            f"{s3}/u",
+            "--out",
+            f"{s3}/labels",
+            "--k",
+            "3",
+        ],
+        env,
+    )
     assert submitted.returncode == 0, submitted.stderr[-2000:]
     logs = _wait_for_success(address, job_id, env)
     assert S3_SECRET not in logs

@@ -43,9 +43,12 @@ def _objects(bucket: str) -> dict[str, bytes]:
 
 
 def test_pipeline_stages_on_s3(
-    s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    s3: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
-) -> None:  # fmt: skip
+) -> None:
     work = tmp_path / "cwd"
     work.mkdir()
     monkeypatch.chdir(work)  # relative paths would land here: nothing may
@@ -63,57 +66,161 @@ def test_pipeline_stages_on_s3(
         assert code == 0, err
         return out
 
-    cli("train", "--data", data["train"], "--val-data", data["test"], "--out", f"{run}/teacher",
-        "--arch", "cnn", "--width", "0.5", "--steps", "40", "--lr", "0.05", "--no-progress",
-        *common)  # fmt: skip
+    cli(
+        "train",
+        "--data",
+        data["train"],
+        "--val-data",
+        data["test"],
+        "--out",
+        f"{run}/teacher",
+        "--arch",
+        "cnn",
+        "--width",
+        "0.5",
+        "--steps",
+        "40",
+        "--lr",
+        "0.05",
+        "--no-progress",
+        *common,
+    )
     teacher = f"{run}/teacher/checkpoint.pt"
     assert load_checkpoint(teacher)["step"] == 40
 
-    cli("label", "--teacher", teacher, "--shards", data["u"], "--out", f"{run}/labels", "--k", "2",
-        "--executor", "local")  # fmt: skip
+    cli(
+        "label",
+        "--teacher",
+        teacher,
+        "--shards",
+        data["u"],
+        "--out",
+        f"{run}/labels",
+        "--k",
+        "2",
+        "--executor",
+        "local",
+    )
     summary = json.loads(storage.read_text(f"{run}/labels/run_summary.json"))
     assert summary["labeled"] == 3 and summary["rows"] == 80 and not summary["failed"]
     label_files = storage.list_dir(f"{run}/labels", "*.parquet")
     assert summary["bytes"] == sum(storage.size(f) for f in label_files)
     labels = pq.read_table(f"{run}/labels/u-000000.parquet")
     assert labels.num_rows == 30 and labels.column("key")[0].as_py() == "u-0000"
-    cli("label", "--teacher", teacher, "--shards", data["u"], "--out", f"{run}/labels", "--k", "2",
-        "--executor", "local")  # fmt: skip
+    cli(
+        "label",
+        "--teacher",
+        teacher,
+        "--shards",
+        data["u"],
+        "--out",
+        f"{run}/labels",
+        "--k",
+        "2",
+        "--executor",
+        "local",
+    )
     rerun = json.loads(storage.read_text(f"{run}/labels/run_summary.json"))
     assert rerun["already_done"] == 3 and rerun["labeled"] == 0  # a rerun relabels nothing
 
-    cli("select", "--labels", f"{run}/labels", "--out", f"{run}/selection", "--per-class", "10",
-        "--top-p", "2", "--executor", "local")  # fmt: skip
+    cli(
+        "select",
+        "--labels",
+        f"{run}/labels",
+        "--out",
+        f"{run}/selection",
+        "--per-class",
+        "10",
+        "--top-p",
+        "2",
+        "--executor",
+        "local",
+    )
     selection = pq.read_table(f"{run}/selection/selection.parquet")
     report = json.loads(storage.read_text(f"{run}/selection/report.json"))
     assert selection.num_rows == sum(c["selected"] for c in report["per_class"]) > 0
 
-    cli("materialize", "--selection", f"{run}/selection", "--out", f"{run}/pseudo",
-        "--samples-per-shard", "8", "--executor", "local")  # fmt: skip
+    cli(
+        "materialize",
+        "--selection",
+        f"{run}/selection",
+        "--out",
+        f"{run}/pseudo",
+        "--samples-per-shard",
+        "8",
+        "--executor",
+        "local",
+    )
     manifest = json.loads(storage.read_text(f"{run}/pseudo/materialize.json"))
     shards = storage.list_dir(f"{run}/pseudo", "train-*.tar")
     assert [storage.name(s) for s in shards] == manifest["shards"]
     assert manifest["samples"] == selection.num_rows
     assert not storage.exists(f"{run}/pseudo/.buckets")  # spill objects removed
 
-    cli("pretrain", "--data", f"{run}/pseudo", "--out", f"{run}/student", "--arch", "cnn",
-        "--width", "0.5", "--steps", "12", "--ckpt-every", "6", "--executor", "local",
-        "--loss", "soft", *common)  # fmt: skip
-    cli("finetune", "--data", data["train"], "--init", f"{run}/student/checkpoint.pt", "--out",
-        f"{run}/finetune", "--steps", "6", "--executor", "local", *common)  # fmt: skip
+    cli(
+        "pretrain",
+        "--data",
+        f"{run}/pseudo",
+        "--out",
+        f"{run}/student",
+        "--arch",
+        "cnn",
+        "--width",
+        "0.5",
+        "--steps",
+        "12",
+        "--ckpt-every",
+        "6",
+        "--executor",
+        "local",
+        "--loss",
+        "soft",
+        *common,
+    )
+    cli(
+        "finetune",
+        "--data",
+        data["train"],
+        "--init",
+        f"{run}/student/checkpoint.pt",
+        "--out",
+        f"{run}/finetune",
+        "--steps",
+        "6",
+        "--executor",
+        "local",
+        *common,
+    )
     metrics = storage.read_text(f"{run}/finetune/metrics.jsonl").splitlines()
     assert json.loads(metrics[-1])["step"] == 6
 
-    cli("evaluate", "--checkpoint", f"{run}/finetune/checkpoint.pt", "--data", data["test"],
-        "--teacher", teacher, "--out", f"{run}/eval/metrics.json",
-        "--latency", "false")  # fmt: skip
+    cli(
+        "evaluate",
+        "--checkpoint",
+        f"{run}/finetune/checkpoint.pt",
+        "--data",
+        data["test"],
+        "--teacher",
+        teacher,
+        "--out",
+        f"{run}/eval/metrics.json",
+        "--latency",
+        "false",
+    )
     result = json.loads(storage.read_text(f"{run}/eval/metrics.json"))
     assert result["n"] == 32 and 0.0 <= result["top1"] <= 1.0
 
     out = cli("inspect", "labels", f"{run}/labels", "--json")
     assert json.loads(out)["rows"] == 80
-    out = cli("inspect", "selection", f"{run}/selection", "--contact-sheet", "0", "--out",
-              str(tmp_path / "sheet.png"))  # fmt: skip
+    out = cli(
+        "inspect",
+        "selection",
+        f"{run}/selection",
+        "--contact-sheet",
+        "0",
+        "--out",
+        str(tmp_path / "sheet.png"),
+    )
     assert (tmp_path / "sheet.png").stat().st_size > 0
 
     # Nothing half-written or temporary remains, nothing went to the local disk, and the
@@ -144,16 +251,67 @@ def test_ray_tasks_and_ray_train_on_s3(
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         for argv in (
-            ["label", "--teacher", teacher, "--shards", data["u"], "--out", f"{run}/labels",
-             "--k", "2", "--executor", "ray", "--workers", "2"],
-            ["select", "--labels", f"{run}/labels", "--out", f"{run}/selection",
-             "--per-class", "10", "--top-p", "2"],
-            ["materialize", "--selection", f"{run}/selection", "--out", f"{run}/pseudo",
-             "--samples-per-shard", "8", "--executor", "ray"],
-            ["pretrain", "--data", f"{run}/pseudo", "--out", f"{run}/student", "--arch", "cnn",
-             "--width", "0.5", "--steps", "6", "--ckpt-every", "3", "--batch-size", "8",
-             "--num-classes", "4", "--executor", "ray", "--workers", "2"],
-        ):  # fmt: skip
+            [
+                "label",
+                "--teacher",
+                teacher,
+                "--shards",
+                data["u"],
+                "--out",
+                f"{run}/labels",
+                "--k",
+                "2",
+                "--executor",
+                "ray",
+                "--workers",
+                "2",
+            ],
+            [
+                "select",
+                "--labels",
+                f"{run}/labels",
+                "--out",
+                f"{run}/selection",
+                "--per-class",
+                "10",
+                "--top-p",
+                "2",
+            ],
+            [
+                "materialize",
+                "--selection",
+                f"{run}/selection",
+                "--out",
+                f"{run}/pseudo",
+                "--samples-per-shard",
+                "8",
+                "--executor",
+                "ray",
+            ],
+            [
+                "pretrain",
+                "--data",
+                f"{run}/pseudo",
+                "--out",
+                f"{run}/student",
+                "--arch",
+                "cnn",
+                "--width",
+                "0.5",
+                "--steps",
+                "6",
+                "--ckpt-every",
+                "3",
+                "--batch-size",
+                "8",
+                "--num-classes",
+                "4",
+                "--executor",
+                "ray",
+                "--workers",
+                "2",
+            ],
+        ):
             code, _, err = run_cli(argv, capsys)
             assert code == 0, err
             assert S3_SECRET not in err
