@@ -1,8 +1,18 @@
 """Checkpoints: ``state_dict``s plus JSON-able metadata, loadable with ``weights_only=True``.
 
-Layout: ``model``, ``optimizer``, ``scheduler`` (the schedule is a pure function of the config,
-so its state is the step), ``step``, ``epoch``, ``seen_in_epoch``, ``rng`` and ``meta`` (arch,
-width, classes, preprocessing, config, version).
+Layout, the same for every trainer (``ssl-kd train``, ``pretrain``, ``finetune``)::
+
+    model       the model's state_dict (unwrapped: no DDP ``module.`` prefix)
+    optimizer   the optimizer's state_dict
+    scheduler   {"kind", "step"}: the schedule is a pure function of the config and the step
+    step        optimisation steps taken
+    ranks       one entry per DDP rank, in rank order: {"epoch", "seen_in_epoch", "rng"}, where
+                that rank's batch stream is and its RNG states (:func:`rng_state`)
+    meta        arch, width, dropout, classes, preprocessing, config, versions (:func:`make_meta`)
+
+Checkpoints that only carry weights (``model``, ``meta``) load for inference. Before one layout,
+``ssl-kd train`` stored its single rank's ``epoch``, ``seen_in_epoch`` and ``rng`` at top level
+instead of ``ranks``; :func:`rank_states` reads both.
 """
 
 from __future__ import annotations
@@ -55,6 +65,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def rank_states(ckpt: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-rank stream positions and RNG states of a resumable checkpoint (either layout)."""
+    if "ranks" in ckpt:
+        return list(ckpt["ranks"])
+    return [{"epoch": ckpt["epoch"], "seen_in_epoch": ckpt["seen_in_epoch"], "rng": ckpt["rng"]}]
 
 
 def save_checkpoint(path: str | os.PathLike[str], ckpt: dict[str, Any]) -> str:
