@@ -17,7 +17,9 @@ from ssl_kd.errors import UserError
 from ssl_kd.models.checkpoint import load_checkpoint
 from ssl_kd.shards import array_samples, write_shards
 from ssl_kd.train.losses import kd_loss, student_loss, teacher_distribution
-from ssl_kd.train.student import FAIL_ONCE_ENV, FinetuneConfig, StudentConfig, run_student
+from ssl_kd.train.options import FinetuneConfig, StudentConfig
+from ssl_kd.train.run import run_student
+from ssl_kd.train.worker import FAIL_ONCE_ENV
 
 C, K = 4, 3
 

@@ -1,4 +1,5 @@
-"""Supervised training: learns a separable set, weights_only checkpoints, exact resume."""
+"""ssl-kd train: learns a separable set, weights_only checkpoints, exact resume (also from the
+legacy checkpoint layout), one checkpoint layout with the student, Ray Train."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import torch
 
 from ssl_kd.errors import UserError
 from ssl_kd.evaluate.run import EvalConfig, run_evaluate
-from ssl_kd.models.checkpoint import load_checkpoint, model_from_checkpoint
-from ssl_kd.train import supervised
-from ssl_kd.train.supervised import TrainConfig, run_train
+from ssl_kd.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from ssl_kd.train import worker
+from ssl_kd.train.options import StudentConfig, TrainConfig
+from ssl_kd.train.run import format_summary, run_student, run_train
 
 
 def _cfg(shards: dict[str, Path], out: Path, **kw: object) -> TrainConfig:
@@ -75,35 +77,67 @@ def test_checkpoint_loads_with_weights_only(
     assert raw["optimizer"]["state"]  # momentum buffers saved for resume
 
 
+def _crash_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
+    """Make the next training run fail on its step ``steps + 1``."""
+    real_step = worker.train_step
+    calls = {"n": 0}
+
+    def crashing_step(*args: object, **kwargs: object) -> dict:
+        calls["n"] += 1
+        if calls["n"] == steps + 1:
+            raise RuntimeError("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "train_step", crashing_step)
+
+
+def _assert_same_weights(a_dir: Path, b_dir: Path) -> None:
+    a = load_checkpoint(a_dir / "checkpoint.pt")
+    b = load_checkpoint(b_dir / "checkpoint.pt")
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-6)
+    stream = [{k: r[k] for k in ("epoch", "seen_in_epoch")} for r in a["ranks"]]
+    assert stream == [{k: r[k] for k in ("epoch", "seen_in_epoch")} for r in b["ranks"]]
+
+
 def test_interrupted_run_resumes_to_the_same_weights(
     separable_shards: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     straight = _cfg(separable_shards, tmp_path / "straight", steps=20, ckpt_every=5)
     run_train(straight, progress=False)
 
-    real_step = supervised.train_step
-    calls = {"n": 0}
-
-    def crashing_step(*args: object, **kwargs: object) -> dict:
-        calls["n"] += 1
-        if calls["n"] == 11:
-            raise RuntimeError("simulated crash")
-        return real_step(*args, **kwargs)
-
     resumed = replace(straight, out=str(tmp_path / "resumed"))
-    monkeypatch.setattr(supervised, "train_step", crashing_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_train(resumed, progress=False)
+    with monkeypatch.context() as m:
+        _crash_after(m, 10)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run_train(resumed, progress=False)
     assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 10
-    monkeypatch.setattr(supervised, "train_step", real_step)
     summary = run_train(resumed, progress=False)
-    assert summary["step"] == 20
+    assert summary["step"] == 20 and summary["resumed_at"] == 10
+    _assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
 
-    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
-    b = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")
-    for key in a["model"]:
-        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-6)
-    assert (a["epoch"], a["seen_in_epoch"]) == (b["epoch"], b["seen_in_epoch"])
+
+def test_resumes_a_checkpoint_in_the_legacy_layout(
+    separable_shards: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before one layout, ssl-kd train kept its stream position and RNG at top level."""
+    straight = _cfg(separable_shards, tmp_path / "straight", steps=20, ckpt_every=5)
+    run_train(straight, progress=False)
+    legacy = replace(straight, out=str(tmp_path / "legacy"))
+    with monkeypatch.context() as m:
+        _crash_after(m, 12)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run_train(legacy, progress=False)
+    path = tmp_path / "legacy" / "checkpoint.pt"
+    ckpt = load_checkpoint(path)
+    (rank,) = ckpt.pop("ranks")
+    save_checkpoint(path, {**ckpt, **rank})  # top-level epoch, seen_in_epoch and rng
+    assert {"epoch", "seen_in_epoch", "rng"} <= set(torch.load(path, weights_only=True))
+
+    summary = run_train(legacy, progress=False)
+    assert summary["resumed_at"] == 10 and summary["step"] == 20
+    _assert_same_weights(tmp_path / "straight", tmp_path / "legacy")
+    assert "ranks" in load_checkpoint(path) and "rng" not in load_checkpoint(path)
 
 
 def test_resume_refuses_a_changed_config_and_skips_a_finished_run(
@@ -139,3 +173,64 @@ def test_labels_out_of_range_are_skipped_and_counted(
         progress=False,
     )
     assert summary["skipped_samples"] > 0
+    # Every skip is a class-3 sample, and says so: no other sample was dropped.
+    assert summary["skipped_reasons"] == {
+        "label 3 out of range for 3 classes": summary["skipped_samples"]
+    }
+
+
+def test_train_and_student_checkpoints_have_one_layout(
+    separable_shards: dict[str, Path], tmp_path: Path
+) -> None:
+    run_train(_cfg(separable_shards, tmp_path / "t", steps=2, val_data=None), progress=False)
+    student = StudentConfig(data=str(separable_shards["train"]), out=str(tmp_path / "s"),
+                            num_classes=4, steps=2, batch_size=32, warmup_steps=0,
+                            shuffle_buffer=64, executor="local", device="cpu")  # fmt: skip
+    run_student(student, progress=False)
+    t = torch.load(tmp_path / "t" / "checkpoint.pt", weights_only=True)
+    s = torch.load(tmp_path / "s" / "checkpoint.pt", weights_only=True)
+    assert set(t) == set(s) == {"model", "optimizer", "scheduler", "step", "ranks", "meta"}
+    assert set(t["meta"]) == set(s["meta"])
+    assert [set(r) for r in t["ranks"]] == [set(r) for r in s["ranks"]]
+    assert set(t["ranks"][0]) == {"epoch", "seen_in_epoch", "rng"}
+    assert t["scheduler"] == s["scheduler"] == {"kind": "cosine", "step": 2}
+
+
+def test_summary_lines(tmp_path: Path) -> None:
+    """The line each command prints: ssl-kd train without the student's (loss, workers)."""
+    summary = {"step": 60, "resumed_at": 0, "arch": "cnn", "loss": "hard", "workers": 1,
+               "checkpoint": "r/checkpoint.pt", "val": {"top1": 0.93125}}  # fmt: skip
+    train = TrainConfig(data="d", out="r")
+    assert format_summary(train, summary) == (
+        "trained cnn for 60 steps -> r/checkpoint.pt; val top-1 93.12%"
+    )
+    student = StudentConfig(data="d", out="r", loss="soft", workers=2)
+    done = {**summary, "resumed_at": 60, "loss": "soft", "workers": 2}
+    del done["val"]
+    assert format_summary(student, done) == (
+        "already trained cnn (soft loss, 2 worker(s)) for 60 steps -> r/checkpoint.pt"
+    )
+
+
+@pytest.mark.slow
+def test_ray_two_workers(separable_shards: dict[str, Path], tmp_path: Path) -> None:
+    """The teacher on Ray Train: 2 DDP workers over gloo, the same outputs as locally."""
+    import ray
+
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        cfg = _cfg(separable_shards, tmp_path / "ray", steps=12, ckpt_every=6, log_every=3,
+                   executor="ray", workers=2, max_failures=0)  # fmt: skip
+        s = run_train(cfg, progress=False)
+    finally:
+        ray.shutdown()
+    assert s["step"] == 12 and s["workers"] == 2 and s["steps_per_rank"] == [12, 12]
+    assert s["loss"] == "hard" and 0 <= s["val"]["top1"] <= 1 and s["val"]["n"] == 64
+    ckpt = load_checkpoint(tmp_path / "ray" / "checkpoint.pt")
+    assert ckpt["step"] == 12 and len(ckpt["ranks"]) == 2
+    assert ckpt["ranks"][0]["seen_in_epoch"] != ckpt["ranks"][1]["seen_in_epoch"]
+    assert ckpt["meta"]["config"]["executor"] == "ray"
+    assert json.loads((tmp_path / "ray" / "summary.json").read_text()) == s
+    assert (tmp_path / "ray" / "config.yaml").is_file()
+    assert format_summary(cfg, s).startswith("trained cnn for 12 steps -> ")

@@ -1,1 +1,1 @@
-"""Training: schedules, optimizers, checkpoints, the step loop and the supervised runner."""
+"""Training: configs, the one training loop, where it runs (local or Ray Train), losses."""

@@ -1,6 +1,6 @@
 """The reusable pieces of a training loop: one optimisation step and an endless batch stream.
 
-The supervised runner and the distributed student trainer both drive these.
+The training loop (:mod:`ssl_kd.train.worker`) and the throughput benchmark drive these.
 """
 
 from __future__ import annotations
@@ -34,16 +34,6 @@ class StreamState:
 
     epoch: int = 0
     seen_in_epoch: int = 0
-
-
-def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
-    """Cross-entropy loss returning ``{"loss", "ce"}``."""
-
-    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        ce = nn.functional.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-        return {"loss": ce, "ce": ce.detach()}
-
-    return loss_fn
 
 
 def train_step(

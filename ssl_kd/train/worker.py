@@ -1,0 +1,348 @@
+"""The training loop of ``ssl-kd train``, ``pretrain`` and ``finetune``, on one rank.
+
+:func:`train_worker` runs on every rank. It streams its own share of the shards endlessly,
+epoch after epoch, and stops after exactly ``steps`` steps, so every rank takes the same number
+of steps and DDP never waits on a rank that ran out of data: the budget is steps, not epochs.
+Where it runs is a :class:`~ssl_kd.train.context.RunContext`: in-process (one rank), or a Ray
+Train worker (``TorchTrainer``, DDP over gloo on CPU or NCCL on GPU).
+
+The teacher and the baseline (:class:`~ssl_kd.train.options.TrainConfig`) are this loop with the
+hard loss, no init checkpoint and no RandAugment; the configs differ only in their keys and in
+how a rank seeds its augmentation and data order (``cfg.stream_seeds``).
+
+Outputs in ``out``: ``config.yaml``, ``metrics.jsonl`` (rank 0), ``checkpoint.pt`` (the final
+weights, loadable like every checkpoint here) and ``summary.json``. Resumable state (optimizer,
+step, per-rank stream positions and RNG states; see :mod:`ssl_kd.models.checkpoint`) is
+checkpointed every ``ckpt_every`` steps: to ``out/checkpoint.pt`` locally, through
+``ray.train.report`` under ``out/ray`` on Ray, where ``FailureConfig(max_failures)`` restarts
+resume from it and rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ssl_kd import atomic, storage
+from ssl_kd import config as cfglib
+from ssl_kd.errors import UserError
+from ssl_kd.evaluate.metrics import eval_loader, evaluate
+from ssl_kd.models.checkpoint import (
+    check_resumable,
+    load_checkpoint,
+    make_meta,
+    model_from_checkpoint,
+    rank_states,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from ssl_kd.models.preprocess import Preprocess, augment, fit_size, infer_preprocess, normalize
+from ssl_kd.models.registry import create_model
+from ssl_kd.shards import expand_shards
+from ssl_kd.shards.classes import dataset_info_near, resolve_classes
+from ssl_kd.shards.dataset import ShardImageDataset
+from ssl_kd.train.context import RunContext
+from ssl_kd.train.loop import LossFn, MetricsLog, StreamState, stream_batches, train_step
+from ssl_kd.train.losses import student_loss
+from ssl_kd.train.optim import build_optimizer
+from ssl_kd.train.options import StudentConfig, TrainConfig
+from ssl_kd.train.schedule import lr_schedule
+
+log = logging.getLogger(__name__)
+
+Config = TrainConfig | StudentConfig
+
+# Fault injection for the restart tests: "PATH:STEP" fails once at STEP, leaving PATH behind.
+FAIL_ONCE_ENV = "SSL_KD_FAIL_ONCE"
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the config's shards and init checkpoint say, before any model exists."""
+
+    urls: list[str]
+    classes: list[str]
+    pp: Preprocess
+    soft_k: int
+    label_temperature: float
+
+
+def read_inputs(cfg: Config) -> Inputs:
+    """Shards, classes and preprocessing of ``cfg``; bad input raises UserError."""
+    urls = expand_shards(cfg.data)
+    classes = resolve_classes(urls, cfg.class_names, cfg.num_classes)
+    soft = (dataset_info_near(urls) or {}).get("soft_label") or {}
+    if cfg.loss != "hard" and not soft:
+        raise UserError(
+            f"--loss {cfg.loss} needs soft labels, and {cfg.data} has none: use the shards "
+            "written by ssl-kd materialize, or --loss hard"
+        )
+    if cfg.init:
+        init_meta = load_checkpoint(cfg.init)["meta"]
+        pp = Preprocess.from_dict(init_meta["preprocess"])
+        if not cfg.fresh_head and init_meta["num_classes"] != len(classes):
+            raise UserError(
+                f"{cfg.init} predicts {init_meta['num_classes']} classes and {cfg.data} has "
+                f"{len(classes)}: add --fresh-head to train a new classifier head"
+            )
+    else:
+        pp = infer_preprocess(urls, cfg.channels, cfg.image_size, cfg.mean, cfg.std)
+    soft_k = int(soft.get("k", 0)) if cfg.loss != "hard" else 0
+    return Inputs(urls, classes, pp, soft_k, float(soft.get("temperature", 1.0)))
+
+
+@dataclass
+class _Run:
+    """One rank's training: what the steps read, and the position they advance."""
+
+    cfg: Config
+    ctx: RunContext
+    inputs: Inputs
+    device: torch.device
+    model: nn.Module
+    meta: dict[str, Any]
+    optimizer: torch.optim.Optimizer
+    schedule: np.ndarray
+    dataset: ShardImageDataset
+    loss_fn: LossFn
+    val_urls: list[str]
+    metrics_log: MetricsLog | None
+    train_model: nn.Module | None = None  # DDP-wrapped after the resume
+    step: int = 0
+    start_step: int = 0
+    stream: StreamState = field(default_factory=StreamState)
+
+    @property
+    def lead(self) -> bool:
+        """Rank 0 writes the metrics, the final checkpoint and the summary."""
+        return self.ctx.rank == 0
+
+
+def train_worker(cfg: Config, ctx: RunContext, progress: bool = True) -> dict[str, Any]:
+    """The training loop of one rank; rank 0 returns the summary, the others an empty dict."""
+    run = _setup(cfg, ctx)
+    _resume(run)
+    seconds = _train_steps(run, progress)
+    return _finish(run, seconds)
+
+
+def _setup(cfg: Config, ctx: RunContext) -> _Run:
+    """Model, optimizer, schedule, data and loss, seeded as ``cfg.stream_seeds`` says."""
+    inputs = read_inputs(cfg)
+    device = ctx.device(cfg.device)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    random.seed(cfg.seed)
+    model, meta = _build_model(cfg, inputs)
+    model.to(device)  # before the optimizer, so resumed optimizer state lands on the device
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
+    schedule = lr_schedule(cfg.schedule, cfg.lr, cfg.steps, cfg.warmup_steps)
+    augment_seed, data_seed = cfg.stream_seeds(ctx.rank)
+    if augment_seed is not None:  # a resume restores the stream from the checkpoint
+        torch.manual_seed(augment_seed)
+    loss_fn = student_loss(cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha,
+                           label_smoothing=cfg.label_smoothing,
+                           label_temperature=inputs.label_temperature)  # fmt: skip
+    metrics = MetricsLog(storage.join(cfg.out, "metrics.jsonl")) if ctx.rank == 0 else None
+    val_urls = expand_shards(cfg.val_data) if cfg.val_data else []
+    return _Run(cfg, ctx, inputs, device, model, meta, optimizer, schedule,
+                _dataset(cfg, inputs, ctx, data_seed), loss_fn, val_urls, metrics)  # fmt: skip
+
+
+def _build_model(cfg: Config, inputs: Inputs) -> tuple[nn.Module, dict[str, Any]]:
+    if cfg.init:
+        model, meta = model_from_checkpoint(load_checkpoint(cfg.init))
+        if cfg.fresh_head:
+            model.head = nn.Linear(model.feature_dim, len(inputs.classes))
+        arch, width, dropout = meta["arch"], meta["width"], meta.get("dropout", 0.0)
+    else:
+        arch, width, dropout = cfg.arch, cfg.width, cfg.dropout
+        pp = inputs.pp
+        model = create_model(arch, len(inputs.classes), pp.channels, pp.image_size, width, dropout)
+    meta = make_meta(arch, width, dropout, inputs.classes, inputs.pp, cfglib.to_dict(cfg))
+    return model, meta
+
+
+def _dataset(cfg: Config, inputs: Inputs, ctx: RunContext, seed: int) -> ShardImageDataset:
+    # Fewer shards than ranks: every rank reads all shards and keeps every world-th sample.
+    split_shards = len(inputs.urls) >= ctx.world_size
+    return ShardImageDataset(
+        inputs.urls[ctx.rank :: ctx.world_size] if split_shards else inputs.urls,
+        _transform(cfg, inputs.pp),
+        inputs.pp.channels,
+        num_classes=len(inputs.classes),
+        shuffle_buffer=cfg.shuffle_buffer,
+        seed=seed,
+        soft_k=inputs.soft_k,
+        part=(0, 1) if split_shards else (ctx.rank, ctx.world_size),
+    )
+
+
+def _transform(cfg: Config, pp: Preprocess) -> Callable[[torch.Tensor], torch.Tensor]:
+    fit = fit_size(pp)
+    if not cfg.randaugment:
+        return fit
+    from torchvision.transforms import v2
+
+    noise = v2.RandAugment(num_ops=cfg.randaugment, magnitude=cfg.randaugment_magnitude)
+
+    def transform(img: torch.Tensor) -> torch.Tensor:
+        return noise(fit(img))
+
+    return transform
+
+
+def _resume(run: _Run) -> None:
+    """Continue from the context's checkpoint, if any; then write config.yaml and wrap the model."""
+    cfg, ctx = run.cfg, run.ctx
+    ckpt = ctx.load_checkpoint()
+    if ckpt is not None:
+        check_resumable(
+            ckpt["meta"]["config"], cfglib.to_dict(cfg), cfglib.operational_keys(type(cfg)), cfg.out
+        )
+        run.model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.step = run.start_step = int(ckpt["step"])
+        ranks = rank_states(ckpt)
+        if len(ranks) == ctx.world_size:
+            mine = ranks[ctx.rank]
+            run.stream = StreamState(int(mine["epoch"]), int(mine["seen_in_epoch"]))
+            set_rng_state(mine["rng"])
+        else:  # another number of ranks: the data order restarts, the weights carry on
+            log.warning("resuming %d ranks from a %d-rank checkpoint", ctx.world_size, len(ranks))
+        log.info("rank %d resuming %s from step %d", ctx.rank, cfg.out, run.step)
+    if run.lead:  # after the check: a refused config does not overwrite the run's own
+        cfglib.save(cfg, storage.join(cfg.out, "config.yaml"))
+    run.train_model = ctx.wrap_model(run.model)
+
+
+def _train_steps(run: _Run, progress: bool) -> float:
+    """Step until ``cfg.steps``, logging, evaluating and checkpointing; returns the seconds."""
+    cfg, pp = run.cfg, run.inputs.pp
+    assert run.train_model is not None
+    t0 = time.perf_counter()
+    window: list[dict[str, float]] = []
+    bar = run.ctx.progress(cfg.steps, run.step, enabled=progress and run.lead)
+    batches = stream_batches(run.dataset, cfg.batch_size, run.stream, cfg.num_workers)
+    while run.step < cfg.steps:
+        images, labels = next(batches)
+        images = augment(images.to(run.device), cfg.crop_padding, cfg.flip)
+        parts = train_step(run.train_model, normalize(images, pp), _targets(labels, run.device),
+                           run.optimizer, run.schedule[run.step], run.loss_fn)  # fmt: skip
+        run.step += 1
+        window.append(parts)
+        bar.update(1)
+        _maybe_fail(run.step)
+        if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+            _log_window(run, window, time.perf_counter() - t0, bar)
+            window.clear()
+        _evaluate_and_checkpoint(run, bar)
+    bar.close()
+    return time.perf_counter() - t0
+
+
+def _targets(labels: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    if isinstance(labels, (list, tuple)):
+        label, topk_class, topk_prob = labels
+        return {"label": label.to(device), "topk_class": topk_class.to(device),
+                "topk_prob": topk_prob.to(device)}  # fmt: skip
+    return {"label": labels.to(device)}
+
+
+def _maybe_fail(step: int) -> None:
+    spec = os.environ.get(FAIL_ONCE_ENV)
+    if not spec:
+        return
+    path, at = spec.rsplit(":", 1)
+    if step == int(at) and not os.path.exists(path):
+        Path(path).write_text(f"failed once at step {step}\n")
+        raise RuntimeError(f"injected failure at step {step} ({FAIL_ONCE_ENV})")
+
+
+def _log_window(run: _Run, window: list[dict[str, float]], elapsed: float, bar: Any) -> None:
+    """One metrics line: the mean loss parts since the last one, the LR and the speed."""
+    rate = (run.step - run.start_step) * run.cfg.batch_size * run.ctx.world_size / elapsed
+    mean = {k: sum(p[k] for p in window) / len(window) for k in window[0]}
+    if run.metrics_log:
+        run.metrics_log.write({"step": run.step, "epoch": run.stream.epoch,
+                               "lr": float(run.schedule[run.step - 1]), **mean,
+                               "images_per_s": rate})  # fmt: skip
+    bar.set_postfix(loss=f"{mean['loss']:.3f}", img_s=f"{rate:.0f}")
+
+
+def _evaluate_and_checkpoint(run: _Run, bar: Any) -> None:
+    cfg, step = run.cfg, run.step
+    every = cfg.eval_every
+    if run.lead and run.val_urls and every and step % every == 0 and step < cfg.steps:
+        note = f"step {step}: val top1 {_evaluate(run)['top1']:.4f}"
+        if cfg.evals_on_stdout:
+            bar.write(note)
+        else:
+            log.info(note)
+    if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        run.ctx.save_checkpoint(_checkpoint_state(run), {"step": step})
+
+
+def _evaluate(run: _Run) -> dict[str, Any]:
+    pp = run.inputs.pp
+    loader = eval_loader(run.val_urls, pp, len(run.inputs.classes), 256, run.cfg.num_workers)
+    result = evaluate(run.model, loader, run.device, pp)
+    if run.metrics_log:
+        run.metrics_log.write({"step": run.step, **{f"val_{k}": v for k, v in result.items()}})
+    return result
+
+
+def _checkpoint_state(run: _Run) -> dict[str, Any]:
+    """The resumable state; collective (gathers every rank's stream): all ranks call it."""
+    stream = run.stream
+    mine = {"epoch": stream.epoch, "seen_in_epoch": stream.seen_in_epoch, "rng": rng_state()}
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": {"kind": run.cfg.schedule, "step": run.step},
+        "step": run.step,
+        "ranks": run.ctx.gather(mine),
+        "meta": run.meta,
+    }
+
+
+def _finish(run: _Run, seconds: float) -> dict[str, Any]:
+    """Rank 0 writes the final checkpoint (when it changed) and summary.json, and returns it."""
+    cfg, ctx, trained = run.cfg, run.ctx, run.step - run.start_step
+    steps_per_rank = ctx.gather(trained)
+    final = _checkpoint_state(run)
+    if not run.lead:
+        return {}
+    path = storage.join(cfg.out, "checkpoint.pt")
+    if trained or not storage.is_file(path):  # a finished run's checkpoint stays untouched
+        save_checkpoint(path, final)
+    rate = trained * cfg.batch_size * ctx.world_size / seconds if trained else None
+    summary: dict[str, Any] = {
+        "step": run.step,
+        "resumed_at": run.start_step,
+        "arch": run.meta["arch"],
+        "loss": cfg.loss,
+        "classes": run.inputs.classes,
+        "workers": ctx.world_size,
+        "steps_per_rank": steps_per_rank,
+        "train_seconds": round(seconds, 2),
+        "images_per_s": round(rate, 1) if rate is not None else None,
+        "skipped_samples": run.dataset.stats.skipped,
+        "skipped_reasons": dict(run.dataset.stats.reasons),
+        "checkpoint": path,
+    }
+    if run.val_urls:
+        summary["val"] = _evaluate(run)
+    atomic.write_text(storage.join(cfg.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    return summary
