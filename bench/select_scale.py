@@ -52,7 +52,7 @@ def make_labels(root: Path, n: int) -> None:
         write_labels(table, root / f"u-{f:06d}.parquet")
 
 
-def pandas_select(labels: Path, k: int, p: int) -> pd.DataFrame:
+def pandas_select(labels: Path, per_class: int, p: int) -> pd.DataFrame:
     """The same selection with pandas: explode top-P, sort, group, head.
 
     The lists are flattened by pyarrow (not per-row Python objects), so the baseline is the
@@ -71,7 +71,7 @@ def pandas_select(labels: Path, k: int, p: int) -> pd.DataFrame:
         }))  # fmt: skip
     df = pd.concat(frames, ignore_index=True)
     df = df.sort_values(["class", "score", "shard", "key"], ascending=[True, False, True, True])
-    return df.groupby("class", sort=True).head(k)
+    return df.groupby("class", sort=True).head(per_class)
 
 
 def dedup_speed(n: int, d: int = 128, planted: int = 1000) -> dict:
@@ -96,10 +96,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def one_size(labels: Path, out: Path, k: int, p: int, method: str) -> dict:
+def one_size(labels: Path, out: Path, per_class: int, p: int, method: str) -> dict:
     """Run the selector once in this process; report time and peak RSS."""
     t0 = time.perf_counter()
-    report = run_select(SelectConfig(labels=str(labels), out=str(out), per_class=k, top_p=p,
+    report = run_select(SelectConfig(labels=str(labels), out=str(out), per_class=per_class, top_p=p,
                                      executor="local", kselect=method))  # fmt: skip
     seconds = time.perf_counter() - t0
     peak_mb = peak_rss_mb()
