@@ -14,7 +14,7 @@ import dataclasses
 import os
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import yaml
@@ -104,18 +104,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     """Convert a YAML value or command-line string to ``tp``, or raise ConfigError."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        is_null = value is None or (isinstance(value, str) and value.lower() in _NULL_WORDS)
-        if is_null and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, arg, value)
-            except ConfigError:
-                pass
-        raise ConfigError(key, f"expected {_describe(tp)}, got {value!r}")
+        return _to_union(key, tp, value)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -133,36 +122,69 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(key, f"expected a list, got {value!r}")
         return [_coerce(key, item, v) for v in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in _TRUE_WORDS | _FALSE_WORDS:
-            return value.lower() in _TRUE_WORDS
-        raise ConfigError(key, f"expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(key, f"expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
+    if tp not in _SCALARS:
+        raise TypeError(f"unsupported config type {tp!r} for {key}")
+    return _SCALARS[tp](key, value)
+
+
+def _to_union(key: str, tp: Any, value: Any) -> Any:
+    args = typing.get_args(tp)
+    is_null = value is None or (isinstance(value, str) and value.lower() in _NULL_WORDS)
+    if is_null and type(None) in args:
+        return None
+    for arg in args:
+        if arg is type(None):
+            continue
         try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(key, f"expected an integer, got {value!r}") from None
-        if not number.is_integer():
-            raise ConfigError(key, f"expected an integer, got {value!r}")
-        return int(number)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(key, f"expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(key, f"expected a number, got {value!r}") from None
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(key, f"expected a string, got {value!r}")
-    raise TypeError(f"unsupported config type {tp!r} for {key}")
+            return _coerce(key, arg, value)
+        except ConfigError:
+            pass
+    raise ConfigError(key, f"expected {_describe(tp)}, got {value!r}")
+
+
+def _to_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _TRUE_WORDS | _FALSE_WORDS:
+        return value.lower() in _TRUE_WORDS
+    raise ConfigError(key, f"expected true or false, got {value!r}")
+
+
+def _to_int(key: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"expected an integer, got {value!r}") from None
+    if not number.is_integer():
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    return int(number)
+
+
+def _to_float(key: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"expected a number, got {value!r}") from None
+
+
+def _to_str(key: str, value: Any) -> str:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(key, f"expected a string, got {value!r}")
+
+
+_SCALARS: dict[Any, Callable[[str, Any], Any]] = {
+    bool: _to_bool,
+    int: _to_int,
+    float: _to_float,
+    str: _to_str,
+}
 
 
 def _check_bounds(key: str, meta: Mapping[str, Any], value: Any) -> None:

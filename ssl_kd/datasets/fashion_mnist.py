@@ -121,8 +121,8 @@ def _write_split(
     return [str(Path(p).relative_to(root)) for p in writer.written], placed
 
 
-def import_fashion_mnist(cfg: FashionMnistConfig, progress: bool = True) -> dict[str, Any]:
-    """Write the shards, truth file and ``dataset.json``; returns the dataset.json content."""
+def _existing_import(cfg: FashionMnistConfig) -> dict[str, Any] | None:
+    """dataset.json of the same import already in ``out``; None when ``out`` is empty."""
     out = cfg.out
     info_path = storage.join(out, "dataset.json")
     if storage.is_file(info_path):
@@ -133,14 +133,82 @@ def import_fashion_mnist(cfg: FashionMnistConfig, progress: bool = True) -> dict
         raise UserError(f"{out} holds a different import; remove it or choose another --out")
     if storage.is_file(out) or storage.holds_files(out):
         raise UserError(f"{out} exists and is not empty; remove it or choose another --out")
+    return None
 
+
+@dataclass(frozen=True)
+class _Source:
+    """The four idx files, read, and the labeled / unlabeled split of the training images."""
+
+    dir: Path
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    labeled: np.ndarray
+    unlabeled: np.ndarray
+
+
+def _read_source(cfg: FashionMnistConfig) -> _Source:
+    """Read and check the idx files and split them, before anything is written."""
     files = locate_source(cfg.source)
     train_x, train_y = read_idx(files["train_images"]), read_idx(files["train_labels"])
     test_x, test_y = read_idx(files["test_images"]), read_idx(files["test_labels"])
     if len(train_x) != len(train_y) or len(test_x) != len(test_y):
         raise UserError(f"image and label files in {files['train_images'].parent} disagree in size")
     labeled, unlabeled = split_indices(train_y, cfg.labeled_per_class, cfg.seed)
+    parent = files["train_images"].parent
+    return _Source(parent, train_x, train_y, test_x, test_y, labeled, unlabeled)
 
+
+def _build(tmp: Path, cfg: FashionMnistConfig, src: _Source, progress: bool) -> dict[str, Any]:
+    """Write every file of the import into ``tmp``; returns the dataset.json content."""
+    train_x, train_y, test_x, test_y = src.train_x, src.train_y, src.test_x, src.test_y
+    labeled, unlabeled = src.labeled, src.unlabeled
+    fmt = cfg.image_format
+    train_keys = [f"train-{i:05d}" for i in range(len(train_x))]
+    test_keys = [f"test-{i:05d}" for i in range(len(test_x))]
+    splits = {
+        "labeled": (array_samples(train_x, train_y, train_keys, fmt, labeled), len(labeled)),
+        "unlabeled": (array_samples(train_x, None, train_keys, fmt, unlabeled), len(unlabeled)),
+        "test": (array_samples(test_x, test_y, test_keys, fmt), len(test_x)),
+    }
+    shards: dict[str, list[str]] = {}
+    placed: dict[str, list[tuple[str, str]]] = {}
+    for split, (samples, total) in splits.items():
+        shards[split], placed[split] = _write_split(tmp, split, samples, cfg, total, progress)
+    unlabeled_placed = placed["unlabeled"]
+    truth = pa.table(
+        {
+            "shard": pa.array([s for s, _ in unlabeled_placed]).dictionary_encode(),
+            "key": pa.array([k for _, k in unlabeled_placed], pa.string()),
+            "label": pa.array(train_y[unlabeled], pa.int16()),
+        }
+    )
+    pq.write_table(truth, tmp / "unlabeled_truth.parquet", compression="zstd")
+    info = {
+        "name": "fashion-mnist",
+        "classes": CLASSES,
+        "counts": {"labeled": len(labeled), "unlabeled": len(unlabeled), "test": len(test_x)},
+        "labeled_per_class": {c: int((train_y[labeled] == i).sum()) for i, c in enumerate(CLASSES)},
+        "shards": shards,
+        "seed": cfg.seed,
+        "image": {"format": fmt, "channels": 1, "size": int(train_x.shape[1])},
+        "source": str(src.dir),
+        "config": cfglib.to_dict(cfg),
+    }
+    (tmp / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
+    cfglib.save(cfg, tmp / "config.yaml")
+    return info
+
+
+def import_fashion_mnist(cfg: FashionMnistConfig, progress: bool = True) -> dict[str, Any]:
+    """Write the shards, truth file and ``dataset.json``; returns the dataset.json content."""
+    existing = _existing_import(cfg)
+    if existing is not None:
+        return existing
+    src = _read_source(cfg)
+    out = cfg.out
     remote = storage.is_remote(out)
     if remote:  # built here, then uploaded with dataset.json last (it marks the import done)
         tmp = Path(tempfile.mkdtemp(prefix="ssl_kd-import-"))
@@ -149,42 +217,7 @@ def import_fashion_mnist(cfg: FashionMnistConfig, progress: bool = True) -> dict
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     try:
-        fmt = cfg.image_format
-        train_keys = [f"train-{i:05d}" for i in range(len(train_x))]
-        test_keys = [f"test-{i:05d}" for i in range(len(test_x))]
-        splits = {
-            "labeled": (array_samples(train_x, train_y, train_keys, fmt, labeled), len(labeled)),
-            "unlabeled": (array_samples(train_x, None, train_keys, fmt, unlabeled), len(unlabeled)),
-            "test": (array_samples(test_x, test_y, test_keys, fmt), len(test_x)),
-        }
-        shards: dict[str, list[str]] = {}
-        placed: dict[str, list[tuple[str, str]]] = {}
-        for split, (samples, total) in splits.items():
-            shards[split], placed[split] = _write_split(tmp, split, samples, cfg, total, progress)
-        unlabeled_placed = placed["unlabeled"]
-        truth = pa.table(
-            {
-                "shard": pa.array([s for s, _ in unlabeled_placed]).dictionary_encode(),
-                "key": pa.array([k for _, k in unlabeled_placed], pa.string()),
-                "label": pa.array(train_y[unlabeled], pa.int16()),
-            }
-        )
-        pq.write_table(truth, tmp / "unlabeled_truth.parquet", compression="zstd")
-        info = {
-            "name": "fashion-mnist",
-            "classes": CLASSES,
-            "counts": {"labeled": len(labeled), "unlabeled": len(unlabeled), "test": len(test_x)},
-            "labeled_per_class": {
-                c: int((train_y[labeled] == i).sum()) for i, c in enumerate(CLASSES)
-            },
-            "shards": shards,
-            "seed": cfg.seed,
-            "image": {"format": fmt, "channels": 1, "size": int(train_x.shape[1])},
-            "source": str(files["train_images"].parent),
-            "config": cfglib.to_dict(cfg),
-        }
-        (tmp / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
-        cfglib.save(cfg, tmp / "config.yaml")
+        info = _build(tmp, cfg, src, progress)
         if remote:
             storage.upload_tree(tmp, out, last=("dataset.json",))
             shutil.rmtree(tmp, ignore_errors=True)
