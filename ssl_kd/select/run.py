@@ -188,13 +188,7 @@ def run_select(cfg: SelectConfig) -> dict[str, Any]:
     selected = np.bincount(cls_ids, minlength=meta.num_classes)
     starts = np.concatenate([[0], np.cumsum(selected)[:-1]])
     rank = np.arange(len(cls_ids)) - np.repeat(starts, selected)
-    rep = np.ones(len(cls_ids), np.int64)
-    if cfg.upsample:
-        start = 0
-        for n in selected:  # cls_ids is class-major: one contiguous run per class
-            if 0 < n < cfg.per_class:
-                rep[start : start + n] = repeats(int(n), cfg.per_class)
-            start += n
+    rep = _copies(cfg, selected)
     table = build_selection(table, cls_ids, score, rank, rep)
     report = _report(cfg, meta.classes, best, cls_ids, score, rep, removed)
     t_rows = time.perf_counter()
@@ -207,6 +201,18 @@ def run_select(cfg: SelectConfig) -> dict[str, Any]:
     atomic.write_text(storage.join(out, "report.json"), json.dumps(report, indent=2) + "\n")
     cfglib.save(cfg, storage.join(out, "config.yaml"))
     return report
+
+
+def _copies(cfg: SelectConfig, selected: np.ndarray) -> np.ndarray:
+    """Copies of each selected row (class-major): 1, or enough to fill short classes to K."""
+    rep = np.ones(int(selected.sum()), np.int64)
+    if cfg.upsample:
+        start = 0
+        for n in selected:  # one contiguous run per class
+            if 0 < n < cfg.per_class:
+                rep[start : start + n] = repeats(int(n), cfg.per_class)
+            start += n
+    return rep
 
 
 def _eval_embeddings(directory: str, meta: LabelMeta) -> np.ndarray:
