@@ -52,8 +52,9 @@ def run_variant(data: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]
     run_pipeline(cfg, progress=False, title=f"Ablation {variant}")
     doc = json.loads((Path(cfg.out) / "results" / "results.json").read_text())
     row = {m["model"]: m for m in doc["models"] if m["round"] in (0, 1)}
-    precision = doc["selection_precision"][0]["precision"]["mean"] if doc[
-        "selection_precision"] else None  # fmt: skip
+    precision = (
+        doc["selection_precision"][0]["precision"]["mean"] if doc["selection_precision"] else None
+    )
     return {
         **variant,
         "K": cfg.select.get("per_class"),
@@ -71,8 +72,10 @@ def run_variant(data: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of the variants."""
-    lines = ["| K | P | loss | selected | precision | pretrained | fine-tuned | vs baseline |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| K | P | loss | selected | precision | pretrained | fine-tuned | vs baseline |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         gain = 100 * (r["finetuned_top1"] - r["baseline_top1"])
         lines.append(
@@ -83,8 +86,14 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-REUSED = ("data", "teacher", "round1/labels", "baseline/seed0", "eval/teacher",
-          "eval/baseline-seed0")  # fmt: skip
+REUSED = (
+    "data",
+    "teacher",
+    "round1/labels",
+    "baseline/seed0",
+    "eval/teacher",
+    "eval/baseline-seed0",
+)
 
 
 def reuse(src: Path, out: Path) -> None:
@@ -126,8 +135,10 @@ def main(argv: list[str]) -> int:
         rows.append(run_variant(_apply(base, variant), variant))
         print(json.dumps(rows[-1]), file=sys.stderr)
     print(table(rows), file=sys.stderr)
-    emit({"config": args.config, "seeds": base["seeds"], "variants": rows,
-          "markdown": table(rows)}, args.report)  # fmt: skip
+    emit(
+        {"config": args.config, "seeds": base["seeds"], "variants": rows, "markdown": table(rows)},
+        args.report,
+    )
     return 0
 
 

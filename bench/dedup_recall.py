@@ -60,17 +60,30 @@ def main() -> int:
     ref = embeddings(args.eval)[0] if args.eval else None
     rows = []
     for t in args.thresholds:
-        rows.append({"threshold": t, "images": len(emb), **compare(
-            "near-duplicates",
-            lambda t=t: near_duplicates(emb, score, t, flat_limit=len(emb)),
-            lambda t=t: near_duplicates(emb, score, t, flat_limit=0),
-        )})  # fmt: skip
+        rows.append(
+            {
+                "threshold": t,
+                "images": len(emb),
+                **compare(
+                    "near-duplicates",
+                    lambda t=t: near_duplicates(emb, score, t, flat_limit=len(emb)),
+                    lambda t=t: near_duplicates(emb, score, t, flat_limit=0),
+                ),
+            }
+        )
         if ref is not None:
-            rows.append({"threshold": t, "images": len(emb), "reference": len(ref), **compare(
-                "leaks",
-                lambda t=t: leaked(emb, ref, t, flat_limit=len(ref)),
-                lambda t=t: leaked(emb, ref, t, flat_limit=0),
-            )})  # fmt: skip
+            rows.append(
+                {
+                    "threshold": t,
+                    "images": len(emb),
+                    "reference": len(ref),
+                    **compare(
+                        "leaks",
+                        lambda t=t: leaked(emb, ref, t, flat_limit=len(ref)),
+                        lambda t=t: leaked(emb, ref, t, flat_limit=0),
+                    ),
+                }
+            )
         print(json.dumps(rows[-2:] if ref is not None else rows[-1:]), flush=True)
     print(json.dumps(rows, indent=2))
     return 0

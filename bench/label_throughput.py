@@ -71,8 +71,10 @@ def concurrent_forward(ckpt: str, images: np.ndarray, batch_size: int, procs: in
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(procs), ctx.Queue()
     parts = np.array_split(images, procs)
-    workers = [ctx.Process(target=_forward_one_core, args=(ckpt, p, batch_size, barrier, out))
-               for p in parts]  # fmt: skip
+    workers = [
+        ctx.Process(target=_forward_one_core, args=(ckpt, p, batch_size, barrier, out))
+        for p in parts
+    ]
     for w in workers:
         w.start()
     rates = [out.get() for _ in workers]
@@ -98,8 +100,9 @@ def main() -> int:
         n = args.shards * args.per_shard
         images = make_images(n, args.size)
         keys = [f"img-{i:07d}" for i in range(n)]
-        write_shards(array_samples(images, None, keys), str(work / "s" / "u-%06d.tar"),
-                     args.per_shard)  # fmt: skip
+        write_shards(
+            array_samples(images, None, keys), str(work / "s" / "u-%06d.tar"), args.per_shard
+        )
         if args.teacher:
             ckpt = Path(args.teacher)
         else:
@@ -117,8 +120,14 @@ def main() -> int:
         forward_per_core = concurrent_forward(str(ckpt), images, args.batch_size, threads)
         forward = max(forward_all, forward_per_core)
 
-        base = LabelConfig(teacher=str(ckpt), shards=str(work / "s"), out="", k=args.k,
-                           batch_size=args.batch_size, device="cpu")  # fmt: skip
+        base = LabelConfig(
+            teacher=str(ckpt),
+            shards=str(work / "s"),
+            out="",
+            k=args.k,
+            batch_size=args.batch_size,
+            device="cpu",
+        )
         runs = {
             "ray, 2 workers x 1 CPU": replace(base, executor="ray", cpus_per_worker=1),
             "ray, 1 worker x 2 CPUs": replace(base, executor="ray", cpus_per_worker=2),
@@ -129,8 +138,10 @@ def main() -> int:
         for name, cfg in runs.items():
             out = work / name.replace(" ", "_").replace(",", "")
             s = run_label(replace(cfg, out=str(out)), progress=False)
-            split = {k: sum(p["seconds"].get(k, 0.0) for p in s["per_shard"])
-                     for k in ("read_decode", "forward", "write")}  # fmt: skip
+            split = {
+                k: sum(p["seconds"].get(k, 0.0) for p in s["per_shard"])
+                for k in ("read_decode", "forward", "write")
+            }
             results[name] = {
                 "images_per_s": s["images_per_s"],
                 "ratio_to_bare_forward": round(s["images_per_s"] / forward, 3),
@@ -141,14 +152,19 @@ def main() -> int:
                 "bytes_per_image": s["bytes_per_image"],
             }
         report = {
-            "arch": teacher.meta.teacher_arch, "teacher": args.teacher or "random weights",
-            "image_size": args.size, "images": n, "shards": args.shards,
-            "batch_size": args.batch_size, "k": args.k, "torch_threads": threads,
+            "arch": teacher.meta.teacher_arch,
+            "teacher": args.teacher or "random weights",
+            "image_size": args.size,
+            "images": n,
+            "shards": args.shards,
+            "batch_size": args.batch_size,
+            "k": args.k,
+            "torch_threads": threads,
             "bare_forward_images_per_s": round(forward, 1),
             "bare_forward_all_threads": round(forward_all, 1),
             "bare_forward_one_process_per_core": round(forward_per_core, 1),
             "pipeline": results,
-        }  # fmt: skip
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     emit(report, args.out)

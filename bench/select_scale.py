@@ -33,9 +33,14 @@ from ssl_kd.select.run import SelectConfig, run_select
 
 C, K_STORED, PER_FILE = 1000, 10, 100_000
 META = LabelMeta(
-    num_classes=C, classes=[str(i) for i in range(C)], k=K_STORED, temperature=1.0,
-    teacher_arch="synthetic", teacher_sha256="0" * 64, preprocess={},
-)  # fmt: skip
+    num_classes=C,
+    classes=[str(i) for i in range(C)],
+    k=K_STORED,
+    temperature=1.0,
+    teacher_arch="synthetic",
+    teacher_sha256="0" * 64,
+    preprocess={},
+)
 
 
 def make_labels(root: Path, n: int) -> None:
@@ -64,11 +69,16 @@ def pandas_select(labels: Path, per_class: int, p: int) -> pd.DataFrame:
         n = t.num_rows
         cls = t["topk_class"].combine_chunks().flatten().to_numpy().reshape(n, -1)[:, :p]
         prob = t["topk_prob"].combine_chunks().flatten().to_numpy().reshape(n, -1)[:, :p]
-        frames.append(pd.DataFrame({
-            "shard": np.repeat(t["shard"].to_pandas().astype(str).to_numpy(), p),
-            "key": np.repeat(t["key"].to_numpy(zero_copy_only=False), p),
-            "class": cls.ravel(), "score": prob.astype(np.float32).ravel(),
-        }))  # fmt: skip
+        frames.append(
+            pd.DataFrame(
+                {
+                    "shard": np.repeat(t["shard"].to_pandas().astype(str).to_numpy(), p),
+                    "key": np.repeat(t["key"].to_numpy(zero_copy_only=False), p),
+                    "class": cls.ravel(),
+                    "score": prob.astype(np.float32).ravel(),
+                }
+            )
+        )
     df = pd.concat(frames, ignore_index=True)
     df = df.sort_values(["class", "score", "shard", "key"], ascending=[True, False, True, True])
     return df.groupby("class", sort=True).head(per_class)
@@ -83,8 +93,12 @@ def dedup_speed(n: int, d: int = 128, planted: int = 1000) -> dict:
     t0 = time.perf_counter()
     drop = near_duplicates(emb, np.zeros(n, np.float32), 0.95)
     seconds = time.perf_counter() - t0
-    return {"seconds": round(seconds, 1), "images_per_s": round(n / seconds, 1),
-            "planted": planted, "found": int(drop.sum())}  # fmt: skip
+    return {
+        "seconds": round(seconds, 1),
+        "images_per_s": round(n / seconds, 1),
+        "planted": planted,
+        "found": int(drop.sum()),
+    }
 
 
 def peak_rss_mb() -> float:
@@ -99,12 +113,23 @@ def peak_rss_mb() -> float:
 def one_size(labels: Path, out: Path, per_class: int, p: int, method: str) -> dict:
     """Run the selector once in this process; report time and peak RSS."""
     t0 = time.perf_counter()
-    report = run_select(SelectConfig(labels=str(labels), out=str(out), per_class=per_class, top_p=p,
-                                     executor="local", kselect=method))  # fmt: skip
+    report = run_select(
+        SelectConfig(
+            labels=str(labels),
+            out=str(out),
+            per_class=per_class,
+            top_p=p,
+            executor="local",
+            kselect=method,
+        )
+    )
     seconds = time.perf_counter() - t0
     peak_mb = peak_rss_mb()
-    return {"seconds": round(seconds, 2), "parts": report["seconds"],
-            "peak_rss_mb": round(peak_mb, 1)}  # fmt: skip
+    return {
+        "seconds": round(seconds, 2),
+        "parts": report["seconds"],
+        "peak_rss_mb": round(peak_mb, 1),
+    }
 
 
 def main() -> int:
@@ -122,24 +147,40 @@ def main() -> int:
     )
     ap.add_argument("--methods", nargs="*", default=["faiss", "numpy"])
     ap.add_argument("--out")
-    ap.add_argument("--one-size", nargs=3, metavar=("LABELS", "OUT", "METHOD"),
-                    help=argparse.SUPPRESS)  # fmt: skip
+    ap.add_argument(
+        "--one-size", nargs=3, metavar=("LABELS", "OUT", "METHOD"), help=argparse.SUPPRESS
+    )
     args = ap.parse_args()
     if args.one_size:
         labels, out, method = args.one_size
         print(json.dumps(one_size(Path(labels), Path(out), args.k, args.p, method)))
         return 0
 
-    report = {"classes": C, "stored_k": K_STORED, "per_class_k": args.k, "top_p": args.p,
-              "sizes": {}}  # fmt: skip
+    report = {
+        "classes": C,
+        "stored_k": K_STORED,
+        "per_class_k": args.k,
+        "top_p": args.p,
+        "sizes": {},
+    }
     for n in args.sizes:
         work = Path(tempfile.mkdtemp(prefix="select-bench-"))
         try:
             make_labels(work / "labels", n)
             entry: dict = {}
             for method in args.methods:
-                cmd = [sys.executable, __file__, "--k", str(args.k), "--p", str(args.p),
-                       "--one-size", str(work / "labels"), str(work / method), method]  # fmt: skip
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--k",
+                    str(args.k),
+                    "--p",
+                    str(args.p),
+                    "--one-size",
+                    str(work / "labels"),
+                    str(work / method),
+                    method,
+                ]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 run = json.loads(out.strip().splitlines()[-1])
                 entry[method] = {**run, "images_per_s": round(n / run["seconds"], 1)}
@@ -152,9 +193,11 @@ def main() -> int:
                 t0 = time.perf_counter()
                 ref = pandas_select(work / "labels", args.k, args.p)
                 pandas_s = time.perf_counter() - t0
-                same = (ours["key"].tolist() == ref["key"].tolist()
-                        and ours["shard"].astype(str).tolist() == ref["shard"].tolist()
-                        and ours["class"].tolist() == ref["class"].tolist())  # fmt: skip
+                same = (
+                    ours["key"].tolist() == ref["key"].tolist()
+                    and ours["shard"].astype(str).tolist() == ref["shard"].tolist()
+                    and ours["class"].tolist() == ref["class"].tolist()
+                )
                 entry["pandas"] = {"seconds": round(pandas_s, 2), "identical": same}
                 for method in args.methods:
                     run = entry[method]

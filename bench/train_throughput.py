@@ -41,10 +41,13 @@ def write_data(root: Path, n: int, per_shard: int = 1000) -> list[str]:
     images = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, C, n)
     samples = []
-    for sample, label in zip(array_samples(images, labels, [f"k{i:07d}" for i in range(n)]),
-                             labels, strict=True):  # fmt: skip
-        soft = {"topk_class": [int(label), (int(label) + 1) % C, (int(label) + 2) % C],
-                "topk_prob": [0.8, 0.15, 0.05]}  # fmt: skip
+    for sample, label in zip(
+        array_samples(images, labels, [f"k{i:07d}" for i in range(n)]), labels, strict=True
+    ):
+        soft = {
+            "topk_class": [int(label), (int(label) + 1) % C, (int(label) + 2) % C],
+            "topk_prob": [0.8, 0.15, 0.05],
+        }
         samples.append({**sample, "json": json.dumps(soft).encode()})
     return write_shards(iter(samples), str(root / "train-%06d.tar"), per_shard)
 
@@ -83,8 +86,15 @@ def worker_loop(config: dict[str, Any]) -> None:
     if config["source"] == "memory":
         batches = _memory_batches(urls, batch, rank, world)
     else:
-        ds = ShardImageDataset(urls[rank::world], lambda x: x, 1, num_classes=C, soft_k=K,
-                               shuffle_buffer=2000, seed=rank)  # fmt: skip
+        ds = ShardImageDataset(
+            urls[rank::world],
+            lambda x: x,
+            1,
+            num_classes=C,
+            soft_k=K,
+            shuffle_buffer=2000,
+            seed=rank,
+        )
         batches = stream_batches(ds, batch, StreamState(), config["loader_workers"])
     t0 = 0.0
     for step in range(config["warmup"] + config["steps"]):
@@ -104,10 +114,16 @@ def run(urls: list[str], source: str, workers: int, args: argparse.Namespace) ->
     from ray.train.torch import TorchTrainer
 
     storage = tempfile.mkdtemp(prefix="train-bench-")
-    config = {"urls": urls, "source": source, "batch": args.batch, "steps": args.steps,
-              "warmup": args.warmup, "threads": max(1, 2 // workers),
-              "loader_workers": args.loader_workers,
-              "result": str(Path(storage) / "images_per_s")}  # fmt: skip
+    config = {
+        "urls": urls,
+        "source": source,
+        "batch": args.batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "threads": max(1, 2 // workers),
+        "loader_workers": args.loader_workers,
+        "result": str(Path(storage) / "images_per_s"),
+    }
     TorchTrainer(
         worker_loop,
         train_loop_config=config,
@@ -130,17 +146,23 @@ def main() -> int:
     import ray
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    report: dict[str, Any] = {"images": args.images, "batch_per_worker": args.batch,
-                              "steps": args.steps, "runs": {}}  # fmt: skip
+    report: dict[str, Any] = {
+        "images": args.images,
+        "batch_per_worker": args.batch,
+        "steps": args.steps,
+        "runs": {},
+    }
     with tempfile.TemporaryDirectory() as d:
         write_data(Path(d), args.images)
         urls = expand_shards(d)
         for workers in args.workers:
             shards = run(urls, "shards", workers, args)
             memory = run(urls, "memory", workers, args)
-            report["runs"][str(workers)] = {"shards_images_per_s": round(shards, 1),
-                                            "memory_images_per_s": round(memory, 1),
-                                            "ratio": round(shards / memory, 3)}  # fmt: skip
+            report["runs"][str(workers)] = {
+                "shards_images_per_s": round(shards, 1),
+                "memory_images_per_s": round(memory, 1),
+                "ratio": round(shards / memory, 3),
+            }
             print(workers, report["runs"][str(workers)], flush=True)
     ray.shutdown()
     emit(report, args.out)

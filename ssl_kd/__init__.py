@@ -13,7 +13,8 @@ upward and never in a circle (``tests/test_layers.py`` holds the tree to this or
    ``train/``, ``inspect/``. Each holds its config and runner (``run.py``), a pure core named for
    what it computes, and its on-disk contract (``files.py``). A stage may import an earlier
    stage's contracts and cores (training validates with ``evaluate.metrics``), never its runner;
-5. the drivers: ``pipeline/`` (the resumable plan and results, ``estimate``) and ``cli``.
+5. the drivers: ``pipeline/`` (the resumable plan, results, and ``estimate`` of a run at scale)
+   and ``cli``.
 """
 
 __version__ = "0.1.0"

@@ -205,9 +205,9 @@ COMMANDS: dict[str, Command] = {
         Command(
             "estimate",
             "project labeling hours and storage to N images from measured throughput",
-            runner="ssl_kd.estimate:estimate",
-            formatter="ssl_kd.estimate:format_summary",
-            config="ssl_kd.estimate:EstimateConfig",
+            runner="ssl_kd.pipeline.estimate:estimate",
+            formatter="ssl_kd.pipeline.estimate:format_summary",
+            config="ssl_kd.pipeline.estimate:EstimateConfig",
             flags=(_json("print the JSON document"),),
         ),
         Command(

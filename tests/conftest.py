@@ -54,8 +54,10 @@ def s3_server() -> Iterator[str]:
         port = sock.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -95,9 +97,12 @@ def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Itera
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     bucket = f"b-{uuid.uuid4().hex[:12]}"
     admin = pafs.S3FileSystem(
-        endpoint_override=s3_server, allow_bucket_creation=True, region="us-east-1",
-        access_key="ssl-kd-test-key", secret_key=S3_SECRET,
-    )  # fmt: skip
+        endpoint_override=s3_server,
+        allow_bucket_creation=True,
+        region="us-east-1",
+        access_key="ssl-kd-test-key",
+        secret_key=S3_SECRET,
+    )
     admin.create_dir(bucket)
     storage.clear_cache()
     yield f"s3://{bucket}"

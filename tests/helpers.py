@@ -39,9 +39,13 @@ def write_labeled_shards(
 
 
 def make_teacher(
-    path: Path, arch: str = "cnn", channels: int = 1, size: int = 16, num_classes: int = 4,
+    path: Path,
+    arch: str = "cnn",
+    channels: int = 1,
+    size: int = 16,
+    num_classes: int = 4,
     seed: int = 0,
-) -> Path:  # fmt: skip
+) -> Path:
     """A randomly initialised checkpoint in the format ``ssl-kd train`` writes."""
     import torch
 

@@ -8,12 +8,21 @@ import pytest
 from helpers import run_cli
 
 from ssl_kd.errors import UserError
-from ssl_kd.estimate import EstimateConfig, estimate
+from ssl_kd.pipeline.estimate import EstimateConfig, estimate
 
 
 def test_projection_from_a_measured_rate():
-    cfg = EstimateConfig(images=1e9, model="cnn", image_size=28, channels=1, num_classes=10,
-                         gpus=4, images_per_s=2500.0, per_class=1000, top_p=2)  # fmt: skip
+    cfg = EstimateConfig(
+        images=1e9,
+        model="cnn",
+        image_size=28,
+        channels=1,
+        num_classes=10,
+        gpus=4,
+        images_per_s=2500.0,
+        per_class=1000,
+        top_p=2,
+    )
     e = estimate(cfg)
     assert e["labeling"]["wall_hours"] == pytest.approx(1e9 / (2500 * 4) / 3600, abs=0.01)
     assert e["labeling"]["gpu_hours"] == pytest.approx(4 * e["labeling"]["wall_hours"], abs=0.1)
@@ -27,17 +36,39 @@ def test_projection_from_a_measured_rate():
 
 
 def test_projection_from_a_bench_report_scales_by_macs(tmp_path):
-    bench = {"arch": "cnn", "image_size": 28, "pipeline": {
-        "a": {"images_per_s": 800.0, "bytes_per_image": 28.0},
-        "b": {"images_per_s": 900.0, "bytes_per_image": 28.0}}}  # fmt: skip
+    bench = {
+        "arch": "cnn",
+        "image_size": 28,
+        "pipeline": {
+            "a": {"images_per_s": 800.0, "bytes_per_image": 28.0},
+            "b": {"images_per_s": 900.0, "bytes_per_image": 28.0},
+        },
+    }
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(bench))
-    same = estimate(EstimateConfig(images=1e6, model="cnn", image_size=28, channels=1,
-                                   num_classes=10, from_bench=str(path), device="cpu"))  # fmt: skip
+    same = estimate(
+        EstimateConfig(
+            images=1e6,
+            model="cnn",
+            image_size=28,
+            channels=1,
+            num_classes=10,
+            from_bench=str(path),
+            device="cpu",
+        )
+    )
     assert same["labeling"]["images_per_s_per_worker"] == pytest.approx(900.0, rel=0.02)
     assert "cpu_hours" in same["labeling"]
-    bigger = estimate(EstimateConfig(images=1e6, model="cnn_deep", image_size=28, channels=1,
-                                     num_classes=10, from_bench=str(path)))  # fmt: skip
+    bigger = estimate(
+        EstimateConfig(
+            images=1e6,
+            model="cnn_deep",
+            image_size=28,
+            channels=1,
+            num_classes=10,
+            from_bench=str(path),
+        )
+    )
     assert bigger["labeling"]["images_per_s_per_worker"] < 900.0
 
 

@@ -35,9 +35,16 @@ def setup(tmp_path: Path) -> dict[str, Path]:
 
 def _cfg(setup: dict[str, Path], **kw: object) -> LabelConfig:
     base = LabelConfig(
-        teacher=str(setup["teacher"]), shards=str(setup["shards"]), out=str(setup["out"]),
-        k=3, temperature=2.0, embeddings=True, batch_size=16, executor="local", device="cpu",
-    )  # fmt: skip
+        teacher=str(setup["teacher"]),
+        shards=str(setup["shards"]),
+        out=str(setup["out"]),
+        k=3,
+        temperature=2.0,
+        embeddings=True,
+        batch_size=16,
+        executor="local",
+        device="cpu",
+    )
     return replace(base, **kw)
 
 
@@ -101,18 +108,32 @@ def test_bad_input_is_recorded_and_the_rest_labeled(tmp_path: Path) -> None:
     d = tmp_path / "shards"
     d.mkdir()
     good = encode_image(np.full((16, 16), 99, np.uint8))
-    write_plain_tar(d / "a-bad.tar", {
-        "ok1.png": good, "broken.png": b"\x89PNG not really", "meta-only.json": b"{}",
-        "nolabel.txt": b"caption without image", "ok2.png": good,
-    })  # fmt: skip
-    write_plain_tar(d / "b-trunc.tar", {f"t{i}.png": encode_image(np.full((64, 64), i, np.uint8))
-                             for i in range(6)})  # fmt: skip
+    write_plain_tar(
+        d / "a-bad.tar",
+        {
+            "ok1.png": good,
+            "broken.png": b"\x89PNG not really",
+            "meta-only.json": b"{}",
+            "nolabel.txt": b"caption without image",
+            "ok2.png": good,
+        },
+    )
+    write_plain_tar(
+        d / "b-trunc.tar",
+        {f"t{i}.png": encode_image(np.full((64, 64), i, np.uint8)) for i in range(6)},
+    )
     data = (d / "b-trunc.tar").read_bytes()
     (d / "b-trunc.tar").write_bytes(data[:2000])
     write_plain_tar(d / "c-empty.tar", {})
     out = tmp_path / "labels"
-    cfg = LabelConfig(teacher=str(make_teacher(tmp_path / "t.pt")), shards=str(d), out=str(out),
-                      executor="local", device="cpu", k=2)  # fmt: skip
+    cfg = LabelConfig(
+        teacher=str(make_teacher(tmp_path / "t.pt")),
+        shards=str(d),
+        out=str(out),
+        executor="local",
+        device="cpu",
+        k=2,
+    )
     summary = run_label(cfg, progress=False)
     assert summary["truncated_shards"] == ["b-trunc.tar"]
     assert summary["empty_shards"] == ["c-empty.tar"]
@@ -140,8 +161,14 @@ def test_img2dataset_rgb_shards(tmp_path: Path) -> None:
     (tmp_path / "s").mkdir()
     write_plain_tar(tmp_path / "s" / "00000.tar", members)
     teacher = make_teacher(tmp_path / "t.pt", arch="resnet18", channels=3, size=16, num_classes=5)
-    cfg = LabelConfig(teacher=str(teacher), shards=str(tmp_path / "s"), out=str(tmp_path / "l"),
-                      executor="local", device="cpu", k=5)  # fmt: skip
+    cfg = LabelConfig(
+        teacher=str(teacher),
+        shards=str(tmp_path / "s"),
+        out=str(tmp_path / "l"),
+        executor="local",
+        device="cpu",
+        k=5,
+    )
     assert run_label(cfg, progress=False)["rows"] == 5
     table = pq.read_table(tmp_path / "l" / "00000.parquet")
     assert table.column("key").to_pylist() == [f"{i:09d}" for i in range(5)]
@@ -196,16 +223,31 @@ def test_readme_duckdb_query_runs_on_label_files(setup: dict[str, Path]) -> None
     assert all(0 < conf <= 1 for _, _, conf in rows)
 
 
+@pytest.mark.slow  # a subprocess that imports torch
 def test_job_entrypoint(setup: dict[str, Path]) -> None:
     import subprocess
     import sys
 
     job = Path(__file__).parents[1] / "jobs" / "label.py"
     done = subprocess.run(
-        [sys.executable, str(job), "--teacher", str(setup["teacher"]), "--shards",
-         str(setup["shards"]), "--out", str(setup["out"]), "--executor", "local", "--k", "2"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(job),
+            "--teacher",
+            str(setup["teacher"]),
+            "--shards",
+            str(setup["shards"]),
+            "--out",
+            str(setup["out"]),
+            "--executor",
+            "local",
+            "--k",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "labeled 3 shards" in done.stdout
     assert LabelSet(setup["out"]).num_rows == 120

@@ -21,9 +21,20 @@ SHARDS = 20
 
 def _label_cmd(root: Path) -> list[str]:
     return [
-        sys.executable, "-m", "ssl_kd.cli", "-q", "label", "--teacher", str(root / "t.pt"),
-        "--shards", str(root / "s"), "--out", str(root / "l"), "--batch-size", "8",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "ssl_kd.cli",
+        "-q",
+        "label",
+        "--teacher",
+        str(root / "t.pt"),
+        "--shards",
+        str(root / "s"),
+        "--out",
+        str(root / "l"),
+        "--batch-size",
+        "8",
+    ]
 
 
 @pytest.mark.slow
@@ -49,18 +60,24 @@ def test_sigkill_mid_run_then_rerun_labels_every_key_exactly_once(tmp_path: Path
     done_at_kill = len(list(out.glob("*.parquet")))
     assert 1 <= done_at_kill < SHARDS
 
-    rerun = subprocess.run(_label_cmd(tmp_path), capture_output=True, text=True, timeout=300,
-                           start_new_session=True)  # fmt: skip
+    rerun = subprocess.run(
+        _label_cmd(tmp_path), capture_output=True, text=True, timeout=300, start_new_session=True
+    )
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["already_done"] >= done_at_kill and summary["labeled"] >= 1
     assert summary["already_done"] + summary["labeled"] == SHARDS
 
-    expected = [(s["__url__"].rsplit("/", 1)[-1], s["__key__"])
-                for s in iter_samples(urls, ReadStats())]  # fmt: skip
-    got = [(shard, key) for b in LabelSet(out).iter_batches(columns=["shard", "key"])
-           for shard, key in zip(b.column("shard").to_pylist(), b.column("key").to_pylist(),
-                                 strict=True)]  # fmt: skip
+    expected = [
+        (s["__url__"].rsplit("/", 1)[-1], s["__key__"]) for s in iter_samples(urls, ReadStats())
+    ]
+    got = [
+        (shard, key)
+        for b in LabelSet(out).iter_batches(columns=["shard", "key"])
+        for shard, key in zip(
+            b.column("shard").to_pylist(), b.column("key").to_pylist(), strict=True
+        )
+    ]
     assert len(got) == len(set(got)) == len(expected) == SHARDS * 100
     assert set(got) == set(expected)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]

@@ -46,9 +46,14 @@ def cfg(tmp_path: Path) -> LabelConfig:
     (tmp_path / "s").mkdir()
     write_unlabeled_shards(tmp_path / "s", n_shards=3, per_shard=10)
     return LabelConfig(
-        teacher=str(make_teacher(tmp_path / "t.pt")), shards=str(tmp_path / "s"),
-        out=str(tmp_path / "l"), executor="local", device="cpu", k=2, max_retries=1,
-    )  # fmt: skip
+        teacher=str(make_teacher(tmp_path / "t.pt")),
+        shards=str(tmp_path / "s"),
+        out=str(tmp_path / "l"),
+        executor="local",
+        device="cpu",
+        k=2,
+        max_retries=1,
+    )
 
 
 def test_local_retry_then_success(cfg: LabelConfig) -> None:
@@ -67,8 +72,20 @@ def test_bounded_retries_then_failure_reported(
     assert not list(Path(cfg.out).glob("*.parquet"))
 
     monkeypatch.setattr(LabelWorker, "label", BrokenWorker.label)
-    argv = ["-q", "label", "--teacher", cfg.teacher, "--shards", cfg.shards, "--out", cfg.out,
-            "--executor", "local", "--k", "2"]  # fmt: skip
+    argv = [
+        "-q",
+        "label",
+        "--teacher",
+        cfg.teacher,
+        "--shards",
+        cfg.shards,
+        "--out",
+        cfg.out,
+        "--executor",
+        "local",
+        "--k",
+        "2",
+    ]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "3 shard(s) failed" in err
@@ -84,8 +101,9 @@ def test_ray_replaces_a_dead_worker_and_retries(cfg: LabelConfig) -> None:
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     from dataclasses import replace
 
-    summary = run_label(replace(cfg, executor="ray", workers=1), progress=False,
-                        worker_cls=DyingWorker)  # fmt: skip
+    summary = run_label(
+        replace(cfg, executor="ray", workers=1), progress=False, worker_cls=DyingWorker
+    )
     assert summary["labeled"] == 3 and not summary["failed"]
     assert sorted(s["attempts"] for s in summary["per_shard"]) in ([1, 1, 2], [1, 2, 2])
     assert LabelSet(cfg.out).num_rows == 30

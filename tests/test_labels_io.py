@@ -22,18 +22,28 @@ from ssl_kd.label.files import (
 )
 
 META = LabelMeta(
-    num_classes=300, classes=[f"c{i}" for i in range(300)], k=3, temperature=2.0,
-    teacher_arch="cnn", teacher_sha256="ab" * 32, preprocess={"channels": 1}, embedding_dim=4,
-)  # fmt: skip
+    num_classes=300,
+    classes=[f"c{i}" for i in range(300)],
+    k=3,
+    temperature=2.0,
+    teacher_arch="cnn",
+    teacher_sha256="ab" * 32,
+    preprocess={"channels": 1},
+    embedding_dim=4,
+)
 
 
 def _table(meta: LabelMeta, n: int, shard: str = "u-000000.tar") -> pa.Table:
     rng = np.random.default_rng(0)
     probs = np.sort(rng.random((n, meta.k)), axis=1)[:, ::-1]
     return build_table(
-        meta, shard, [f"k{i}" for i in range(n)], rng.integers(0, meta.num_classes, (n, meta.k)),
-        probs, rng.standard_normal((n, meta.embedding_dim)) if meta.embedding_dim else None,
-    )  # fmt: skip
+        meta,
+        shard,
+        [f"k{i}" for i in range(n)],
+        rng.integers(0, meta.num_classes, (n, meta.k)),
+        probs,
+        rng.standard_normal((n, meta.embedding_dim)) if meta.embedding_dim else None,
+    )
 
 
 def test_smallest_class_type() -> None:

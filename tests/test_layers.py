@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, ...]] = [
         "ssl_kd.train",
         "ssl_kd.inspect",
     ),
-    ("ssl_kd.pipeline", "ssl_kd.estimate", "ssl_kd.cli"),
+    ("ssl_kd.pipeline", "ssl_kd.cli"),
 ]
 STAGE_LAYER = 3
 STAGE_ORDER = LAYERS[STAGE_LAYER]

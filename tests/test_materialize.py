@@ -38,17 +38,32 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (root / "shards").mkdir()
     write_unlabeled_shards(root / "shards", n_shards=3, per_shard=40)
     teacher = make_teacher(root / "teacher.pt")
-    labels = LabelConfig(teacher=str(teacher), shards=str(root / "shards"),
-                         out=str(root / "labels"), k=3, executor="local", device="cpu")  # fmt: skip
+    labels = LabelConfig(
+        teacher=str(teacher),
+        shards=str(root / "shards"),
+        out=str(root / "labels"),
+        k=3,
+        executor="local",
+        device="cpu",
+    )
     run_label(labels, progress=False)
-    run_select(SelectConfig(labels=str(root / "labels"), out=str(root / "sel"), per_class=150,
-                            top_p=2, upsample=True, executor="local"))  # fmt: skip
+    run_select(
+        SelectConfig(
+            labels=str(root / "labels"),
+            out=str(root / "sel"),
+            per_class=150,
+            top_p=2,
+            upsample=True,
+            executor="local",
+        )
+    )
     return {"root": root, "shards": root / "shards", "sel": root / "sel"}
 
 
 def _cfg(pipeline: dict[str, Path], out: Path, **kw: object) -> MaterializeConfig:
-    base = MaterializeConfig(selection=str(pipeline["sel"]), out=str(out),
-                             samples_per_shard=PER_SHARD, executor="local")  # fmt: skip
+    base = MaterializeConfig(
+        selection=str(pipeline["sel"]), out=str(out), samples_per_shard=PER_SHARD, executor="local"
+    )
     return replace(base, **kw)
 
 
@@ -82,12 +97,17 @@ def test_shards_hold_exactly_the_selection(pipeline: dict[str, Path], tmp_path: 
     expected = Counter()
     for r in rows:
         expected[(r["shard"], r["key"], r["class"])] += r["repeat"]
-    assert Counter((s["meta"]["source_shard"], s["meta"]["source_key"], s["meta"]["class"])
-                   for s in got) == expected  # fmt: skip
+    assert (
+        Counter(
+            (s["meta"]["source_shard"], s["meta"]["source_key"], s["meta"]["class"]) for s in got
+        )
+        == expected
+    )
 
     urls = expand_shards(str(pipeline["shards"]))
-    source = {(Path(s["__url__"]).name, s["__key__"]): s["png"]
-              for s in iter_samples(urls, ReadStats())}  # fmt: skip
+    source = {
+        (Path(s["__url__"]).name, s["__key__"]): s["png"] for s in iter_samples(urls, ReadStats())
+    }
     by_row = {(r["shard"], r["key"], r["class"]): r for r in rows}
     for s in got:
         meta = s["meta"]
@@ -106,8 +126,11 @@ def test_shards_hold_exactly_the_selection(pipeline: dict[str, Path], tmp_path: 
     assert info["classes"] == ["c0", "c1", "c2", "c3"] and info["counts"]["train"] == total
     assert resolve_classes(expand_shards(str(out)), None, None) == info["classes"]
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.yaml", "dataset.json", "materialize.json", *m["shards"]
-    ]  # fmt: skip
+        "config.yaml",
+        "dataset.json",
+        "materialize.json",
+        *m["shards"],
+    ]
 
 
 def test_shuffled_and_deterministic(pipeline: dict[str, Path], tmp_path: Path) -> None:
@@ -119,8 +142,9 @@ def test_shuffled_and_deterministic(pipeline: dict[str, Path], tmp_path: Path) -
     assert order != [s["__key__"] for s in _samples(tmp_path / "c")]
     assert sorted(order) == sorted(s["__key__"] for s in _samples(tmp_path / "c"))
     rows = pq.read_table(pipeline["sel"] / "selection.parquet").to_pylist()
-    sources = [(s["meta"]["source_shard"], s["meta"]["source_key"])
-               for s in _samples(tmp_path / "a")]  # fmt: skip
+    sources = [
+        (s["meta"]["source_shard"], s["meta"]["source_key"]) for s in _samples(tmp_path / "a")
+    ]
     assert sources != sorted(sources)  # not in source order
     in_selection_order = [(r["shard"], r["key"]) for r in rows for _ in range(r["repeat"])]
     assert sources != in_selection_order
@@ -132,8 +156,14 @@ def test_shuffled_and_deterministic(pipeline: dict[str, Path], tmp_path: Path) -
 def test_readable_by_shard_image_dataset(pipeline: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     run_materialize(_cfg(pipeline, out), progress=False)
-    ds = ShardImageDataset(expand_shards(str(out)), lambda x: x.float() / 255, channels=1,
-                           labeled=True, num_classes=4, with_keys=True)  # fmt: skip
+    ds = ShardImageDataset(
+        expand_shards(str(out)),
+        lambda x: x.float() / 255,
+        channels=1,
+        labeled=True,
+        num_classes=4,
+        with_keys=True,
+    )
     items = list(ds)
     assert len(items) == 300 and ds.stats.skipped == 0
     for key, x, label in items:
@@ -215,21 +245,35 @@ def test_bad_inputs(pipeline: dict[str, Path], tmp_path: Path) -> None:
 
 def test_keys_stay_unique_for_awkward_names() -> None:
     keys = {
-        sample_key("a", "b_c1", 2, 0, 1), sample_key("a", "b", 1, 0, 1),
-        sample_key("a", "b_c1_r1", 2, 0, 1), sample_key("a", "b", 1, 0, 2),
-        sample_key("a", "b_c1", 2, 0, 2), sample_key("a_b", "c", 1, 0, 1),
-    }  # fmt: skip
+        sample_key("a", "b_c1", 2, 0, 1),
+        sample_key("a", "b", 1, 0, 1),
+        sample_key("a", "b_c1_r1", 2, 0, 1),
+        sample_key("a", "b", 1, 0, 2),
+        sample_key("a", "b_c1", 2, 0, 2),
+        sample_key("a_b", "c", 1, 0, 1),
+    }
     assert len(keys) == 6
 
 
+@pytest.mark.slow  # a subprocess that imports torch
 def test_cli_and_job_entrypoint(
     pipeline: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import subprocess
     import sys
 
-    argv = ["--selection", str(pipeline["sel"]), "--out", str(tmp_path / "out"),
-            "--samples-per-shard", "100", "--seed", "3", "--executor", "local"]  # fmt: skip
+    argv = [
+        "--selection",
+        str(pipeline["sel"]),
+        "--out",
+        str(tmp_path / "out"),
+        "--samples-per-shard",
+        "100",
+        "--seed",
+        "3",
+        "--executor",
+        "local",
+    ]
     rows = pq.read_metadata(pipeline["sel"] / "selection.parquet").num_rows
     assert main(["-q", "materialize", *argv]) == 0
     line = f"materialized 300 samples ({rows} selected rows) from 3 source shards into 3 shards"
@@ -239,8 +283,9 @@ def test_cli_and_job_entrypoint(
     cfg = MaterializeConfig(selection=str(pipeline["sel"]), out=str(tmp_path / "out"))
     assert out == format_summary(cfg, {**manifest, "already_done": False}) + "\n"
     job = Path(__file__).parents[1] / "jobs" / "materialize.py"
-    done = subprocess.run([sys.executable, str(job), *argv], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(job), *argv], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert "already materialized 300 samples" in done.stdout
     assert main(["materialize", *argv[:4], "--seed", "4"]) == 2

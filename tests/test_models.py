@@ -20,9 +20,14 @@ def test_unknown_model_lists_choices() -> None:
 
 @pytest.mark.parametrize(
     ("name", "channels", "size"),
-    [("cnn", 1, 28), ("cnn_deep", 3, 32), ("resnet18", 1, 28), ("resnet50", 3, 32),
-     ("resnet18", 3, 96)],
-)  # fmt: skip
+    [
+        ("cnn", 1, 28),
+        ("cnn_deep", 3, 32),
+        ("resnet18", 1, 28),
+        ("resnet50", 3, 32),
+        ("resnet18", 3, 96),
+    ],
+)
 def test_models_adapt_to_input(name: str, channels: int, size: int) -> None:
     model = create_model(name, num_classes=7, in_channels=channels, image_size=size).eval()
     x = torch.randn(2, channels, size, size)

@@ -18,9 +18,14 @@ from ssl_kd.select.topk import SELECTORS, HeapSelector, MergeSelector, TopK
 
 C, K_STORED = 6, 4
 META = LabelMeta(
-    num_classes=C, classes=[f"c{i}" for i in range(C)], k=K_STORED, temperature=1.0,
-    teacher_arch="cnn", teacher_sha256="0" * 64, preprocess={},
-)  # fmt: skip
+    num_classes=C,
+    classes=[f"c{i}" for i in range(C)],
+    k=K_STORED,
+    temperature=1.0,
+    teacher_arch="cnn",
+    teacher_sha256="0" * 64,
+    preprocess={},
+)
 
 
 def _write_labels(root: Path, files: int, rows: int, seed: int = 0, levels: int = 5) -> list:
@@ -60,12 +65,19 @@ def _selected(out: Path) -> dict:
 @pytest.mark.parametrize(("k", "p"), [(5, 1), (12, 2), (40, 4), (500, 3)])
 def test_exact_against_brute_force_with_ties(tmp_path: Path, k: int, p: int, method: str) -> None:
     rows = _write_labels(tmp_path / "labels", files=4, rows=60)
-    cfg = SelectConfig(labels=str(tmp_path / "labels"), out=str(tmp_path / "sel"), per_class=k,
-                       top_p=p, executor="local", kselect=method)  # fmt: skip
+    cfg = SelectConfig(
+        labels=str(tmp_path / "labels"),
+        out=str(tmp_path / "sel"),
+        per_class=k,
+        top_p=p,
+        executor="local",
+        kselect=method,
+    )
     report = run_select(cfg)
     assert _selected(tmp_path / "sel") == _brute_force(rows, k, p)
-    expected_candidates = [sum(1 for *_, cl, _ in rows for j in range(p) if cl[j] == c)
-                           for c in range(C)]  # fmt: skip
+    expected_candidates = [
+        sum(1 for *_, cl, _ in rows for j in range(p) if cl[j] == c) for c in range(C)
+    ]
     assert [r["candidates"] for r in report["per_class"]] == expected_candidates
     if k == 500:  # K > candidates: every class short, all candidates kept
         assert report["short_classes"] == list(range(C))
@@ -74,8 +86,15 @@ def test_exact_against_brute_force_with_ties(tmp_path: Path, k: int, p: int, met
 
 def test_min_score_and_upsample(tmp_path: Path) -> None:
     rows = _write_labels(tmp_path / "labels", files=2, rows=30)
-    cfg = SelectConfig(labels=str(tmp_path / "labels"), out=str(tmp_path / "sel"), per_class=50,
-                       top_p=2, min_score=0.6, upsample=True, executor="local")  # fmt: skip
+    cfg = SelectConfig(
+        labels=str(tmp_path / "labels"),
+        out=str(tmp_path / "sel"),
+        per_class=50,
+        top_p=2,
+        min_score=0.6,
+        upsample=True,
+        executor="local",
+    )
     report = run_select(cfg)
     assert _selected(tmp_path / "sel") == _brute_force(rows, 50, 2, min_score=0.6)
     t = pq.read_table(tmp_path / "sel" / "selection.parquet").to_pylist()
@@ -149,15 +168,22 @@ def test_heap_selector_needs_ascending_ids() -> None:
 
 def test_errors(tmp_path: Path) -> None:
     _write_labels(tmp_path / "labels", files=1, rows=5)
-    base = SelectConfig(labels=str(tmp_path / "labels"), out=str(tmp_path / "sel"), per_class=3,
-                        top_p=2, executor="local")  # fmt: skip
+    base = SelectConfig(
+        labels=str(tmp_path / "labels"),
+        out=str(tmp_path / "sel"),
+        per_class=3,
+        top_p=2,
+        executor="local",
+    )
     with pytest.raises(UserError, match="--top-p 5 exceeds the 4"):
         run_select(replace(base, top_p=5))
     with pytest.raises(UserError, match="no label files"):
         run_select(replace(base, labels=str(tmp_path)))
     other = replace(META, teacher_sha256="1" * 64)
-    write_labels(build_table(other, "x.tar", ["a"], np.zeros((1, 4)), np.ones((1, 4))),
-                 tmp_path / "labels" / "x.parquet")  # fmt: skip
+    write_labels(
+        build_table(other, "x.tar", ["a"], np.zeros((1, 4)), np.ones((1, 4))),
+        tmp_path / "labels" / "x.parquet",
+    )
     with pytest.raises(UserError, match="different labelings"):
         run_select(base)
     assert not (tmp_path / "sel").exists()
@@ -195,8 +221,13 @@ def test_cli_prints_the_stage_summary(tmp_path: Path, capsys: pytest.CaptureFixt
 @pytest.mark.slow
 def test_ray_equals_local(tmp_path: Path) -> None:
     _write_labels(tmp_path / "labels", files=5, rows=50, seed=4)
-    base = SelectConfig(labels=str(tmp_path / "labels"), out=str(tmp_path / "a"), per_class=20,
-                        top_p=3, executor="local")  # fmt: skip
+    base = SelectConfig(
+        labels=str(tmp_path / "labels"),
+        out=str(tmp_path / "a"),
+        per_class=20,
+        top_p=3,
+        executor="local",
+    )
     run_select(base)
     run_select(replace(base, out=str(tmp_path / "b"), executor="ray"))
     a = pq.read_table(tmp_path / "a" / "selection.parquet")
@@ -204,6 +235,7 @@ def test_ray_equals_local(tmp_path: Path) -> None:
     assert a.equals(b)
 
 
+@pytest.mark.slow  # a subprocess that imports torch
 def test_select_job_entrypoint(tmp_path: Path) -> None:
     import subprocess
     import sys
@@ -211,10 +243,24 @@ def test_select_job_entrypoint(tmp_path: Path) -> None:
     _write_labels(tmp_path / "labels", files=2, rows=20)
     job = Path(__file__).parents[1] / "jobs" / "select.py"
     done = subprocess.run(
-        [sys.executable, str(job), "--labels", str(tmp_path / "labels"), "--out",
-         str(tmp_path / "sel"), "--per-class", "5", "--top-p", "2", "--executor", "local"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(job),
+            "--labels",
+            str(tmp_path / "labels"),
+            "--out",
+            str(tmp_path / "sel"),
+            "--per-class",
+            "5",
+            "--top-p",
+            "2",
+            "--executor",
+            "local",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "selected 30 images" in done.stdout
 
@@ -222,8 +268,9 @@ def test_select_job_entrypoint(tmp_path: Path) -> None:
 EMB_META = replace(META, embedding_dim=32)
 
 
-def _labels_with_embeddings(root: Path, emb: np.ndarray, scores: np.ndarray, meta=EMB_META,
-                            name: str = "u") -> list[tuple[str, str]]:  # fmt: skip
+def _labels_with_embeddings(
+    root: Path, emb: np.ndarray, scores: np.ndarray, meta=EMB_META, name: str = "u"
+) -> list[tuple[str, str]]:
     """One file, one row per embedding; top-1 class = row % C with the given score."""
     n = len(emb)
     root.mkdir(parents=True, exist_ok=True)
@@ -245,11 +292,16 @@ def test_planted_duplicates_and_leaks_are_removed(tmp_path: Path) -> None:
     scores = np.linspace(0.5, 0.9, 40)  # later rows score higher: 30-32 beat 3-5
     keys = _labels_with_embeddings(tmp_path / "labels", emb, scores)
     leak_rows = [10, 11]
-    _labels_with_embeddings(tmp_path / "eval", base[leak_rows] + 0.01, np.full(2, 0.9),
-                            name="test")  # fmt: skip
-    cfg = SelectConfig(labels=str(tmp_path / "labels"), out=str(tmp_path / "sel"), per_class=100,
-                       top_p=1, dedup=0.95, decontaminate=str(tmp_path / "eval"),
-                       executor="local")  # fmt: skip
+    _labels_with_embeddings(tmp_path / "eval", base[leak_rows] + 0.01, np.full(2, 0.9), name="test")
+    cfg = SelectConfig(
+        labels=str(tmp_path / "labels"),
+        out=str(tmp_path / "sel"),
+        per_class=100,
+        top_p=1,
+        dedup=0.95,
+        decontaminate=str(tmp_path / "eval"),
+        executor="local",
+    )
     report = run_select(cfg)
     got = {k for c in _selected(tmp_path / "sel").values() for _, k in c}
     removed = {keys[i][1] for i in [3, 4, 5, *leak_rows]}
@@ -265,8 +317,13 @@ def test_planted_duplicates_and_leaks_are_removed(tmp_path: Path) -> None:
 
 def test_dedup_needs_embeddings_and_the_same_teacher(tmp_path: Path) -> None:
     _write_labels(tmp_path / "plain", files=1, rows=5)
-    base = SelectConfig(labels=str(tmp_path / "plain"), out=str(tmp_path / "sel"), per_class=3,
-                        top_p=1, executor="local")  # fmt: skip
+    base = SelectConfig(
+        labels=str(tmp_path / "plain"),
+        out=str(tmp_path / "sel"),
+        per_class=3,
+        top_p=1,
+        executor="local",
+    )
     with pytest.raises(UserError, match="--embeddings"):
         run_select(replace(base, dedup=0.9))
     emb = np.random.default_rng(1).standard_normal((5, 32)).astype(np.float32)
@@ -274,6 +331,7 @@ def test_dedup_needs_embeddings_and_the_same_teacher(tmp_path: Path) -> None:
     other = replace(EMB_META, teacher_sha256="2" * 64)
     _labels_with_embeddings(tmp_path / "eval", emb, np.full(5, 0.5), meta=other)
     with pytest.raises(UserError, match="same teacher"):
-        run_select(replace(base, labels=str(tmp_path / "labels"),
-                           decontaminate=str(tmp_path / "eval")))  # fmt: skip
+        run_select(
+            replace(base, labels=str(tmp_path / "labels"), decontaminate=str(tmp_path / "eval"))
+        )
     assert not (tmp_path / "sel").exists()

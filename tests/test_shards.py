@@ -112,14 +112,18 @@ def test_bad_samples_are_skipped_and_counted(tmp_path: Path) -> None:
     write_plain_tar(
         path,
         {
-            "a.png": good, "a.cls": b"1",
-            "b.png": b"not an image", "b.cls": b"2",
+            "a.png": good,
+            "a.cls": b"1",
+            "b.png": b"not an image",
+            "b.cls": b"2",
             "c.cls": b"0",  # no image at all
             "d.json": b"{}",  # non-image member only
-            "e.png": good, "e.cls": b"x",  # unparsable label
-            "f.png": good, "f.cls": b"0",
+            "e.png": good,
+            "e.cls": b"x",  # unparsable label
+            "f.png": good,
+            "f.cls": b"0",
         },
-    )  # fmt: skip
+    )
     stats = ReadStats()
     got = list(decoded_samples(iter_samples([str(path)], stats), stats, 1, labeled=True))
     assert [(k, lab) for k, _, lab in got] == [("a", 1), ("f", 0)]

@@ -38,14 +38,21 @@ def test_losses_against_hand_computation() -> None:
             q = [x / sum(p) for x in p]
             z = [float(x) / t for x in logits[i]]
             log_norm = math.log(sum(math.exp(v) for v in z))
-            total += sum(qj * (math.log(qj) - (z[int(c)] - log_norm))
-                         for qj, c in zip(q, topk_class[i], strict=True))  # fmt: skip
+            total += sum(
+                qj * (math.log(qj) - (z[int(c)] - log_norm))
+                for qj, c in zip(q, topk_class[i], strict=True)
+            )
         return total / 2 * t * t
 
     assert kd_loss(logits, topk_class, topk_prob, t0, t).item() == pytest.approx(by_hand(), 1e-5)
     targets = {"label": label, "topk_class": topk_class, "topk_prob": topk_prob}
-    ce = sum(-math.log(math.exp(float(logits[i, label[i]])) / float(logits[i].exp().sum()))
-             for i in range(2)) / 2  # fmt: skip
+    ce = (
+        sum(
+            -math.log(math.exp(float(logits[i, label[i]])) / float(logits[i].exp().sum()))
+            for i in range(2)
+        )
+        / 2
+    )
     hard = student_loss("hard")(logits, targets)
     assert hard["loss"].item() == pytest.approx(ce, 1e-5) and set(hard) == {"loss", "ce"}
     soft = student_loss("soft", temperature=t, label_temperature=t0)(logits, targets)
@@ -92,10 +99,24 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _cfg(data: dict[str, Path], out: Path, **kw: object) -> StudentConfig:
-    base = StudentConfig(data=str(data["pseudo"]), out=str(out), val_data=str(data["test"]),
-                         arch="cnn", width=0.5, loss="soft", temperature=2.0, steps=12,
-                         batch_size=16, lr=0.05, warmup_steps=2, ckpt_every=6, log_every=3,
-                         shuffle_buffer=64, executor="local", device="cpu")  # fmt: skip
+    base = StudentConfig(
+        data=str(data["pseudo"]),
+        out=str(out),
+        val_data=str(data["test"]),
+        arch="cnn",
+        width=0.5,
+        loss="soft",
+        temperature=2.0,
+        steps=12,
+        batch_size=16,
+        lr=0.05,
+        warmup_steps=2,
+        ckpt_every=6,
+        log_every=3,
+        shuffle_buffer=64,
+        executor="local",
+        device="cpu",
+    )
     return replace(base, **kw)
 
 
@@ -124,12 +145,20 @@ def test_resume_gives_the_same_weights(
 
 
 def test_finetune_from_pretrained(data: dict[str, Path], tmp_path: Path) -> None:
-    run_student(_cfg(data, tmp_path / "pre", loss="mixed", randaugment=1, dropout=0.2),
-                progress=False)  # fmt: skip
-    ft = FinetuneConfig(data=str(data["labeled"]), out=str(tmp_path / "ft"),
-                        init=str(tmp_path / "pre" / "checkpoint.pt"), val_data=str(data["test"]),
-                        steps=6, batch_size=16, warmup_steps=0, executor="local",
-                        device="cpu")  # fmt: skip
+    run_student(
+        _cfg(data, tmp_path / "pre", loss="mixed", randaugment=1, dropout=0.2), progress=False
+    )
+    ft = FinetuneConfig(
+        data=str(data["labeled"]),
+        out=str(tmp_path / "ft"),
+        init=str(tmp_path / "pre" / "checkpoint.pt"),
+        val_data=str(data["test"]),
+        steps=6,
+        batch_size=16,
+        warmup_steps=0,
+        executor="local",
+        device="cpu",
+    )
     s = run_student(ft, progress=False)
     assert s["step"] == 6 and s["arch"] == "cnn" and s["loss"] == "hard"
     meta = load_checkpoint(tmp_path / "ft" / "checkpoint.pt")["meta"]

@@ -183,9 +183,17 @@ def test_train_and_student_checkpoints_have_one_layout(
     separable_shards: dict[str, Path], tmp_path: Path
 ) -> None:
     run_train(_cfg(separable_shards, tmp_path / "t", steps=2, val_data=None), progress=False)
-    student = StudentConfig(data=str(separable_shards["train"]), out=str(tmp_path / "s"),
-                            num_classes=4, steps=2, batch_size=32, warmup_steps=0,
-                            shuffle_buffer=64, executor="local", device="cpu")  # fmt: skip
+    student = StudentConfig(
+        data=str(separable_shards["train"]),
+        out=str(tmp_path / "s"),
+        num_classes=4,
+        steps=2,
+        batch_size=32,
+        warmup_steps=0,
+        shuffle_buffer=64,
+        executor="local",
+        device="cpu",
+    )
     run_student(student, progress=False)
     t = torch.load(tmp_path / "t" / "checkpoint.pt", weights_only=True)
     s = torch.load(tmp_path / "s" / "checkpoint.pt", weights_only=True)
@@ -198,8 +206,15 @@ def test_train_and_student_checkpoints_have_one_layout(
 
 def test_summary_lines(tmp_path: Path) -> None:
     """The line each command prints: ssl-kd train without the student's (loss, workers)."""
-    summary = {"step": 60, "resumed_at": 0, "arch": "cnn", "loss": "hard", "workers": 1,
-               "checkpoint": "r/checkpoint.pt", "val": {"top1": 0.93125}}  # fmt: skip
+    summary = {
+        "step": 60,
+        "resumed_at": 0,
+        "arch": "cnn",
+        "loss": "hard",
+        "workers": 1,
+        "checkpoint": "r/checkpoint.pt",
+        "val": {"top1": 0.93125},
+    }
     train = TrainConfig(data="d", out="r")
     assert format_summary(train, summary) == (
         "trained cnn for 60 steps -> r/checkpoint.pt; val top-1 93.12%"
@@ -220,8 +235,16 @@ def test_ray_two_workers(separable_shards: dict[str, Path], tmp_path: Path) -> N
     ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
-        cfg = _cfg(separable_shards, tmp_path / "ray", steps=12, ckpt_every=6, log_every=3,
-                   executor="ray", workers=2, max_failures=0)  # fmt: skip
+        cfg = _cfg(
+            separable_shards,
+            tmp_path / "ray",
+            steps=12,
+            ckpt_every=6,
+            log_every=3,
+            executor="ray",
+            workers=2,
+            max_failures=0,
+        )
         s = run_train(cfg, progress=False)
     finally:
         ray.shutdown()

@@ -128,10 +128,12 @@ def build_table(
     columns = [
         pa.array(keys, pa.string()),
         pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([shard])),
-        _to_fixed_list(topk_class.astype(class_type(meta.num_classes).to_pandas_dtype()),
-                    schema.field("topk_class").type.value_type),
+        _to_fixed_list(
+            topk_class.astype(class_type(meta.num_classes).to_pandas_dtype()),
+            schema.field("topk_class").type.value_type,
+        ),
         _to_fixed_list(topk_prob.astype(np.float16), pa.float16()),
-    ]  # fmt: skip
+    ]
     if meta.embedding_dim:
         if embedding is None:
             raise ValueError("embedding expected by the metadata")

@@ -188,9 +188,12 @@ def run_label(
 
 
 def _summarize(
-    cfg: LabelConfig, urls: list[str], todo: list[str], statuses: list[dict[str, Any]],
+    cfg: LabelConfig,
+    urls: list[str],
+    todo: list[str],
+    statuses: list[dict[str, Any]],
     wall: float,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     ok = [s for s in statuses if not s.get("failed")]
     rows = sum(s["rows"] for s in ok)
     # Throughput of the workers while they work (sum over workers of rows / busy seconds): the

@@ -145,8 +145,12 @@ def _check_out(cfg: MaterializeConfig, identity: dict[str, Any]) -> dict[str, An
             )
         log.warning("%s holds an unfinished run of this config: starting it again", out)
     # Temp files of a killed run and the outputs of an unfinished or incomplete one.
-    for stale in [*storage.list_dir(out, "train-*.tar"), *storage.list_dir(out, ".*.tmp"),
-                  storage.join(out, "dataset.json"), manifest_path]:  # fmt: skip
+    for stale in [
+        *storage.list_dir(out, "train-*.tar"),
+        *storage.list_dir(out, ".*.tmp"),
+        storage.join(out, "dataset.json"),
+        manifest_path,
+    ]:
         storage.delete(stale)
     storage.delete_tree(storage.join(out, BUCKETS))
     return None
@@ -159,9 +163,12 @@ def _same_place(a: str, b: str) -> bool:
 
 
 def _run_tasks(
-    cfg: MaterializeConfig, fn: Callable[..., dict[str, Any]], n_jobs: int,
-    job: Callable[[int], tuple], on_done: Callable[[int, dict[str, Any]], None],
-) -> None:  # fmt: skip
+    cfg: MaterializeConfig,
+    fn: Callable[..., dict[str, Any]],
+    n_jobs: int,
+    job: Callable[[int], tuple],
+    on_done: Callable[[int, dict[str, Any]], None],
+) -> None:
     """Run ``fn(*job(i))`` for ``i < n_jobs``, then ``on_done(i, result)``. I/O errors are
     retried ``max_retries`` times; any other error, or one retried in vain, stops the run."""
     map_tasks(
@@ -180,8 +187,10 @@ def run_materialize(cfg: MaterializeConfig, progress: bool = True) -> dict[str, 
     start = time.perf_counter()
     table, meta = _read_selection(cfg.selection)
     selection_path = storage.join(_selection_dir(cfg.selection), SELECTION_FILE)
-    identity = {"selection_sha256": storage.sha256(selection_path),
-                **{k: getattr(cfg, k) for k in _IDENTITY}}  # fmt: skip
+    identity = {
+        "selection_sha256": storage.sha256(selection_path),
+        **{k: getattr(cfg, k) for k in _IDENTITY},
+    }
     done = _check_out(cfg, identity)
     if done is not None:
         log.info("%s already holds this materialization; nothing to do", cfg.out)
@@ -205,9 +214,13 @@ def run_materialize(cfg: MaterializeConfig, progress: bool = True) -> dict[str, 
 
 
 def _map_reduce(
-    cfg: MaterializeConfig, table: pa.Table, plan: Plan, urls: list[str], progress: bool,
+    cfg: MaterializeConfig,
+    table: pa.Table,
+    plan: Plan,
+    urls: list[str],
+    progress: bool,
     seconds: dict[str, float],
-) -> list[dict[str, Any]]:  # fmt: skip
+) -> list[dict[str, Any]]:
     """Spill every source shard, then write every output shard; returns their summaries."""
     buckets = storage.join(cfg.out, BUCKETS)
     n = len(plan.position)
@@ -235,8 +248,7 @@ def _map_reduce(
 
     def reduce_job(j: int) -> tuple:
         e = at[j * cfg.samples_per_shard : (j + 1) * cfg.samples_per_shard]
-        return (storage.join(cfg.out, SHARD_PATTERN % j), buckets, source_of[e], offset[e],
-                size[e])  # fmt: skip
+        return (storage.join(cfg.out, SHARD_PATTERN % j), buckets, source_of[e], offset[e], size[e])
 
     written: list[dict[str, Any]] = [{}] * n_out
 
@@ -254,10 +266,15 @@ def _map_reduce(
 
 
 def _finish(
-    cfg: MaterializeConfig, meta: LabelMeta, table: pa.Table, repeat: np.ndarray,
-    identity: dict[str, Any], written: list[dict[str, Any]], urls: list[str],
+    cfg: MaterializeConfig,
+    meta: LabelMeta,
+    table: pa.Table,
+    repeat: np.ndarray,
+    identity: dict[str, Any],
+    written: list[dict[str, Any]],
+    urls: list[str],
     seconds: dict[str, float],
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Write ``dataset.json`` and, last, ``materialize.json``; returns the manifest."""
     out = cfg.out
     cls = table.column("class").to_numpy()
@@ -269,11 +286,15 @@ def _finish(
         "counts": {"train": int(repeat.sum())},
         "per_class": {c: int(k) for c, k in zip(meta.classes, per_class, strict=True)},
         "shards": {"train": shards},
-        "soft_label": {"k": meta.k, "temperature": meta.temperature,
-                       "teacher_arch": meta.teacher_arch, "teacher_sha256": meta.teacher_sha256},
+        "soft_label": {
+            "k": meta.k,
+            "temperature": meta.temperature,
+            "teacher_arch": meta.teacher_arch,
+            "teacher_sha256": meta.teacher_sha256,
+        },
         "seed": cfg.seed,
         "config": cfglib.to_dict(cfg),
-    }  # fmt: skip
+    }
     atomic.write_text(storage.join(out, "dataset.json"), json.dumps(info, indent=2) + "\n")
     manifest = {
         "identity": identity,

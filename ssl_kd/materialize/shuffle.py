@@ -84,8 +84,14 @@ def map_source_shard(url: str, rows: pa.Table, bucket: str) -> dict[str, Any]:
                 f"({len(missing)} of {rows.num_rows} selected keys missing){why}"
             )
     seconds = time.perf_counter() - start
-    return {"shard": name, "samples": len(offset), "bytes": written, "offset": offset,
-            "size": size, "seconds": seconds}  # fmt: skip
+    return {
+        "shard": name,
+        "samples": len(offset),
+        "bytes": written,
+        "offset": offset,
+        "size": size,
+        "seconds": seconds,
+    }
 
 
 def bucket_path(bucket_dir: str, source: int) -> str:
@@ -103,8 +109,9 @@ def reduce_output_shard(
     order = np.lexsort((offset, source))
     sources, starts = np.unique(source[order], return_index=True)
     for s, js in zip(sources, np.split(order, starts[1:]), strict=True):
-        data = storage.read_ranges(bucket_path(bucket_dir, int(s)), offset[js].tolist(),
-                                   size[js].tolist())  # fmt: skip
+        data = storage.read_ranges(
+            bucket_path(bucket_dir, int(s)), offset[js].tolist(), size[js].tolist()
+        )
         for j, block in zip(js, data, strict=True):
             blocks[j] = block
     with atomic.atomic_path(path) as tmp, open(tmp, "wb") as out:

@@ -88,8 +88,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise UserError(f"checkpoint {p} does not exist")
     try:
         if storage.is_remote(path):
-            ckpt = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu",
-                              weights_only=True)  # fmt: skip
+            ckpt = torch.load(
+                io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True
+            )
         else:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -60,9 +60,13 @@ class SelectConfig:
 
 
 def partial_topk(
-    files: list[tuple[int, str]], num_classes: int, per_class: int, top_p: int,
-    min_score: float | None, method: str = "faiss",
-) -> TopK:  # fmt: skip
+    files: list[tuple[int, str]],
+    num_classes: int,
+    per_class: int,
+    top_p: int,
+    min_score: float | None,
+    method: str = "faiss",
+) -> TopK:
     """The exact per-class top-K of a group of label files ``(file index, path)``.
 
     Files are offered in ascending index and each file's rows in key order, so candidates come
@@ -179,8 +183,10 @@ def run_select(cfg: SelectConfig) -> dict[str, Any]:
     t_select = time.perf_counter()
     columns = ["key", "shard", "topk_class", "topk_prob"] + (["embedding"] if filtering else [])
     table, cls_ids, score, image = _rows(labels, best, columns)
-    removed = {"duplicates": np.zeros(meta.num_classes, np.int64),
-               "leaked": np.zeros(meta.num_classes, np.int64)}  # fmt: skip
+    removed = {
+        "duplicates": np.zeros(meta.num_classes, np.int64),
+        "leaked": np.zeros(meta.num_classes, np.int64),
+    }
     if filtering:
         keep = _filter(cfg, table, cls_ids, score, image, reference, removed)
         table = table.filter(pa.array(keep)).drop(["embedding"])
@@ -230,9 +236,14 @@ def _eval_embeddings(directory: str, meta: LabelMeta) -> np.ndarray:
 
 
 def _filter(
-    cfg: SelectConfig, table: pa.Table, cls_ids: np.ndarray, score: np.ndarray,
-    image: np.ndarray, reference: np.ndarray | None, removed: dict[str, np.ndarray],
-) -> np.ndarray:  # fmt: skip
+    cfg: SelectConfig,
+    table: pa.Table,
+    cls_ids: np.ndarray,
+    score: np.ndarray,
+    image: np.ndarray,
+    reference: np.ndarray | None,
+    removed: dict[str, np.ndarray],
+) -> np.ndarray:
     """Row mask after dropping leaked images, then near-duplicates (counts into ``removed``).
 
     An image selected for several classes is one image: it is judged once, with its best score.
@@ -255,9 +266,14 @@ def _filter(
 
 
 def _report(
-    cfg: SelectConfig, classes: list[str], best: TopK, cls_ids: np.ndarray,
-    score: np.ndarray, rep: np.ndarray, removed: dict[str, np.ndarray],
-) -> dict[str, Any]:  # fmt: skip
+    cfg: SelectConfig,
+    classes: list[str],
+    best: TopK,
+    cls_ids: np.ndarray,
+    score: np.ndarray,
+    rep: np.ndarray,
+    removed: dict[str, np.ndarray],
+) -> dict[str, Any]:
     # cls_ids is sorted (class-major), so each class is one contiguous run.
     n_cls = len(classes)
     selected = np.bincount(cls_ids, minlength=n_cls)
@@ -267,15 +283,20 @@ def _report(
     per_class = []
     for c, name in enumerate(classes):
         n = int(selected[c])
-        per_class.append({
-            "class": c, "name": name, "candidates": int(best.candidates[c]),
-            "selected": n, "with_repeats": int(with_repeats[c]),
-            # ranks run best first: the class's minimum is its last selected score
-            "min_score": float(score[starts[c] + n - 1]) if n else None,
-            "mean_score": float(sums[c] / n) if n else None,
-            "duplicates_removed": int(removed["duplicates"][c]),
-            "leaked_removed": int(removed["leaked"][c]),
-        })  # fmt: skip
+        per_class.append(
+            {
+                "class": c,
+                "name": name,
+                "candidates": int(best.candidates[c]),
+                "selected": n,
+                "with_repeats": int(with_repeats[c]),
+                # ranks run best first: the class's minimum is its last selected score
+                "min_score": float(score[starts[c] + n - 1]) if n else None,
+                "mean_score": float(sums[c] / n) if n else None,
+                "duplicates_removed": int(removed["duplicates"][c]),
+                "leaked_removed": int(removed["leaked"][c]),
+            }
+        )
     short = [p["class"] for p in per_class if p["selected"] < cfg.per_class]
     return {
         "per_class_k": cfg.per_class,

@@ -204,8 +204,9 @@ class HeapSelector:
         score[empty], image[empty] = -np.inf, NO_IMAGE
         # finalize() sorts by score only; order equal scores by image id.
         c, per_class = score.shape
-        order = _sort_order(_class_score_key(np.repeat(np.arange(c), per_class), score.ravel()),
-                            image.ravel())  # fmt: skip
+        order = _sort_order(
+            _class_score_key(np.repeat(np.arange(c), per_class), score.ravel()), image.ravel()
+        )
         rows = order.reshape(c, per_class)  # classes stay in their rows: the class is the major key
         return TopK(score.ravel()[rows], image.ravel()[rows], self._candidates)
 

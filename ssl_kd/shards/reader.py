@@ -38,9 +38,10 @@ if tv_decode_image is not None:
     # torchvision 0.29 warns on every call that these decoders will move to torchcodec; they
     # still decode small images twice as fast as PIL, and PIL takes over once they are gone.
     warnings.filterwarnings(
-        "ignore", message="The image decoding and encoding capabilities of TorchVision",
+        "ignore",
+        message="The image decoding and encoding capabilities of TorchVision",
         category=DeprecationWarning,
-    )  # fmt: skip
+    )
 
 
 class SampleError(ValueError):

@@ -72,8 +72,14 @@ class LocalContext:
 
     def progress(self, total: int, initial: int, enabled: bool) -> Any:
         """A tqdm bar over steps."""
-        return tqdm(total=total, initial=initial, unit="step", desc="train", disable=not enabled,
-                    mininterval=1)  # fmt: skip
+        return tqdm(
+            total=total,
+            initial=initial,
+            unit="step",
+            desc="train",
+            disable=not enabled,
+            mininterval=1,
+        )
 
 
 class RayContext:

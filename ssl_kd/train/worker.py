@@ -151,13 +151,29 @@ def _setup(cfg: Config, ctx: RunContext) -> _Run:
     augment_seed, data_seed = cfg.stream_seeds(ctx.rank)
     if augment_seed is not None:  # a resume restores the stream from the checkpoint
         torch.manual_seed(augment_seed)
-    loss_fn = student_loss(cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha,
-                           label_smoothing=cfg.label_smoothing,
-                           label_temperature=inputs.label_temperature)  # fmt: skip
+    loss_fn = student_loss(
+        cfg.loss,
+        temperature=cfg.temperature,
+        alpha=cfg.alpha,
+        label_smoothing=cfg.label_smoothing,
+        label_temperature=inputs.label_temperature,
+    )
     metrics = MetricsLog(storage.join(cfg.out, "metrics.jsonl")) if ctx.rank == 0 else None
     val_urls = expand_shards(cfg.val_data) if cfg.val_data else []
-    return _Run(cfg, ctx, inputs, device, model, meta, optimizer, schedule,
-                _dataset(cfg, inputs, ctx, data_seed), loss_fn, val_urls, metrics)  # fmt: skip
+    return _Run(
+        cfg,
+        ctx,
+        inputs,
+        device,
+        model,
+        meta,
+        optimizer,
+        schedule,
+        _dataset(cfg, inputs, ctx, data_seed),
+        loss_fn,
+        val_urls,
+        metrics,
+    )
 
 
 def _build_model(cfg: Config, inputs: Inputs) -> tuple[nn.Module, dict[str, Any]]:
@@ -238,8 +254,14 @@ def _train_steps(run: _Run, progress: bool) -> float:
     while run.step < cfg.steps:
         images, labels = next(batches)
         images = augment(images.to(run.device), cfg.crop_padding, cfg.flip)
-        parts = train_step(run.train_model, normalize(images, pp), _targets(labels, run.device),
-                           run.optimizer, run.schedule[run.step], run.loss_fn)  # fmt: skip
+        parts = train_step(
+            run.train_model,
+            normalize(images, pp),
+            _targets(labels, run.device),
+            run.optimizer,
+            run.schedule[run.step],
+            run.loss_fn,
+        )
         run.step += 1
         window.append(parts)
         bar.update(1)
@@ -255,8 +277,11 @@ def _train_steps(run: _Run, progress: bool) -> float:
 def _targets(labels: Any, device: torch.device) -> dict[str, torch.Tensor]:
     if isinstance(labels, (list, tuple)):
         label, topk_class, topk_prob = labels
-        return {"label": label.to(device), "topk_class": topk_class.to(device),
-                "topk_prob": topk_prob.to(device)}  # fmt: skip
+        return {
+            "label": label.to(device),
+            "topk_class": topk_class.to(device),
+            "topk_prob": topk_prob.to(device),
+        }
     return {"label": labels.to(device)}
 
 
@@ -275,9 +300,15 @@ def _log_window(run: _Run, window: list[dict[str, float]], elapsed: float, bar: 
     rate = (run.step - run.start_step) * run.cfg.batch_size * run.ctx.world_size / elapsed
     mean = {k: sum(p[k] for p in window) / len(window) for k in window[0]}
     if run.metrics_log:
-        run.metrics_log.write({"step": run.step, "epoch": run.stream.epoch,
-                               "lr": float(run.schedule[run.step - 1]), **mean,
-                               "images_per_s": rate})  # fmt: skip
+        run.metrics_log.write(
+            {
+                "step": run.step,
+                "epoch": run.stream.epoch,
+                "lr": float(run.schedule[run.step - 1]),
+                **mean,
+                "images_per_s": rate,
+            }
+        )
     bar.set_postfix(loss=f"{mean['loss']:.3f}", img_s=f"{rate:.0f}")
 
 

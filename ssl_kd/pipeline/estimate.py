@@ -109,8 +109,16 @@ def bytes_per_row(cfg: EstimateConfig) -> dict[str, float]:
     classes = np.argsort(rng.random((n, cfg.num_classes)), axis=1)[:, :k]
     probs = -np.sort(-rng.dirichlet(np.full(k, 0.3), n), axis=1)
     emb = rng.standard_normal((n, cfg.embedding_dim)) if cfg.embedding_dim else None
-    meta = LabelMeta(cfg.num_classes, [str(i) for i in range(cfg.num_classes)], k, 1.0,
-                     cfg.model, "0" * 64, {}, cfg.embedding_dim)  # fmt: skip
+    meta = LabelMeta(
+        cfg.num_classes,
+        [str(i) for i in range(cfg.num_classes)],
+        k,
+        1.0,
+        cfg.model,
+        "0" * 64,
+        {},
+        cfg.embedding_dim,
+    )
     keys = [f"{i:012d}" for i in range(n)]
     table = build_table(meta, "u-000000", keys, classes, probs, emb)
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,18 +168,21 @@ def format_estimate(e: dict[str, Any]) -> str:
     """A few lines for people; the JSON form has everything."""
     i, lab, st = e["inputs"], e["labeling"], e["storage_bytes"]
     hours_key = next(k for k in lab if k.endswith("_hours") and k != "wall_hours")
-    return "\n".join([
-        f"{i['images']:.3g} images through {i['model']} at {i['image_size']} px",
-        f"throughput: {lab['images_per_s_per_worker']:,} img/s per worker ({i['source']})",
-        f"labeling: {lab['wall_hours']:,} h wall on {lab['workers']} worker(s), "
-        f"{lab[hours_key]:,} {hours_key.replace('_', '-')}",
-        f"labels: {_si_bytes(st['labels'])} ({e['bytes_per_row']['label']} B/image, k={i['k']}"
-        + (f", {i['embedding_dim']}-d embeddings" if i["embedding_dim"] else "") + ")",
-        f"selection: {e['selected_images']:,} rows (K={i['per_class']} x {i['num_classes']} "
-        f"classes), {_si_bytes(st['selection'])}",
-        f"materialised shards: {_si_bytes(st['materialised_shards'])} "
-        f"({i['image_bytes']:,} B/image + tar headers)",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"{i['images']:.3g} images through {i['model']} at {i['image_size']} px",
+            f"throughput: {lab['images_per_s_per_worker']:,} img/s per worker ({i['source']})",
+            f"labeling: {lab['wall_hours']:,} h wall on {lab['workers']} worker(s), "
+            f"{lab[hours_key]:,} {hours_key.replace('_', '-')}",
+            f"labels: {_si_bytes(st['labels'])} ({e['bytes_per_row']['label']} B/image, k={i['k']}"
+            + (f", {i['embedding_dim']}-d embeddings" if i["embedding_dim"] else "")
+            + ")",
+            f"selection: {e['selected_images']:,} rows (K={i['per_class']} x {i['num_classes']} "
+            f"classes), {_si_bytes(st['selection'])}",
+            f"materialised shards: {_si_bytes(st['materialised_shards'])} "
+            f"({i['image_bytes']:,} B/image + tar headers)",
+        ]
+    )
 
 
 def format_summary(cfg: EstimateConfig, e: dict[str, Any]) -> str:
