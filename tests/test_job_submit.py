@@ -39,6 +39,17 @@ def _ray(args: list[str], env: dict[str, str], timeout: float = 120) -> subproce
     )
 
 
+def _submit(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``ray job submit``, retried while the head's job agent is still starting (Ray answers
+    "No available agent to submit job, please try again later" until it is up)."""
+    deadline = time.monotonic() + 120
+    while True:
+        done = _ray(["job", "submit", *args], env)
+        if "No available agent" not in done.stderr or time.monotonic() > deadline:
+            return done
+        time.sleep(2)
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     """A Ray head with the Jobs API on 127.0.0.1; yields (address, env)."""
@@ -119,10 +130,8 @@ def test_label_job_through_ray_job_submit(tmp_path, ray_head):
     teacher = make_teacher(tmp_path / "teacher.pt")
     out = tmp_path / "labels"
     job_id = f"ssl-kd-test-{secrets.token_hex(4)}"
-    submitted = _ray(
+    submitted = _submit(
         [
-            "job",
-            "submit",
             "--address",
             address,
             "--submission-id",
@@ -185,10 +194,8 @@ def test_label_job_on_s3_through_ray_job_submit(s3, tmp_path, ray_head):
     write_shards(array_samples(images, None, keys), f"{s3}/u/u-%06d.tar", 20)
     teacher = make_teacher(f"{s3}/teacher.pt")  # type: ignore[arg-type]
     job_id = f"ssl-kd-test-{secrets.token_hex(4)}"
-    submitted = _ray(
+    submitted = _submit(
         [
-            "job",
-            "submit",
             "--address",
             address,
             "--submission-id",
