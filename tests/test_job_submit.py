@@ -66,6 +66,15 @@ def ray_head(tmp_path):
     }
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = _free_port(), _free_port()
+    # Every agent port explicit and free: the defaults (52365 for the dashboard agent) are
+    # already taken when an earlier test left an in-process Ray running, and the head's agent
+    # then never starts ("No available agent to submit job").
+    agent_ports = [
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
+    ]
     log = (tmp_path / "head.log").open("w")
     head = subprocess.Popen(
         [
@@ -80,6 +89,7 @@ def ray_head(tmp_path):
             "--num-cpus=2",
             "--include-dashboard=true",
             "--disable-usage-stats",
+            *agent_ports,
         ],
         env=env,
         stdout=log,
