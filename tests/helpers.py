@@ -4,7 +4,9 @@ in-process CLI runner and the tiny pipeline config. Fixtures live in ``conftest.
 from __future__ import annotations
 
 import io
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +75,12 @@ def write_unlabeled_shards(
     return write_shards(array_samples(images, None, keys), str(root / "u-%06d.tar"), per_shard)
 
 
-def write_plain_tar(path: Path, members: dict[str, bytes]) -> None:
-    """A tar written by Python's tarfile (not our writer), members in the given order."""
+def write_plain_tar(path: Path, members: dict[str, bytes] | list[tuple[str, bytes]]) -> None:
+    """A tar written by Python's tarfile (not our writer), members in the given order (a list
+    may repeat a name)."""
+    items = members.items() if isinstance(members, dict) else members
     with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
+        for name, data in items:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -111,3 +115,51 @@ TINY: dict[str, Any] = {
     "baseline": {"batch_size": 8, "warmup_steps": 0},
     "evaluate": {"latency": False},
 }
+
+
+def png_chunk(tag: bytes, data: bytes) -> bytes:
+    """One PNG chunk with a correct CRC."""
+    crc = zlib.crc32(tag + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
+
+
+def raw_png(
+    width: int,
+    height: int,
+    idat: bytes,
+    bit_depth: int = 8,
+    color_type: int = 0,
+    interlace: int = 0,
+) -> bytes:
+    """A PNG assembled by hand: any header, whatever (compressed) pixel data is given."""
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, interlace)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", idat)
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def bomb_png(side: int = 50_000) -> bytes:
+    """A valid 1-bit ``side`` x ``side`` PNG of zeros: a few hundred KB that decode to GBs."""
+    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    z = zlib.compressobj(9)
+    parts = [z.compress(row * 1000) for _ in range(side // 1000)]
+    parts.append(z.compress(row * (side % 1000)))
+    parts.append(z.flush())
+    return raw_png(side, side, b"".join(parts), bit_depth=1)
+
+
+def flip_byte(data: bytes, position: int) -> bytes:
+    """``data`` with the byte at ``position`` inverted."""
+    out = bytearray(data)
+    out[position] ^= 0xFF
+    return bytes(out)
+
+
+def idat_span(png: bytes) -> tuple[int, int]:
+    """``(start, end)`` of the first IDAT chunk's data in a PNG."""
+    tag = png.index(b"IDAT")
+    length = struct.unpack(">I", png[tag - 4 : tag])[0]
+    return tag + 4, tag + 4 + length

@@ -129,7 +129,9 @@ def test_bad_samples_are_skipped_and_counted(tmp_path: Path) -> None:
     assert [(k, lab) for k, _, lab in got] == [("a", 1), ("f", 0)]
     assert stats.samples == 2 and stats.skipped == 4
     assert {e["key"] for e in stats.errors} == {"b", "c", "d", "e"}
-    assert stats.reasons["corrupt image"] == 1 and stats.reasons["no image member (has"] == 2
+    # Counted by stable reason code; the detail is plain text, without object reprs.
+    assert stats.reasons == {"corrupt image": 1, "no image member": 2, "bad label": 1}
+    assert not any("0x" in e["detail"] for e in stats.errors)
 
 
 def test_truncated_tar_yields_what_it_can_and_is_flagged(tmp_path: Path) -> None:
@@ -237,3 +239,39 @@ def test_decoders_agree_and_pil_reads_other_formats() -> None:
     assert torch.equal(decode_image(buf.getvalue(), 3), as_png)
     assert decode_image(buf.getvalue(), 1).shape == (1, 9, 7)
     assert decode_image(buf.getvalue(), None).shape == (3, 9, 7)
+
+
+def test_a_repeated_key_anywhere_in_a_shard_keeps_the_first_copy(tmp_path: Path) -> None:
+    path = tmp_path / "dup.tar"
+    first, second = encode_image(_img(1)), encode_image(_img(2))
+    write_plain_tar(
+        path,
+        [
+            ("d0.png", first),
+            ("d0.png", second),  # adjacent repeat: a duplicate member
+            ("d1.png", first),
+            ("d2.png", first),
+            ("d1.png", second),  # the same key again, not adjacent
+            ("d1.cls", b"3"),
+            ("d3.png", second),
+        ],
+    )
+    stats = ReadStats()
+    samples = list(iter_samples([str(path)], stats))
+    assert [s["__key__"] for s in samples] == ["d0", "d1", "d2", "d3"]
+    by_key = {s["__key__"]: s for s in samples}
+    assert by_key["d0"]["png"] == first and by_key["d1"]["png"] == first
+    assert "cls" not in by_key["d1"]  # the second copy's members are dropped whole
+    assert stats.reasons == {"duplicate member": 1, "duplicate key": 1}
+    assert [e["key"] for e in stats.errors] == ["d0", "d1"]
+
+
+def test_keys_that_could_escape_a_directory_are_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "keys.tar"
+    good = encode_image(_img(0))
+    names = ["../../evil", "/abs/key", "a/../../b", "sub/dir/ok", "fine"]
+    write_plain_tar(path, [(f"{name}.png", good) for name in names])
+    stats = ReadStats()
+    keys = [s["__key__"] for s in iter_samples([str(path)], stats)]
+    assert keys == ["sub/dir/ok", "fine"]
+    assert stats.reasons == {"unsafe key": 3}

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ssl_kd.models.preprocess import Preprocess, fit_size, normalize
 from ssl_kd.shards.dataset import ShardImageDataset
+from ssl_kd.shards.decode import DEFAULT_MAX_PIXELS
 
 ECE_BINS = 15
 
@@ -223,10 +224,22 @@ def evaluate(
 
 
 def eval_loader(
-    urls: list[str], pp: Preprocess, num_classes: int, batch_size: int, num_workers: int = 0
+    urls: list[str],
+    pp: Preprocess,
+    num_classes: int,
+    batch_size: int,
+    num_workers: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> DataLoader:
     """A deterministic loader over labeled shards prepared as ``pp`` says."""
-    ds = ShardImageDataset(urls, fit_size(pp), pp.channels, num_classes=num_classes)
+    ds = ShardImageDataset(
+        urls,
+        fit_size(pp),
+        pp.channels,
+        num_classes=num_classes,
+        max_pixels=max_pixels,
+        decode_size=pp.image_size,
+    )
     # A private generator keeps evaluation from consuming the global RNG of a training run.
     return DataLoader(
         ds, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator()

@@ -22,6 +22,7 @@ from ssl_kd.models.checkpoint import load_checkpoint, model_from_checkpoint
 from ssl_kd.models.preprocess import Preprocess
 from ssl_kd.models.stats import cpu_speed, model_size
 from ssl_kd.shards import expand_shards
+from ssl_kd.shards.decode import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,11 @@ class EvalConfig:
     )
     out: str | None = option(None, help="write the metrics as JSON to this file", operational=True)
     batch_size: int = option(256, help="images per forward pass", min=1)
+    max_pixels: int = option(
+        DEFAULT_MAX_PIXELS,
+        help="images with more pixels are skipped unread (the decompression-bomb guard)",
+        min=1,
+    )
     num_workers: int = option(0, help="DataLoader worker processes", min=0, operational=True)
     device: str = option("auto", help="auto, cpu, cuda or cuda:N", operational=True)
     latency: bool = option(True, help="time CPU latency (batch 1) and throughput (batch 256)")
@@ -91,7 +97,9 @@ def run_evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
     model.to(device)
     if teacher is not None:
         teacher.model.to(device)
-    loader = eval_loader(urls, pp, meta["num_classes"], cfg.batch_size, cfg.num_workers)
+    loader = eval_loader(
+        urls, pp, meta["num_classes"], cfg.batch_size, cfg.num_workers, cfg.max_pixels
+    )
     t0 = time.perf_counter()
     metrics = evaluate(
         model, loader, device, pp, progress, teacher=teacher, detailed=True, classes=meta["classes"]

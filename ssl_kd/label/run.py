@@ -27,6 +27,7 @@ from ssl_kd.executor import Failure, cluster_resources, map_actors
 from ssl_kd.label.files import check_same_labeling, label_file_name, label_files, read_meta
 from ssl_kd.label.teacher import Teacher, label_shard_to_dir
 from ssl_kd.shards import expand_shards, shard_name
+from ssl_kd.shards.decode import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,11 @@ class LabelConfig:
     temperature: float = option(1.0, help="softmax temperature of the soft labels", gt=0)
     embeddings: bool = option(False, help="also store L2-normalised float16 embeddings")
     batch_size: int = option(256, help="images per forward pass", min=1)
+    max_pixels: int = option(
+        DEFAULT_MAX_PIXELS,
+        help="images with more pixels are skipped unread (the decompression-bomb guard)",
+        min=1,
+    )
     executor: Literal["ray", "local"] = option(
         "ray", help="Ray actors, or this process only", operational=True
     )
@@ -70,7 +76,8 @@ class LabelWorker:
 
     def label(self, url: str) -> dict[str, Any]:
         """Label ``url`` into ``cfg.out``; returns the shard's status."""
-        return label_shard_to_dir(self.teacher, url, self.cfg.out, self.cfg.batch_size)
+        cfg = self.cfg
+        return label_shard_to_dir(self.teacher, url, cfg.out, cfg.batch_size, cfg.max_pixels)
 
 
 def _check_out_dir(cfg: LabelConfig, teacher: Teacher) -> list[str]:

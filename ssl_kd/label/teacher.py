@@ -29,7 +29,7 @@ from ssl_kd.errors import UserError
 from ssl_kd.label.files import LabelMeta, build_table, label_file_name, write_labels
 from ssl_kd.models.checkpoint import load_checkpoint, model_from_checkpoint
 from ssl_kd.models.preprocess import Preprocess, fit_size, normalize
-from ssl_kd.shards.reader import ReadStats, decoded_samples, iter_shard
+from ssl_kd.shards.reader import DEFAULT_MAX_PIXELS, ReadStats, decoded_samples, iter_shard
 from ssl_kd.shards.spec import shard_name
 
 
@@ -135,15 +135,28 @@ def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
 
 
 def _batches(
-    url: str, pp: Preprocess, batch_size: int, stats: ReadStats, timer: dict[str, float]
+    url: str,
+    pp: Preprocess,
+    batch_size: int,
+    stats: ReadStats,
+    timer: dict[str, float],
+    max_pixels: int,
 ) -> Iterator[tuple[list[str], torch.Tensor]]:
-    transform = fit_size(pp)
     keys: list[str] = []
     images: list[torch.Tensor] = []
     t0 = time.perf_counter()
-    for key, img, _ in decoded_samples(iter_shard(url, stats), stats, pp.channels, labeled=False):
+    decoded = decoded_samples(
+        iter_shard(url, stats),
+        stats,
+        pp.channels,
+        labeled=False,
+        transform=fit_size(pp),
+        max_pixels=max_pixels,
+        size=pp.image_size,
+    )
+    for key, img, _ in decoded:
         keys.append(key)
-        images.append(transform(img))
+        images.append(img)
         if len(keys) == batch_size:
             timer["read_decode"] += time.perf_counter() - t0
             yield keys, torch.stack(images)
@@ -154,14 +167,16 @@ def _batches(
         yield keys, torch.stack(images)
 
 
-def label_shard(teacher: Teacher, url: str, batch_size: int = 256) -> ShardResult:
+def label_shard(
+    teacher: Teacher, url: str, batch_size: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> ShardResult:
     """Label every readable sample of one shard (bad samples are skipped and counted)."""
     stats = ReadStats()
     timer = {"read_decode": 0.0, "forward": 0.0}
     start = time.perf_counter()
     all_keys: list[str] = []
     classes, probs, embs = [], [], []
-    for keys, images in _prefetch(_batches(url, teacher.pp, batch_size, stats, timer)):
+    for keys, images in _prefetch(_batches(url, teacher.pp, batch_size, stats, timer, max_pixels)):
         t0 = time.perf_counter()
         c, p, e = teacher.predict(images)
         timer["forward"] += time.perf_counter() - t0
@@ -189,9 +204,15 @@ def errors_file_name(shard_url: str) -> str:
     return label_file_name(shard_url).removesuffix(".parquet") + ".errors.jsonl"
 
 
-def label_shard_to_dir(teacher: Teacher, url: str, out: str | Path, batch_size: int) -> dict:
+def label_shard_to_dir(
+    teacher: Teacher,
+    url: str,
+    out: str | Path,
+    batch_size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> dict:
     """Label ``url`` into ``out``: errors file (if any), then the Parquet file; both atomic."""
-    result = label_shard(teacher, url, batch_size)
+    result = label_shard(teacher, url, batch_size, max_pixels)
     t0 = time.perf_counter()
     if result.stats.errors:
         lines = "".join(json.dumps(e) + "\n" for e in result.stats.errors)

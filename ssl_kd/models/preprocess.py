@@ -96,7 +96,7 @@ def infer_preprocess(
         try:
             img = peek_image(urls)
         except SampleError as exc:
-            raise UserError(str(exc)) from None
+            raise UserError(exc.detail or str(exc)) from None
         if channels is None:
             channels = 1 if img.shape[0] == 1 else 3
         if image_size is None:

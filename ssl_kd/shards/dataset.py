@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ssl_kd.shards import soft_label
-from ssl_kd.shards.reader import ReadStats, decoded_samples, iter_samples
+from ssl_kd.shards.reader import DEFAULT_MAX_PIXELS, ReadStats, decoded_samples, iter_samples
 
 T = TypeVar("T")
 
@@ -45,6 +45,7 @@ class ShardImageDataset(IterableDataset):
 
     With ``soft_k`` the label is ``(class, topk_class, topk_prob)`` read from each sample's
     ``.json`` soft label; ``part=(i, n)`` keeps every n-th sample from the i-th (one rank's share).
+    ``decode_size`` is the side ``transform`` resizes to (large JPEGs decode at a reduced scale).
     """
 
     def __init__(
@@ -60,6 +61,8 @@ class ShardImageDataset(IterableDataset):
         with_keys: bool = False,
         soft_k: int = 0,
         part: tuple[int, int] = (0, 1),
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        decode_size: int = 0,
     ) -> None:
         super().__init__()
         self.urls = list(urls)
@@ -72,6 +75,8 @@ class ShardImageDataset(IterableDataset):
         self.with_keys = with_keys
         self.soft_k = soft_k
         self.part = part
+        self.max_pixels = max_pixels
+        self.decode_size = decode_size
         self.epoch = 0
         self.skip = 0
         self.stats = ReadStats()
@@ -102,10 +107,16 @@ class ShardImageDataset(IterableDataset):
                 return soft_label.decode(sample, n, k)
 
         decoded = decoded_samples(
-            raw, self.stats, self.channels, self.labeled, self.num_classes, targets
+            raw,
+            self.stats,
+            self.channels,
+            self.labeled,
+            self.num_classes,
+            targets,
+            skip=self.skip,
+            transform=self.transform,
+            max_pixels=self.max_pixels,
+            size=self.decode_size,
         )
-        for i, (key, img, label) in enumerate(decoded):
-            if i < self.skip:
-                continue
-            x = self.transform(img)
+        for key, x, label in decoded:
             yield (key, x, label) if self.with_keys else (x, label)

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ssl_kd.shards.reader import SampleError, read_label
+from ssl_kd.shards.reader import read_label
+from ssl_kd.shards.skips import SampleError, plain
 
 
 def encode(
@@ -52,15 +53,18 @@ def decode(
     label = read_label(sample, num_classes)
     raw = sample.get("json")
     if raw is None:
-        raise SampleError("no .json soft label")
+        raise SampleError("bad soft label", "no .json member")
     try:
         soft = json.loads(raw)
         classes, probs = soft["topk_class"][:k], soft["topk_prob"][:k]
-        if len(classes) != k or len(probs) != k:
-            raise SampleError(f"soft label has fewer than {k} classes")
-        if num_classes is not None and (min(classes) < 0 or max(classes) >= num_classes):
-            raise SampleError(f"soft label class out of range for {num_classes} classes")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SampleError("bad soft label", plain(exc)) from None
+    if len(classes) != k or len(probs) != k:
+        raise SampleError("bad soft label", f"fewer than {k} classes")
+    if num_classes is not None and (min(classes) < 0 or max(classes) >= num_classes):
+        raise SampleError("bad soft label", f"class out of range for {num_classes} classes")
+    try:
         # numpy, not torch: per-sample torch.tensor calls cost more than decoding a small PNG
         return label, np.array(classes, np.int64), np.array(probs, np.float32)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise SampleError(f"bad .json soft label ({exc})") from None
+    except (ValueError, TypeError) as exc:
+        raise SampleError("bad soft label", plain(exc)) from None

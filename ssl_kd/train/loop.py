@@ -6,8 +6,10 @@ The training loop (:mod:`ssl_kd.train.worker`) and the throughput benchmark driv
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,8 @@ from torch.utils.data import DataLoader
 from ssl_kd import atomic, storage
 from ssl_kd.errors import UserError
 from ssl_kd.shards.dataset import ShardImageDataset
+
+log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, Any], dict[str, torch.Tensor]]
 
@@ -71,6 +75,7 @@ def stream_batches(
     """
     while True:
         dataset.set_epoch(state.epoch, skip=state.seen_in_epoch)
+        reasons_before = Counter(dataset.stats.reasons)
         # A private generator: DataLoader draws a seed per iterator, and drawing it from the
         # global RNG would shift the augmentation stream of a resumed run.
         loader = DataLoader(
@@ -92,8 +97,16 @@ def stream_batches(
                 f"the training shards gave no full batch of {batch_size} usable samples; "
                 "lower --batch-size or check the shards"
             )
+        _log_epoch_skips(state.epoch, dataset.stats.reasons - reasons_before)
         state.epoch += 1
         state.seen_in_epoch = 0
+
+
+def _log_epoch_skips(epoch: int, reasons: Counter[str]) -> None:
+    """One line per epoch with skips: each bad sample is logged by itself only once a run."""
+    if reasons:
+        counts = ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common())
+        log.info("epoch %d: %d samples skipped (%s)", epoch, sum(reasons.values()), counts)
 
 
 class MetricsLog:

@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 
 from ssl_kd.config import option
 from ssl_kd.errors import UserError
+from ssl_kd.shards.decode import DEFAULT_MAX_PIXELS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +35,11 @@ class TrainOptions:
     image_size: int | None = option(None, help="input side in pixels (else from the images)", min=8)
     mean: float = option(0.5, help="normalisation mean")
     std: float = option(0.5, help="normalisation std", gt=0)
+    max_pixels: int = option(
+        DEFAULT_MAX_PIXELS,
+        help="images with more pixels are skipped unread (the decompression-bomb guard)",
+        min=1,
+    )
     steps: int = option(2000, help="optimisation steps (the training budget)", min=1)
     batch_size: int = option(128, help="images per step", min=2)
     optimizer: Literal["sgd", "adamw"] = option("sgd", help="optimizer")

@@ -202,6 +202,8 @@ def _dataset(cfg: Config, inputs: Inputs, ctx: RunContext, seed: int) -> ShardIm
         seed=seed,
         soft_k=inputs.soft_k,
         part=(0, 1) if split_shards else (ctx.rank, ctx.world_size),
+        max_pixels=cfg.max_pixels,
+        decode_size=inputs.pp.image_size,
     )
 
 
@@ -327,7 +329,10 @@ def _evaluate_and_checkpoint(run: _Run, bar: Any) -> None:
 
 def _evaluate(run: _Run) -> dict[str, Any]:
     pp = run.inputs.pp
-    loader = eval_loader(run.val_urls, pp, len(run.inputs.classes), 256, run.cfg.num_workers)
+    cfg = run.cfg
+    loader = eval_loader(
+        run.val_urls, pp, len(run.inputs.classes), 256, cfg.num_workers, cfg.max_pixels
+    )
     result = evaluate(run.model, loader, run.device, pp)
     if run.metrics_log:
         run.metrics_log.write({"step": run.step, **{f"val_{k}": v for k, v in result.items()}})
