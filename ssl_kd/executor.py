@@ -39,19 +39,43 @@ _AGAIN = object()  # the policy's answer "run the job again" (a job may return N
 
 
 def connect_ray() -> Any:
-    """Connect to the cluster in ``RAY_ADDRESS`` when set, else start Ray in this process."""
+    """Connect to the cluster in ``RAY_ADDRESS`` when set, else start Ray in this process with
+    every listener on 127.0.0.1 (:func:`_start_local_ray`)."""
     import ray
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            _start_local_ray(ray)
+    return ray
+
+
+def _start_local_ray(ray: Any) -> None:
+    """A one-machine Ray in this process that listens on 127.0.0.1 only.
+
+    Every Ray server binds to loopback when the node's IP is 127.0.0.1 and to all interfaces
+    otherwise: the GCS, raylet and worker gRPC servers, the dashboard and runtime-env agents,
+    the Prometheus ``/metrics`` servers of the agent, dashboard and autoscaler. The node IP
+    is not an argument: ``ray.init(_node_ip_address="127.0.0.1")`` is swapped for the machine's
+    address (``ray._private.services.resolve_ip_for_localhost``). It is 127.0.0.1 when Ray's
+    local-only mode is on (``ray_constants.ENABLE_RAY_CLUSTER`` false, Ray's default on macOS
+    and Windows), read once when ``ray.init`` starts the node, which then hands it to every
+    process it starts; the flag is restored afterwards, so that a later connection to a real
+    cluster from this process is unaffected. Ray's token authentication (on by default for a
+    cluster ``ray.init`` starts, ``RAY_AUTH_MODE``) guards its gRPC and agent HTTP servers.
+    """
+    from ray._private import ray_constants
+
+    cluster = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
         # "local", not None: with None, ray.init attaches to any cluster that `ray start`
         # left running on this machine (someone else's, or one about to be stopped).
-        ray.init(
-            address=address or "local",
-            include_dashboard=False if not address else None,
-            log_to_driver=False,
-        )
-    return ray
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster
 
 
 def cluster_resources() -> dict[str, float]:

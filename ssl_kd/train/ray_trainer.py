@@ -5,20 +5,80 @@
 ``out/ray/train``; a worker-group failure is restarted up to ``max_failures`` times from the
 latest one, and rerunning the same command (same ``RunConfig(name, storage_path)``) resumes from
 it too.
+
+On a Ray that listens on 127.0.0.1 only (the one :func:`~ssl_kd.executor.connect_ray` starts)
+the workers' process group keeps to loopback as well (:class:`_LoopbackTorchConfig`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+import ray
+from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
+from ray.train.torch import TorchConfig
+from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
 
 from ssl_kd import storage
 from ssl_kd.errors import UserError
 from ssl_kd.train.context import RayContext
 
 Loop = Callable[[Any, Any, bool], dict[str, Any]]
+
+_listener: socket.socket | None = None  # rank 0's, from _listen_on_loopback to _join_group
+
+
+def _listen_on_loopback() -> int:
+    """On rank 0: a socket listening on 127.0.0.1 for the process group's store; its port."""
+    global _listener
+    _listener = socket.create_server(("127.0.0.1", 0))
+    return _listener.getsockname()[1]
+
+
+def _join_group(config: TorchConfig, rank: int, world_size: int, port: int) -> None:
+    """Join the process group through the TCPStore that rank 0 serves on 127.0.0.1:port."""
+    import torch.distributed as dist
+
+    # gloo and NCCL listen on the address the host name resolves to, or the first interface
+    # that is not loopback; all ranks are on this machine.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    timeout = timedelta(seconds=config.timeout_s)
+    # A store that torch binds itself (env://, tcp://) listens on every interface whatever the
+    # host; one given a bound socket (master_listen_fd) serves on that socket.
+    fd = _listener.detach() if rank == 0 and _listener is not None else None
+    store = dist.TCPStore("127.0.0.1", port, world_size, rank == 0, timeout, master_listen_fd=fd)
+    dist.init_process_group(
+        config.backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+    )
+
+
+class _LoopbackTorchBackend(_TorchBackend):
+    """Ray's torch backend with the rendezvous on 127.0.0.1; shutdown is Ray's."""
+
+    def on_start(self, worker_group: Any, backend_config: TorchConfig) -> None:
+        port = worker_group.execute_single(0, _listen_on_loopback)
+        if not isinstance(worker_group, V1WorkerGroup):  # as Ray's own on_start
+            worker_group.execute(_set_torch_distributed_env_vars)
+        n = len(worker_group)
+        join = worker_group.execute_single_async
+        ray.get([join(i, _join_group, backend_config, i, n, port) for i in range(n)])
+
+
+@dataclass
+class _LoopbackTorchConfig(TorchConfig):
+    """``TorchConfig`` whose process group meets on 127.0.0.1: for a Ray on this machine only."""
+
+    @property
+    def backend_cls(self) -> type:
+        return _LoopbackTorchBackend
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -39,9 +99,13 @@ def fit(loop: Loop, cfg: Any, progress: bool = True) -> dict[str, Any]:
     connect_ray()
     # Ray Train opens an s3:// storage path with pyarrow itself; a local one must be absolute.
     out = cfg.out if storage.is_remote(cfg.out) else str(Path(cfg.out).resolve())
+    # A Ray whose node is 127.0.0.1 has no other node: its workers can meet on loopback.
+    local = ray.util.get_node_ip_address() == "127.0.0.1"
+    backend = "nccl" if cfg.use_gpu else "gloo"
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"loop": loop, "cfg": cfg, "progress": progress},
+        torch_config=_LoopbackTorchConfig(backend=backend) if local else None,
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
         run_config=RunConfig(
             name="train",
