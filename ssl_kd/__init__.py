@@ -3,9 +3,9 @@
 The package is layered; a module imports only from its own layer and the layers below it, never
 upward and never in a circle (``tests/test_layers.py`` holds the tree to this order):
 
-1. infrastructure: ``errors``, ``config``, ``storage``, ``atomic``, ``device``, ``executor``
-   (in-process or Ray, one retry policy), ``figures``, ``cluster_config``, ``stages`` (the one
-   stage table, as import strings);
+1. infrastructure: ``errors``, ``config``, ``storage``, ``atomic``, ``dir_lock`` (one writer
+   per output directory), ``device``, ``executor`` (in-process or Ray, one retry policy),
+   ``figures``, ``cluster_config``, ``stages`` (the one stage table, as import strings);
 2. data: ``shards/`` (spec expansion, tar read/write, decoding, soft-label members) and
    ``datasets/``;
 3. ``models/`` (registry, preprocessing, the checkpoint format, size and speed);

@@ -16,7 +16,7 @@ from typing import Any
 
 from ssl_kd import __version__
 from ssl_kd import config as cfglib
-from ssl_kd.errors import UserError
+from ssl_kd.errors import UserError, environment_error
 from ssl_kd.stages import COMMANDS, GROUPS, Command, load
 
 log = logging.getLogger("ssl_kd")
@@ -97,10 +97,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # faiss's loader reports at INFO each CPU variant it could not load before the one it can.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         return run_command(args.command_entry, args)
     except UserError as exc:
         print(f"ssl-kd: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if (error := environment_error(exc)) is None:
+            raise
+        print(f"ssl-kd: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ssl-kd: interrupted", file=sys.stderr)

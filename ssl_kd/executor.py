@@ -10,7 +10,7 @@ Two shapes of work, one signature style:
 
 The policy is the same for both, in-process and on Ray:
 
-- a :class:`~ssl_kd.errors.UserError` (bad input) stops the run at once;
+- a :class:`~ssl_kd.errors.UserError` (bad input) or a full disk stops the run at once;
 - an exception listed in ``retry_on``, or a worker process that died, is retried until the job
   has had ``max_retries + 1`` attempts; a dead Ray actor is replaced once and its jobs retried;
 - a job whose last attempt fails becomes a :class:`Failure`: with ``keep_going`` it is handed to
@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ssl_kd.errors import UserError
+from ssl_kd.errors import UserError, environment_error
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,8 @@ class _Policy:
         cause = _cause(exc)
         if isinstance(cause, UserError):
             raise cause
+        if (error := environment_error(cause)) is not None:
+            raise error from None  # a full disk: every retry would fail the same way
         n = self.attempts[i]
         if (died or isinstance(cause, self.retry_on)) and n <= self.max_retries:
             log.warning("%s failed (attempt %d), retrying: %s", what, n, _first_line(cause))

@@ -146,8 +146,12 @@ def test_bad_input_is_recorded_and_the_rest_labeled(tmp_path: Path) -> None:
     assert by_key["nolabel"].startswith("no image member")
     trunc = [json.loads(x) for x in (out / "b-trunc.errors.jsonl").read_text().splitlines()]
     assert trunc[0]["reason"].startswith("truncated tar")
-    per_shard = {s["shard"]: s for s in summary["per_shard"]}
+    # Every shard's record streamed to the shard log as it finished.
+    lines = (out / summary["shard_log"]).read_text().splitlines()
+    per_shard = {s["shard"]: s for s in map(json.loads, lines)}
+    assert set(per_shard) == {"a-bad.tar", "b-trunc.tar", "c-empty.tar"}
     assert per_shard["a-bad.tar"]["skipped"] == 3 and per_shard["b-trunc.tar"]["truncated"]
+    assert per_shard["a-bad.tar"]["reasons"] == {"corrupt image": 1, "no image member": 2}
 
 
 def test_img2dataset_rgb_shards(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
         "ssl_kd.config",
         "ssl_kd.storage",
         "ssl_kd.atomic",
+        "ssl_kd.dir_lock",
         "ssl_kd.device",
         "ssl_kd.executor",
         "ssl_kd.figures",

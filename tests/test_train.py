@@ -103,18 +103,25 @@ def _assert_same_weights(a_dir: Path, b_dir: Path) -> None:
 def test_interrupted_run_resumes_to_the_same_weights(
     separable_shards: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    straight = _cfg(separable_shards, tmp_path / "straight", steps=20, ckpt_every=5)
+    straight = _cfg(separable_shards, tmp_path / "straight", steps=20, ckpt_every=5, log_every=1)
     run_train(straight, progress=False)
 
     resumed = replace(straight, out=str(tmp_path / "resumed"))
     with monkeypatch.context() as m:
-        _crash_after(m, 10)
+        _crash_after(m, 12)  # steps 11 and 12 logged past the checkpoint of step 10
         with pytest.raises(RuntimeError, match="simulated crash"):
             run_train(resumed, progress=False)
     assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 10
     summary = run_train(resumed, progress=False)
     assert summary["step"] == 20 and summary["resumed_at"] == 10
     _assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
+
+    def logged_steps(run: str) -> list[int]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [r["step"] for r in map(json.loads, lines) if "loss" in r]
+
+    # Each step once, as if the run had never stopped.
+    assert logged_steps("resumed") == logged_steps("straight") == list(range(1, 21))
 
 
 def test_resumes_a_checkpoint_in_the_legacy_layout(

@@ -105,6 +105,11 @@ def run_evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
         model, loader, device, pp, progress, teacher=teacher, detailed=True, classes=meta["classes"]
     )
     seconds = time.perf_counter() - t0
+    if metrics["n"] == 0:
+        raise UserError(
+            f"no usable image in the {len(urls)} shard(s) of {cfg.data}: nothing to evaluate "
+            "(the log lists why samples were skipped)"
+        )
     if "fidelity" in metrics:
         metrics["fidelity"] = {**teacher_info, **metrics["fidelity"]}
     stats = loader.dataset.stats.as_dict() if cfg.num_workers == 0 else None

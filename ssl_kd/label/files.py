@@ -7,14 +7,15 @@ fixed_size_list<float16>[d] (L2-normalised penultimate features). zstd-compresse
 metadata ``ssl_kd.*`` records the teacher and labeling settings; every file in a directory must
 agree on them, so labels of two different teachers are never mixed silently. ``extra["shards"]``
 records the shard spec the labels were made from (provenance, not identity: files labeled from
-two specs may share a directory); labels of older versions name it in the directory's
-``config.yaml`` instead.
+two specs may share a directory); the directory's ``sources.txt`` lists every spec labeled into
+it. Labels of older versions name theirs in the directory's ``config.yaml`` instead.
 
 :class:`LabelSet` is the one reader: every file's metadata and schema are checked on open.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from ssl_kd import storage
+from ssl_kd import atomic, storage
 from ssl_kd.atomic import atomic_path
 from ssl_kd.errors import ShardSpecError, UserError
 from ssl_kd.shards.locate import locate_shards
@@ -35,6 +36,7 @@ from ssl_kd.shards.spec import shard_stem
 SCHEMA_VERSION = 1
 _PREFIX = "ssl_kd."
 SHARDS = "shards"  # the key of the shard spec in LabelMeta.extra
+SOURCES = "sources.txt"  # every shard spec labeled into a directory, one per line
 
 
 @dataclass(frozen=True)
@@ -265,12 +267,35 @@ class LabelSet:
                 yield from pf.iter_batches(batch_size=batch_size, columns=columns)
 
 
+def recorded_sources(directory: str | os.PathLike[str]) -> list[str]:
+    """The shard specs labeled into ``directory``, in the order they were first labeled."""
+    path = storage.join(directory, SOURCES)
+    if not storage.is_file(path):
+        return []
+    return [line.strip() for line in storage.read_text(path).splitlines() if line.strip()]
+
+
+def record_source(directory: str | os.PathLike[str], spec: str) -> str:
+    """Add ``spec`` to the directory's sources (a rerun that adds shards extends the list,
+    never replaces it); returns every source as one comma-separated spec."""
+    specs = recorded_sources(directory)
+    if not specs and label_files(directory):  # labeled by a version without a sources file
+        with contextlib.suppress(UserError):
+            specs = [recorded_shard_spec(directory)]
+    if spec not in specs:
+        specs.append(spec)
+        atomic.write_text(storage.join(directory, SOURCES), "".join(f"{s}\n" for s in specs))
+    return ",".join(specs)
+
+
 def recorded_shard_spec(directory: str | os.PathLike[str]) -> str:
     """The shard spec that the labels of ``directory`` were made from.
 
-    Labels record it in their metadata; those of older versions only in the ``config.yaml``
-    that ``ssl-kd label`` wrote beside them.
+    The directory's sources file lists every spec labeled into it; labels of older versions
+    record one in their metadata, or only in the ``config.yaml`` written beside them.
     """
+    if specs := recorded_sources(directory):
+        return ",".join(specs)
     files = label_files(directory) if storage.is_dir(directory) else []
     meta = read_meta(files[0]) if files else None
     if meta is not None and meta.extra.get(SHARDS):

@@ -4,7 +4,8 @@ The driver expands the shard spec, checks the teacher and the output directory, 
 whose label file exists, and hands the rest to a pool of workers — Ray actors that each load the
 teacher once (one per GPU when the cluster has GPUs, else one per ``cpus_per_worker`` CPUs), or
 the driver itself with ``executor: local``. A shard that fails is retried ``max_retries`` times
-(on a fresh actor if its actor died). ``run_summary.json`` records every shard and the totals.
+(on a fresh actor if its actor died). ``run_shards.jsonl`` records every shard as it finishes,
+``run_summary.json`` the totals.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -22,14 +23,23 @@ from tqdm import tqdm
 from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
 from ssl_kd.config import option
+from ssl_kd.dir_lock import dir_lock
 from ssl_kd.errors import UserError
 from ssl_kd.executor import Failure, cluster_resources, map_actors
-from ssl_kd.label.files import check_same_labeling, label_file_name, label_files, read_meta
+from ssl_kd.label.files import (
+    check_same_labeling,
+    label_file_name,
+    label_files,
+    read_meta,
+    record_source,
+)
 from ssl_kd.label.teacher import Teacher, label_shard_to_dir
 from ssl_kd.shards import expand_shards, shard_name
 from ssl_kd.shards.decode import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
+
+SHARD_LOG = "run_shards.jsonl"  # one JSON line per shard of the last run, as each finished
 
 Progress = Callable[[dict[str, Any]], None]  # told of every shard as it finishes
 
@@ -80,16 +90,14 @@ class LabelWorker:
         return label_shard_to_dir(self.teacher, url, cfg.out, cfg.batch_size, cfg.max_pixels)
 
 
-def _check_out_dir(cfg: LabelConfig, teacher: Teacher) -> list[str]:
-    """The label files already in ``cfg.out`` (checked to be this labeling's)."""
+def _existing(cfg: LabelConfig, teacher: Teacher) -> list[str]:
+    """The label files already in ``cfg.out`` (checked to be this labeling's); writes nothing."""
     out = cfg.out
     if storage.is_file(out):
         raise UserError(f"--out {storage.display(out)} exists and is not a directory")
-    storage.makedirs(out)
-    existing = label_files(out) if storage.exists(out) else []
+    existing = label_files(out) if storage.is_dir(out) else []
     if existing:
         check_same_labeling(read_meta(existing[0]), teacher.meta, existing[0], "this run")
-    _remove_stale(out)
     return existing
 
 
@@ -117,16 +125,14 @@ def _plan(urls: list[str], existing: list[str]) -> list[str]:
 
 def _label_all(
     cfg: LabelConfig, todo: list[str], on_shard: Progress, worker_cls: type[LabelWorker]
-) -> list[dict[str, Any]]:
-    """Label ``todo`` with a pool of workers; the status of every shard, in finishing order."""
-    statuses: list[dict[str, Any]] = []
+) -> None:
+    """Label ``todo`` with a pool of workers; ``on_shard`` gets each shard's status as it ends."""
 
     def done(i: int, result: Any, attempts: int) -> None:
         if isinstance(result, Failure):
-            statuses.append({"shard": shard_name(todo[i]), **result.record()})
+            on_shard({"shard": shard_name(todo[i]), **result.record()})
         else:
-            statuses.append({**result, "attempts": attempts})
-        on_shard(statuses[-1])
+            on_shard({**result, "attempts": attempts})
 
     if cfg.executor == "local":
         args, actors, options = (cfg,), 1, None
@@ -143,7 +149,6 @@ def _label_all(
         actors=actors,
         actor_options=options,
     )
-    return statuses
 
 
 def _pool(cfg: LabelConfig) -> tuple[int, dict[str, Any]]:
@@ -165,70 +170,104 @@ def run_label(
 ) -> dict[str, Any]:
     """Label every shard of ``cfg.shards`` not yet labeled; returns (and writes) the summary.
 
+    One labeler at a time per directory (a lock file); a refused run writes nothing.
     ``worker_cls`` is what runs a shard (a test swaps in a failing one).
     """
     urls = expand_shards(cfg.shards)
     teacher = Teacher(cfg.teacher, cfg.k, cfg.temperature, cfg.embeddings, "cpu")
-    existing = _check_out_dir(cfg, teacher)
-    todo = _plan(urls, existing)
-    cfglib.save(cfg, storage.join(cfg.out, "config.yaml"))
-    log.info("%d shards: %d to label, %d already done", len(urls), len(todo), len(urls) - len(todo))
-    start = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="shard", desc="label", disable=not progress or not todo)
-    rows = 0
-
-    def on_shard(status: dict[str, Any]) -> None:  # one finished (or finally failed) shard
-        nonlocal rows
-        rows += status.get("rows", 0)
-        bar.update(1)
-        bar.set_postfix(img_s=f"{rows / max(1e-9, time.perf_counter() - start):.0f}")
-
-    statuses = _label_all(cfg, todo, on_shard, worker_cls) if todo else []
-    bar.close()
-    _remove_stale(cfg.out)
-    wall = time.perf_counter() - start
-    summary = _summarize(cfg, urls, todo, statuses, wall)
-    atomic.write_text(
-        storage.join(cfg.out, "run_summary.json"), json.dumps(summary, indent=2) + "\n"
-    )
+    _plan(urls, _existing(cfg, teacher))  # refuse before anything is written
+    storage.makedirs(cfg.out)
+    with dir_lock(cfg.out, "label"):
+        _remove_stale(cfg.out)  # under the lock: only a dead run's temp files
+        todo = _plan(urls, _existing(cfg, teacher))
+        # Provenance: the files of this run record every spec labeled into the directory.
+        sources = record_source(cfg.out, cfg.shards)
+        cfglib.save(cfg, storage.join(cfg.out, "config.yaml"))
+        log.info(
+            "%d shards: %d to label, %d already done", len(urls), len(todo), len(urls) - len(todo)
+        )
+        start = time.perf_counter()
+        tally = _label_streamed(replace(cfg, shards=sources), todo, worker_cls, progress)
+        _remove_stale(cfg.out)  # a dead actor's temp files
+        summary = tally.summary(cfg, urls, todo, time.perf_counter() - start)
+        atomic.write_text(
+            storage.join(cfg.out, "run_summary.json"), json.dumps(summary, indent=2) + "\n"
+        )
     return summary
 
 
-def _summarize(
-    cfg: LabelConfig,
-    urls: list[str],
-    todo: list[str],
-    statuses: list[dict[str, Any]],
-    wall: float,
-) -> dict[str, Any]:
-    ok = [s for s in statuses if not s.get("failed")]
-    rows = sum(s["rows"] for s in ok)
-    # Throughput of the workers while they work (sum over workers of rows / busy seconds): the
-    # rate a long job settles at, once the one-off start-up (processes, model load) is paid.
-    busy: dict[int, list[float]] = {}
-    for s in ok:
-        acc = busy.setdefault(s["worker"], [0.0, 0.0])
+def _label_streamed(
+    cfg: LabelConfig, todo: list[str], worker_cls: type[LabelWorker], progress: bool
+) -> _Tally:
+    """Label ``todo``; each shard's status streams to the shard log as it finishes (a list of
+    a million statuses is never held), and into the returned totals."""
+    tally, start = _Tally(), time.perf_counter()
+    bar = tqdm(total=len(todo), unit="shard", desc="label", disable=not progress or not todo)
+    with bar, atomic.atomic_path(storage.join(cfg.out, SHARD_LOG)) as tmp, open(tmp, "w") as fh:
+
+        def on_shard(status: dict[str, Any]) -> None:  # one finished (or finally failed) shard
+            fh.write(json.dumps(status) + "\n")
+            tally.add(status)
+            bar.update(1)
+            bar.set_postfix(img_s=f"{tally.rows / max(1e-9, time.perf_counter() - start):.0f}")
+
+        if todo:
+            _label_all(cfg, todo, on_shard, worker_cls)
+    return tally
+
+
+class _Tally:
+    """The totals of a label run, added up shard by shard as the statuses stream past."""
+
+    def __init__(self) -> None:
+        self.rows = self.labeled = self.skipped = self.bytes = 0
+        self.failed: list[dict[str, Any]] = []
+        self.truncated: list[str] = []
+        self.empty: list[str] = []
+        # Per worker: rows and busy seconds (throughput while working, start-up excluded).
+        self.busy: dict[int, list[float]] = {}
+
+    def add(self, s: dict[str, Any]) -> None:
+        """Count one shard's status."""
+        if s.get("failed"):
+            self.failed.append(s)
+            return
+        self.labeled += 1
+        self.rows += s["rows"]
+        self.skipped += s["skipped"]
+        self.bytes += s["bytes"]
+        if s["truncated"]:
+            self.truncated.append(s["shard"])
+        if s["empty"]:
+            self.empty.append(s["shard"])
+        acc = self.busy.setdefault(s["worker"], [0.0, 0.0])
         acc[0] += s["rows"]
         acc[1] += s["seconds"]["total"] + s["seconds"]["write"]
-    steady = round(sum(r / t for r, t in busy.values() if t > 0), 1) if busy else None
-    return {
-        "shards": len(urls),
-        "already_done": len(urls) - len(todo),
-        "labeled": len(ok),
-        "failed": [s for s in statuses if s.get("failed")],
-        "rows": rows,
-        "skipped_samples": sum(s["skipped"] for s in ok),
-        "truncated_shards": sorted(s["shard"] for s in ok if s["truncated"]),
-        "empty_shards": sorted(s["shard"] for s in ok if s["empty"]),
-        "bytes": sum(s["bytes"] for s in ok),
-        "bytes_per_image": round(sum(s["bytes"] for s in ok) / rows, 2) if rows else None,
-        "wall_seconds": round(wall, 3),
-        "images_per_s": round(rows / wall, 1) if wall > 0 and rows else None,
-        "steady_images_per_s": steady,
-        "workers": len(busy),
-        "per_shard": sorted(statuses, key=lambda s: s["shard"]),
-        "config": cfglib.to_dict(cfg),
-    }
+
+    def summary(
+        self, cfg: LabelConfig, urls: list[str], todo: list[str], wall: float
+    ) -> dict[str, Any]:
+        """The run's ``run_summary.json``; every shard's own record is in :data:`SHARD_LOG`."""
+        rows, busy = self.rows, self.busy
+        steady = round(sum(r / t for r, t in busy.values() if t > 0), 1) if busy else None
+        return {
+            "shards": len(urls),
+            "already_done": len(urls) - len(todo),
+            "labeled": self.labeled,
+            "failed": sorted(self.failed, key=lambda s: s["shard"]),
+            "rows": rows,
+            "skipped_samples": self.skipped,
+            "truncated_shards": sorted(self.truncated),
+            "empty_shards": sorted(self.empty),
+            "bytes": self.bytes,
+            "bytes_per_image": round(self.bytes / rows, 2) if rows else None,
+            "wall_seconds": round(wall, 3),
+            "images_per_s": round(rows / wall, 1) if wall > 0 and rows else None,
+            "steady_images_per_s": steady,
+            "workers": len(busy),
+            "shard_log": SHARD_LOG,
+            "config": cfglib.to_dict(cfg),
+        }
 
 
 def format_summary(cfg: LabelConfig, summary: dict[str, Any]) -> str:

@@ -76,8 +76,12 @@ def rank_states(ckpt: dict[str, Any]) -> list[dict[str, Any]]:
 
 def save_checkpoint(path: str | os.PathLike[str], ckpt: dict[str, Any]) -> str:
     """Write atomically (temp file + rename, or one put): a checkpoint is always complete."""
+    # Serialised in memory first: torch.save's own writer reports a full disk as an opaque
+    # RuntimeError ("unexpected pos"); a plain file write raises OSError ENOSPC with the path.
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
     with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+        tmp.write_bytes(buf.getbuffer())
     return os.fspath(path)
 
 

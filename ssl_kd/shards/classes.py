@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from ssl_kd import storage
 from ssl_kd.errors import UserError
@@ -21,8 +22,28 @@ def dataset_info_near(urls: list[str]) -> dict | None:
     for d in (shard_dir, storage.parent(shard_dir)):
         path = storage.join(d, "dataset.json")
         if storage.is_file(path):
-            return json.loads(storage.read_text(path))
+            return _read_dataset_json(path)
     return None
+
+
+def _read_dataset_json(path: str) -> dict[str, Any]:
+    """``dataset.json``, checked: an object whose ``classes`` (if any) is a list of names."""
+    shown = storage.display(path)
+    try:
+        info = json.loads(storage.read_text(path))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{shown} is not valid JSON ({exc}); fix or remove it") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{shown} must hold a JSON object, not {type(info).__name__}")
+    classes = info.get("classes")
+    if classes is not None and (
+        not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)
+    ):
+        raise UserError(f'{shown}: "classes" must be a list of class names (strings)')
+    soft = info.get("soft_label")
+    if soft is not None and not isinstance(soft, dict):
+        raise UserError(f'{shown}: "soft_label" must be a JSON object')
+    return info
 
 
 def resolve_classes(

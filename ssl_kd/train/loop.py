@@ -109,6 +109,14 @@ def _log_epoch_skips(epoch: int, reasons: Counter[str]) -> None:
         log.info("epoch %d: %d samples skipped (%s)", epoch, sum(reasons.values()), counts)
 
 
+def _step_of(line: str) -> int:
+    """The ``step`` of a metrics line (-1 when it has none or is not JSON: such lines stay)."""
+    try:
+        return int(json.loads(line).get("step", -1))
+    except (ValueError, TypeError, AttributeError):
+        return -1
+
+
 class MetricsLog:
     """Appends one JSON object per line (JSONL) and flushes, so a crash loses nothing written."""
 
@@ -122,6 +130,16 @@ class MetricsLog:
             self._text = storage.read_text(path) if storage.is_file(path) else ""
         else:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+    def keep_until(self, step: int) -> None:
+        """Drop the lines past ``step``: a resumed run logs those steps again, once."""
+        if not storage.is_file(self.path):
+            return
+        lines = storage.read_text(self.path).splitlines(keepends=True)
+        kept = [line for line in lines if _step_of(line) <= step]
+        if len(kept) < len(lines):
+            self._text = "".join(kept)
+            atomic.write_text(self.path, self._text)
 
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` as one line."""

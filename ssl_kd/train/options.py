@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from ssl_kd.config import option
-from ssl_kd.errors import UserError
+from ssl_kd.errors import ConfigError, UserError
+from ssl_kd.models.registry import list_models
 from ssl_kd.shards.decode import DEFAULT_MAX_PIXELS
 
 
@@ -72,9 +73,14 @@ class TrainOptions:
         return None, self.seed
 
 
-def _check_workers(cfg: TrainConfig | StudentConfig) -> None:
+def _check(cfg: TrainConfig | StudentConfig) -> None:
     if cfg.executor == "local" and cfg.workers > 1:
         raise UserError("--workers > 1 needs --executor ray (DDP ranks are Ray workers)")
+    # Checked with the config, so `ssl-kd run` refuses a bad section before any stage runs.
+    if cfg.arch is not None and cfg.arch not in list_models():
+        raise ConfigError(
+            "arch", f"unknown model {cfg.arch!r}; choose one of: {', '.join(list_models())}"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,7 +110,7 @@ class TrainConfig(TrainOptions):
 
     def validate(self) -> None:
         """Cross-field checks (called by the config loader)."""
-        _check_workers(self)
+        _check(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,7 +148,7 @@ class StudentConfig(TrainOptions):
 
     def validate(self) -> None:
         """Cross-field checks (called by the config loader)."""
-        _check_workers(self)
+        _check(self)
 
     def stream_seeds(self, rank: int) -> tuple[int, int]:
         """Every rank augments and reads the data in an order of its own."""

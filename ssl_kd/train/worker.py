@@ -242,6 +242,8 @@ def _resume(run: _Run) -> None:
         log.info("rank %d resuming %s from step %d", ctx.rank, cfg.out, run.step)
     if run.lead:  # after the check: a refused config does not overwrite the run's own
         cfglib.save(cfg, storage.join(cfg.out, "config.yaml"))
+        if run.metrics_log:
+            run.metrics_log.keep_until(run.step)
     run.train_model = ctx.wrap_model(run.model)
 
 
