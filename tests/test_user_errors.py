@@ -24,6 +24,7 @@ from helpers import (
 )
 
 from ssl_kd.label.files import label_files, recorded_shard_spec, shard_locations
+from ssl_kd.select.files import shard_locations as selection_locations
 
 
 def _one_error_line(code: int, err: str) -> str:
@@ -213,11 +214,17 @@ def test_adding_shards_extends_the_recorded_sources(
     )
     assert code == 0, err
     assert recorded_shard_spec(labeled["labels"]) == f"{labeled['shards']},{more}"
-    assert sorted(shard_locations(labeled["labels"])) == [
-        "u-000000.tar",
-        "u-000001.tar",
-        "v-000000.tar",
-    ]
+    both = ["u-000000.tar", "u-000001.tar", "v-000000.tar"]
+    assert sorted(shard_locations(labeled["labels"])) == both
+    # A selection of the directory finds the images of both specs too.
+    sel = labeled["labels"].parent / "sel"
+    code, _, err = run_cli(
+        f"-q select --labels {labeled['labels']} --out {sel} --per-class 3 --top-p 2 "
+        "--executor local".split(),
+        capsys,
+    )
+    assert code == 0, err
+    assert sorted(selection_locations(sel)) == both
 
 
 def test_a_refused_rerun_writes_nothing(

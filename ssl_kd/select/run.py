@@ -28,7 +28,7 @@ from ssl_kd import config as cfglib
 from ssl_kd.config import option
 from ssl_kd.errors import UserError
 from ssl_kd.executor import cluster_resources, map_tasks
-from ssl_kd.label.files import LabelMeta, LabelSet, fixed_list
+from ssl_kd.label.files import LabelMeta, LabelSet, fixed_list, recorded_shard_spec
 from ssl_kd.select.dedup import leaked, near_duplicates
 from ssl_kd.select.files import build_selection, write_selection
 from ssl_kd.select.topk import SELECTORS, TopK, candidates_of, image_ids, repeats, split_ids
@@ -198,7 +198,7 @@ def run_select(cfg: SelectConfig) -> dict[str, Any]:
     table = build_selection(table, cls_ids, score, rank, rep)
     report = _report(cfg, meta.classes, best, cls_ids, score, rep, removed)
     t_rows = time.perf_counter()
-    write_selection(table, meta, out)
+    write_selection(table, _with_sources(meta, cfg.labels), out)
     report["seconds"] = {
         "select": round(t_select - t0, 3),
         "rows_and_filters": round(t_rows - t_select, 3),
@@ -219,6 +219,15 @@ def _copies(cfg: SelectConfig, selected: np.ndarray) -> np.ndarray:
                 rep[start : start + n] = repeats(int(n), cfg.per_class)
             start += n
     return rep
+
+
+def _with_sources(meta: LabelMeta, labels: str) -> LabelMeta:
+    """The labels' metadata naming every shard spec labeled into ``labels`` (the first file's
+    metadata names only the specs known when it was written)."""
+    try:
+        return meta.with_shard_spec(recorded_shard_spec(labels))
+    except UserError:  # no provenance recorded: materialize will ask for --shards
+        return meta
 
 
 def _eval_embeddings(directory: str, meta: LabelMeta) -> np.ndarray:
