@@ -114,3 +114,20 @@ def test_ray_replaces_a_dead_worker_and_retries(cfg: LabelConfig) -> None:
     assert summary["labeled"] == 3 and not summary["failed"]
     assert sorted(s["attempts"] for s in _shard_log(cfg, summary)) in ([1, 1, 2], [1, 2, 2])
     assert LabelSet(cfg.out).num_rows == 30
+
+
+class BuggyWorker(LabelWorker):
+    """Fails every shard with an error no retry can fix."""
+
+    def label(self, url: str) -> dict:
+        marker = Path(self.cfg.out).parent / f"attempted-{Path(url).name}"
+        marker.write_text(str(int(marker.read_text() or 0) + 1) if marker.exists() else "1")
+        raise ValueError(f"deterministic failure on {url}")
+
+
+def test_a_deterministic_failure_is_not_retried(cfg: LabelConfig) -> None:
+    summary = run_label(cfg, progress=False, worker_cls=BuggyWorker)
+    assert summary["labeled"] == 0 and len(summary["failed"]) == 3
+    assert {f["attempts"] for f in summary["failed"]} == {1}
+    attempts = [int(p.read_text()) for p in Path(cfg.out).parent.glob("attempted-*")]
+    assert attempts == [1, 1, 1]

@@ -39,6 +39,7 @@ from ssl_kd.shards.decode import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
+RETRYABLE = (OSError, MemoryError, RuntimeError)
 SHARD_LOG = "run_shards.jsonl"  # one JSON line per shard of the last run, as each finished
 
 Progress = Callable[[dict[str, Any]], None]  # told of every shard as it finishes
@@ -146,6 +147,9 @@ def _label_all(
         executor=cfg.executor,
         on_done=done,
         max_retries=cfg.max_retries,
+        # What can pass on a retry: I/O, memory and device errors. A bad image is never the
+        # shard's failure (it is one sample's skip); anything else would fail the same way again.
+        retry_on=RETRYABLE,
         actors=actors,
         actor_options=options,
     )
