@@ -103,9 +103,13 @@ def _decode_pil(img: Image.Image, channels: int) -> torch.Tensor:
         img = _to_8bit(img)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # PIL warns when a palette's transparency is dropped directly
-    arr = np.array(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    t = torch.from_numpy(arr)
-    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+    target = "L" if channels == 1 else "RGB"
+    if img.mode != target:
+        img = img.convert(target)
+    # One copy out of PIL; the (H, W, C) → (C, H, W) permute stays a view (the resize and the
+    # batch stack copy anyway).
+    t = torch.from_numpy(np.array(img, dtype=np.uint8))
+    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
 
 
 def _oriented(img: Image.Image) -> Image.Image:
