@@ -269,3 +269,10 @@ def test_full_disk_error_names_the_directory() -> None:
     err = environment_error(OSError(errno.ENOSPC, "No space left", "/data/out/.x.parquet.tmp"))
     assert err is not None and "(writing in /data/out)" in str(err)
     assert environment_error(OSError(errno.ENOENT, "missing")) is None
+
+
+def test_a_run_directory_given_as_checkpoint_names_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_cli(["evaluate", "--checkpoint", str(tmp_path), "--data", "x.tar"], capsys)
+    assert "checkpoint.pt" in _one_error_line(code, err)

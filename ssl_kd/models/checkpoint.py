@@ -89,6 +89,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load with ``weights_only=True`` onto the CPU; bad paths or files raise UserError."""
     p = storage.display(path)
     if not storage.is_file(path):
+        if storage.is_dir(path):
+            raise UserError(f"checkpoint {p} is a directory: pass the file ({p}/checkpoint.pt)")
         raise UserError(f"checkpoint {p} does not exist")
     try:
         if storage.is_remote(path):
