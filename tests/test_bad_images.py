@@ -19,6 +19,16 @@ from ssl_kd.label.files import LabelSet
 FMNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
 
+def _label(teacher: object, shards: object, out: Path, capsys: pytest.CaptureFixture[str]) -> list:
+    """``ssl-kd label`` in this process (exit 0 required); the keys it labeled."""
+    code, _, err = run_cli(
+        f"label --teacher {teacher} --shards {shards} --out {out} --k 2 --executor local".split(),
+        capsys,
+    )
+    assert code == 0, err
+    return _keys(out)
+
+
 def _keys(labels: Path) -> list[str]:
     return [
         k for b in LabelSet(labels).iter_batches(columns=["key"]) for k in b.column(0).to_pylist()
@@ -80,12 +90,7 @@ def test_label_evaluate_and_train_finish_on_bad_images(
 ) -> None:
     shards, teacher = str(bad_shard["shards"]), str(bad_shard["teacher"])
     out = tmp_path / "labels"
-    code, _, err = run_cli(
-        f"label --teacher {teacher} --shards {shards} --out {out} --k 2 --executor local".split(),
-        capsys,
-    )
-    assert code == 0, err
-    labeled = _keys(out)
+    labeled = _label(teacher, shards, out, capsys)
     good = [f"good{i:02d}" for i in range(12)]
     # Normalised, these decode fine: 16-bit, RGB WebP for a 1-channel model, a GIF named .png.
     assert sorted(labeled) == sorted([*good, "gray16", "rgbwebp", "gifaspng"])
@@ -180,12 +185,7 @@ def test_fuzz_every_good_image_labeled_once_every_bad_one_labeled_or_recorded(
         write_plain_tar(shards / f"fuzz-{s:06d}.tar", members)
     teacher = make_teacher(tmp_path / "t.pt", size=28, num_classes=4)
     out = tmp_path / "labels"
-    code, _, err = run_cli(
-        f"label --teacher {teacher} --shards {shards} --out {out} --k 2 --executor local".split(),
-        capsys,
-    )
-    assert code == 0, err
-    labeled = _keys(out)
+    labeled = _label(teacher, shards, out, capsys)
     recorded = [
         json.loads(line)["key"]
         for path in out.glob("*.errors.jsonl")

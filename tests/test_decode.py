@@ -180,6 +180,8 @@ def test_not_an_image_is_a_plain_reason() -> None:
     )
 
 
+# The Adam7 passes (x0, y0, dx, dy), written out from the PNG spec rather than imported: the
+# test builds its interlaced image independently of the code it checks.
 ADAM7 = (
     (0, 0, 8, 8),
     (4, 0, 8, 8),
