@@ -72,7 +72,9 @@ def _listeners(root: int) -> set[tuple[int, str, str, int]]:
     found = set()
     for pid in _tree(root):
         try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+            # The program's name, not its path: a deep install path would push it past the cut.
+            cmd = " ".join([os.path.basename(argv[0]), *argv[1:]])
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
             continue
