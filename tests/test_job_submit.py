@@ -132,6 +132,18 @@ def _wait_for_success(address: str, job_id: str, env: dict[str, str]) -> str:
     return logs
 
 
+def _label_job(address: str, env: dict[str, str], *paths: object) -> tuple[str, str]:
+    """Submit ``jobs/label.py --teacher T --shards S --out O --k 3`` and wait for it to succeed;
+    returns the job id and its logs."""
+    teacher, shards, out = map(str, paths)
+    job_id = f"ssl-kd-test-{secrets.token_hex(4)}"
+    entry = ["python", "jobs/label.py", "--teacher", teacher, "--shards", shards, "--out", out]
+    head = ["--address", address, "--submission-id", job_id, "--working-dir", ".", "--no-wait"]
+    submitted = _submit([*head, "--", *entry, "--k", "3"], env)
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    return job_id, _wait_for_success(address, job_id, env)
+
+
 def test_label_job_through_ray_job_submit(tmp_path, ray_head):
     address, env = ray_head
     shards = tmp_path / "shards"
@@ -139,32 +151,7 @@ def test_label_job_through_ray_job_submit(tmp_path, ray_head):
     write_unlabeled_shards(shards, n_shards=3, per_shard=20)
     teacher = make_teacher(tmp_path / "teacher.pt")
     out = tmp_path / "labels"
-    job_id = f"ssl-kd-test-{secrets.token_hex(4)}"
-    submitted = _submit(
-        [
-            "--address",
-            address,
-            "--submission-id",
-            job_id,
-            "--working-dir",
-            ".",
-            "--no-wait",
-            "--",
-            "python",
-            "jobs/label.py",
-            "--teacher",
-            str(teacher),
-            "--shards",
-            str(shards),
-            "--out",
-            str(out),
-            "--k",
-            "3",
-        ],
-        env,
-    )
-    assert submitted.returncode == 0, submitted.stderr[-2000:]
-    logs = _wait_for_success(address, job_id, env)
+    job_id, logs = _label_job(address, env, teacher, shards, out)
     assert "labeled 3 shards" in logs
 
     files = sorted(out.glob("*.parquet"))
@@ -203,32 +190,7 @@ def test_label_job_on_s3_through_ray_job_submit(s3, tmp_path, ray_head):
     keys = [f"img-{i:06d}" for i in range(40)]
     write_shards(array_samples(images, None, keys), f"{s3}/u/u-%06d.tar", 20)
     teacher = make_teacher(f"{s3}/teacher.pt")  # type: ignore[arg-type]
-    job_id = f"ssl-kd-test-{secrets.token_hex(4)}"
-    submitted = _submit(
-        [
-            "--address",
-            address,
-            "--submission-id",
-            job_id,
-            "--working-dir",
-            ".",
-            "--no-wait",
-            "--",
-            "python",
-            "jobs/label.py",
-            "--teacher",
-            str(teacher),
-            "--shards",
-            f"{s3}/u",
-            "--out",
-            f"{s3}/labels",
-            "--k",
-            "3",
-        ],
-        env,
-    )
-    assert submitted.returncode == 0, submitted.stderr[-2000:]
-    logs = _wait_for_success(address, job_id, env)
+    _, logs = _label_job(address, env, teacher, f"{s3}/u", f"{s3}/labels")
     assert S3_SECRET not in logs
     files = storage.list_dir(f"{s3}/labels", "*.parquet")
     assert [storage.name(f) for f in files] == ["u-000000.parquet", "u-000001.parquet"]

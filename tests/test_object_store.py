@@ -88,38 +88,16 @@ def test_pipeline_stages_on_s3(
     teacher = f"{run}/teacher/checkpoint.pt"
     assert load_checkpoint(teacher)["step"] == 40
 
-    cli(
-        "label",
-        "--teacher",
-        teacher,
-        "--shards",
-        data["u"],
-        "--out",
-        f"{run}/labels",
-        "--k",
-        "2",
-        "--executor",
-        "local",
-    )
+    label = ["label", "--teacher", teacher, "--shards", data["u"], "--out", f"{run}/labels"]
+    label += ["--k", "2", "--executor", "local"]
+    cli(*label)
     summary = json.loads(storage.read_text(f"{run}/labels/run_summary.json"))
     assert summary["labeled"] == 3 and summary["rows"] == 80 and not summary["failed"]
     label_files = storage.list_dir(f"{run}/labels", "*.parquet")
     assert summary["bytes"] == sum(storage.size(f) for f in label_files)
     labels = pq.read_table(f"{run}/labels/u-000000.parquet")
     assert labels.num_rows == 30 and labels.column("key")[0].as_py() == "u-0000"
-    cli(
-        "label",
-        "--teacher",
-        teacher,
-        "--shards",
-        data["u"],
-        "--out",
-        f"{run}/labels",
-        "--k",
-        "2",
-        "--executor",
-        "local",
-    )
+    cli(*label)
     rerun = json.loads(storage.read_text(f"{run}/labels/run_summary.json"))
     assert rerun["already_done"] == 3 and rerun["labeled"] == 0  # a rerun relabels nothing
 

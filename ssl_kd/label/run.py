@@ -94,8 +94,6 @@ class LabelWorker:
 def _existing(cfg: LabelConfig, teacher: Teacher) -> list[str]:
     """The label files already in ``cfg.out`` (checked to be this labeling's); writes nothing."""
     out = cfg.out
-    if storage.is_file(out):
-        raise UserError(f"--out {storage.display(out)} exists and is not a directory")
     existing = label_files(out) if storage.is_dir(out) else []
     if existing:
         check_same_labeling(read_meta(existing[0]), teacher.meta, existing[0], "this run")
@@ -179,11 +177,14 @@ def run_label(
     """
     urls = expand_shards(cfg.shards)
     teacher = Teacher(cfg.teacher, cfg.k, cfg.temperature, cfg.embeddings, "cpu")
-    _plan(urls, _existing(cfg, teacher))  # refuse before anything is written
+    if storage.is_file(cfg.out):
+        raise UserError(f"--out {storage.display(cfg.out)} exists and is not a directory")
+    _plan(urls, [])  # clashing shard names: refused before anything is written
     storage.makedirs(cfg.out)
     with dir_lock(cfg.out, "label"):
-        _remove_stale(cfg.out)  # under the lock: only a dead run's temp files
+        # Listed once, under the lock; a refusal here leaves the directory as it was.
         todo = _plan(urls, _existing(cfg, teacher))
+        _remove_stale(cfg.out)  # under the lock: only a dead run's temp files
         # Provenance: the files of this run record every spec labeled into the directory.
         sources = record_source(cfg.out, cfg.shards)
         cfglib.save(cfg, storage.join(cfg.out, "config.yaml"))

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 MAX_RECORDED_ERRORS = 1000  # keep memory bounded on a billion-image read with many bad samples
 MAX_LOGGED = 20  # distinct skips logged one by one per read; the rest are counted only
 
-# The reason codes, for readers of summaries and errors files.
+# The reason codes: the keys of every summary's counts (the README lists them too).
 REASONS = (
     "no image member",
     "corrupt image",
@@ -70,6 +70,7 @@ class ReadStats:
 
     def record(self, shard: str, key: str | None, reason: str, detail: str = "") -> None:
         """Count one skipped sample (or unreadable part of a shard)."""
+        assert reason in REASONS, f"unknown skip reason {reason!r}: add it to REASONS"
         self.skipped += 1
         self.reasons[reason] += 1
         seen = (shard, key or "", reason)
