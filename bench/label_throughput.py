@@ -10,6 +10,7 @@ split into read+decode / forward / write, and Parquet bytes per image.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import shutil
 import sys
@@ -26,7 +27,7 @@ from _report import emit
 from ssl_kd.datasets.fashion_mnist import DEFAULT_SOURCE
 from ssl_kd.datasets.idx import read_idx
 from ssl_kd.executor import connect_ray
-from ssl_kd.label.run import LabelConfig, run_label
+from ssl_kd.label.run import SHARD_LOG, LabelConfig, run_label
 from ssl_kd.label.teacher import Teacher
 from ssl_kd.models.checkpoint import make_meta, save_checkpoint
 from ssl_kd.models.preprocess import Preprocess, normalize
@@ -138,8 +139,9 @@ def main() -> int:
         for name, cfg in runs.items():
             out = work / name.replace(" ", "_").replace(",", "")
             s = run_label(replace(cfg, out=str(out)), progress=False)
+            shards = [json.loads(line) for line in (out / SHARD_LOG).read_text().splitlines()]
             split = {
-                k: sum(p["seconds"].get(k, 0.0) for p in s["per_shard"])
+                k: sum(p["seconds"].get(k, 0.0) for p in shards)
                 for k in ("read_decode", "forward", "write")
             }
             results[name] = {

@@ -41,6 +41,7 @@ def option(
     metavar: str | None = None,
     positional: bool = False,
     exclusive: str | None = None,
+    nargs: str | None = None,
 ) -> Any:
     """A dataclass field with help text and inclusive (min, max) or exclusive (gt) bounds.
 
@@ -48,7 +49,8 @@ def option(
     computes: a run may resume with another value, and the pipeline leaves it out of fingerprints.
     The rest shape the command line: ``flag`` replaces ``--field-name``, ``metavar`` names the
     value in ``--help``, ``positional`` makes the field a positional argument, and fields that
-    share an ``exclusive`` name may not be given together.
+    share an ``exclusive`` name may not be given together, and ``nargs="+"`` lets a list field
+    take its values as separate words (``--mean 0.485 0.456 0.406``) as well as comma-separated.
     """
     meta = {
         "help": help,
@@ -60,6 +62,7 @@ def option(
         "metavar": metavar,
         "positional": positional,
         "exclusive": exclusive,
+        "nargs": nargs,
     }
     if isinstance(default, (dict, list)):  # mutable: every instance gets its own copy
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
@@ -119,6 +122,14 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):  # from the command line: comma-separated
             value = [v.strip() for v in value.split(",") if v.strip()]
+        elif (
+            item is not str
+            and isinstance(value, (list, tuple))
+            and all(isinstance(v, str) for v in value)
+        ):
+            value = [w.strip() for v in value for w in v.split(",") if w.strip()]  # nargs words
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # one number for a list of numbers (mean: 0.5)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(key, f"expected a list, got {value!r}")
         return [_coerce(key, item, v) for v in value]
@@ -262,6 +273,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, config_file: bo
         help_text = f"{meta.get('help', '')} ({_describe(hints[f.name])}; {default})"
         # A bare boolean flag means true; ``--flag false`` still works (and YAML-like words).
         extra: dict[str, Any] = {"nargs": "?", "const": True} if hints[f.name] is bool else {}
+        if meta.get("nargs"):
+            extra = {"nargs": meta["nargs"]}
         target: Any = parser
         if meta.get("exclusive"):
             if meta["exclusive"] not in groups:

@@ -163,3 +163,66 @@ def idat_span(png: bytes) -> tuple[int, int]:
     tag = png.index(b"IDAT")
     length = struct.unpack(">I", png[tag - 4 : tag])[0]
     return tag + 4, tag + 4 + length
+
+
+def mixed_images(n: int, seed: int = 0) -> list[tuple[str, bytes]]:
+    """``n`` web-like images as (extension, bytes): JPEG and PNG of mixed sizes and modes (RGB,
+    L, CMYK, RGBA, P, 16-bit, EXIF-rotated), each a colour gradient with a bright square."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    kinds = ["rgb_jpg", "l_jpg", "cmyk_jpg", "rgba_png", "p_png", "i16_png", "exif_jpg"]
+    for i in range(n):
+        w, h = int(rng.integers(40, 160)), int(rng.integers(40, 160))
+        yy, xx = np.mgrid[0:h, 0:w]
+        rgb = np.stack([xx * 255 // w, yy * 255 // h, np.full((h, w), (i * 37) % 256)], -1)
+        x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
+        rgb[y0 : y0 + h // 3, x0 : x0 + w // 3] = 250
+        img = Image.fromarray(rgb.astype(np.uint8), "RGB")
+        kind = kinds[i % len(kinds)]
+        buf = io.BytesIO()
+        if kind == "rgb_jpg":
+            img.save(buf, "JPEG", quality=90)
+        elif kind == "l_jpg":
+            img.convert("L").save(buf, "JPEG", quality=90)
+        elif kind == "cmyk_jpg":
+            img.convert("CMYK").save(buf, "JPEG", quality=90)
+        elif kind == "rgba_png":
+            img.convert("RGBA").save(buf, "PNG")
+        elif kind == "p_png":
+            img.convert("P").save(buf, "PNG")
+        elif kind == "i16_png":
+            gray = np.asarray(img.convert("L")).astype(np.uint16) * 257
+            Image.fromarray(gray).save(buf, "PNG")  # uint16: mode I;16
+        else:  # stored sideways, EXIF says rotate
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            img.transpose(Image.Transpose.ROTATE_90).save(buf, "JPEG", quality=90, exif=exif)
+        out.append(("png" if kind.endswith("png") else "jpg", buf.getvalue()))
+    return out
+
+
+def write_mixed_shards(
+    root: Path,
+    name: str,
+    n: int,
+    per_shard: int,
+    num_classes: int | None = None,
+    seed: int = 0,
+) -> list[str]:
+    """``root/name-%06d.tar`` shards of :func:`mixed_images`, with ``.cls`` labels (image i
+    has class i mod num_classes) when ``num_classes`` is given."""
+    paths = []
+    images = mixed_images(n, seed)
+    for s in range(0, n, per_shard):
+        path = root / f"{name}-{s // per_shard:06d}.tar"
+        members = []
+        for i in range(s, min(n, s + per_shard)):
+            ext, data = images[i]
+            members.append((f"{name}{i:05d}.{ext}", data))
+            if num_classes:
+                members.append((f"{name}{i:05d}.cls", str(i % num_classes).encode()))
+        write_plain_tar(path, members)
+        paths.append(str(path))
+    return paths

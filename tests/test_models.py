@@ -42,3 +42,70 @@ def test_width_multiplier_scales_cnn_and_is_refused_for_resnets() -> None:
     assert 3 * small < wide < 5 * small  # conv parameters grow with width squared
     with pytest.raises(UserError, match="width"):
         create_model("resnet18", 10, width=2.0)
+
+
+def test_every_torchvision_classifier_is_listed() -> None:
+    from torchvision import models as tvm
+
+    names = set(list_models())
+    expected = {f"torchvision:{n}" for n in tvm.list_models(module=tvm)}
+    expected -= {"torchvision:squeezenet1_0", "torchvision:squeezenet1_1"}  # no linear head
+    assert expected <= names and "torchvision:efficientnet_b0" in names
+
+
+@pytest.mark.parametrize(
+    ("name", "channels", "size"),
+    [
+        ("torchvision:mobilenet_v3_small", 1, 32),
+        ("torchvision:efficientnet_b0", 3, 32),
+        ("torchvision:vit_b_16", 3, 32),  # position embeddings sized to the input
+        ("torchvision:googlenet", 3, 64),  # built without auxiliary classifiers
+    ],
+)
+def test_torchvision_models_get_a_head_for_the_task(name: str, channels: int, size: int) -> None:
+    model = create_model(name, num_classes=5, in_channels=channels, image_size=size).eval()
+    x = torch.randn(2, channels, size, size)
+    with torch.no_grad():
+        assert model(x).shape == (2, 5)
+        assert model.features(x).shape == (2, model.feature_dim)
+    assert model.head.out_features == 5
+
+
+def test_torchvision_weights_initialise_all_but_the_head(tmp_path) -> None:
+    from torchvision import models as tvm
+
+    torch.manual_seed(0)
+    net = tvm.resnet18()  # 1,000 ImageNet classes
+    torch.save(net.state_dict(), tmp_path / "r18.pth")
+    model = create_model("torchvision:resnet18", 10, 3, 64, weights=str(tmp_path / "r18.pth"))
+    assert torch.equal(model.backbone.conv1.weight, net.conv1.weight)
+    assert torch.equal(model.backbone.layer4[1].bn2.running_var, net.layer4[1].bn2.running_var)
+    assert model.head.out_features == 10
+    gray = create_model("torchvision:resnet18", 10, 1, 64, weights=str(tmp_path / "r18.pth"))
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():  # a gray image is the RGB image with three equal channels
+        want = model.eval().features(x.repeat(1, 3, 1, 1))
+        assert torch.allclose(gray.eval().features(x), want, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("torchvision:resnet51", "did you mean torchvision:resnet50"),
+        ("torchvision:squeezenet1_0", "no linear classifier head"),
+        ("efficientnet_b0", "did you mean torchvision:efficientnet_b0"),
+    ],
+)
+def test_unknown_torchvision_names_suggest_close_ones(name: str, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        create_model(name, 10)
+
+
+def test_weights_that_do_not_fit_are_a_user_error(tmp_path) -> None:
+    from torchvision import models as tvm
+
+    torch.save(tvm.resnet18().state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(UserError, match="do not fit torchvision:resnet34"):
+        create_model("torchvision:resnet34", 10, weights=str(tmp_path / "r18.pth"))
+    with pytest.raises(UserError, match="weights files initialise torchvision:NAME models"):
+        create_model("cnn", 10, weights=str(tmp_path / "r18.pth"))

@@ -70,7 +70,13 @@ def test_checkpoint_loads_with_weights_only(
     ckpt = load_checkpoint(path)
     model, meta = model_from_checkpoint(ckpt)
     assert meta["arch"] == "cnn" and meta["num_classes"] == 4
-    assert meta["preprocess"] == {"channels": 1, "image_size": 16, "mean": 0.5, "std": 0.5}
+    assert meta["preprocess"] == {
+        "channels": 1,
+        "image_size": 16,
+        "mean": [0.5],
+        "std": [0.5],
+        "resize": 0,
+    }
     assert meta["config"]["steps"] == 4
     for k, v in model.state_dict().items():
         assert torch.equal(v, raw["model"][k])
@@ -205,7 +211,7 @@ def test_train_and_student_checkpoints_have_one_layout(
     assert set(t) == set(s) == {"model", "optimizer", "scheduler", "step", "ranks", "meta"}
     assert set(t["meta"]) == set(s["meta"])
     assert [set(r) for r in t["ranks"]] == [set(r) for r in s["ranks"]]
-    assert set(t["ranks"][0]) == {"epoch", "seen_in_epoch", "rng"}
+    assert set(t["ranks"][0]) == {"epoch", "seen_in_epoch", "worker_seen", "turn", "rng"}
     assert t["scheduler"] == s["scheduler"] == {"kind": "cosine", "step": 2}
 
 

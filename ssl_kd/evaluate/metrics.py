@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ssl_kd.device import autocast
 from ssl_kd.models.preprocess import Preprocess, fit_size, normalize
 from ssl_kd.shards.dataset import ShardImageDataset
 from ssl_kd.shards.decode import DEFAULT_MAX_PIXELS
@@ -62,8 +63,13 @@ def predict(
     pp: Preprocess,
     teacher: Reference | None = None,
     progress: bool = False,
+    *,
+    precision: str = "fp32",
 ) -> Predictions:
-    """Run ``model`` (and ``teacher``) over ``loader`` once; uint8 batches normalised per model."""
+    """Run ``model`` (and ``teacher``) over ``loader`` once; uint8 batches normalised per model.
+
+    The models run under autocast at ``precision``; their logits are scored in fp32 or above.
+    """
     model.eval()
     if teacher is not None:
         teacher.model.eval()
@@ -73,10 +79,13 @@ def predict(
     def keep(name: str, value: torch.Tensor) -> None:
         parts.setdefault(name, []).append(value.cpu())
 
-    for images, labels in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
+    for batch, labels in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
+        # A teacher with another input geometry gets its own copy of each image (eval_loader).
+        images, t_images = batch if isinstance(batch, (list, tuple)) else (batch, batch)
         images = images.to(device, non_blocking=True)
         labels = torch.as_tensor(labels).to(device)
-        logits = model(normalize(images, pp))
+        with autocast(device, precision):
+            logits = model(normalize(images, pp)).float()
         num_classes = logits.shape[1]
         probs = logits.double().softmax(dim=1)
         confidence, pred = probs.max(dim=1)
@@ -87,7 +96,9 @@ def predict(
         keep("top5_hit", top.eq(labels[:, None]).any(dim=1))
         keep("loss", nn.functional.cross_entropy(logits.double(), labels, reduction="none"))
         if teacher is not None:
-            t_logits = teacher.model(normalize(images, teacher.pp))
+            t_images = t_images.to(device, non_blocking=True)
+            with autocast(device, precision):
+                t_logits = teacher.model(normalize(t_images, teacher.pp)).float()
             keep("teacher_pred", t_logits.argmax(dim=1))
             keep("kl", kl_divergence(t_logits, logits))
     empty = {
@@ -208,10 +219,11 @@ def evaluate(
     teacher: Reference | None = None,  # adds ``fidelity``
     detailed: bool = False,
     classes: Sequence[str] | None = None,  # names in ``per_class`` (else the class ids)
+    precision: str = "fp32",  # autocast of the forward passes
 ) -> dict[str, Any]:
     """``n``, ``top1``, ``top5``, ``loss``; ``detailed`` adds per-class and calibration."""
-    # The trainers pass only the first four arguments and log every key: keep those lean.
-    p = predict(model, loader, device, pp, teacher, progress)
+    # The trainers call it without ``detailed`` and log every key: keep those lean.
+    p = predict(model, loader, device, pp, teacher, progress, precision=precision)
     result = accuracy(p)
     if detailed:
         names = list(classes) if classes is not None else [str(i) for i in range(p.num_classes)]
@@ -230,17 +242,57 @@ def eval_loader(
     batch_size: int,
     num_workers: int = 0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    teacher_pp: Preprocess | None = None,
+    *,
+    pin_memory: bool = False,  # on CUDA: page-locked batches copy to the GPU asynchronously
 ) -> DataLoader:
-    """A deterministic loader over labeled shards prepared as ``pp`` says."""
+    """A deterministic loader over labeled shards prepared as ``pp`` says; with a
+    ``teacher_pp`` of another geometry, each batch is a pair (model's images, teacher's)."""
+    transform = fit_size(pp)
+    channels, size = pp.channels, pp.resize_to
+    if teacher_pp is not None and _geometry(teacher_pp) != _geometry(pp):
+        transform = _pair(pp, teacher_pp)
+        channels = max(pp.channels, teacher_pp.channels)
+        size = max(size, teacher_pp.resize_to)
     ds = ShardImageDataset(
         urls,
-        fit_size(pp),
-        pp.channels,
+        transform,
+        channels,
         num_classes=num_classes,
         max_pixels=max_pixels,
-        decode_size=pp.image_size,
+        decode_size=size,
     )
     # A private generator keeps evaluation from consuming the global RNG of a training run.
     return DataLoader(
-        ds, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator()
+        ds,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator(),
     )
+
+
+def _geometry(pp: Preprocess) -> tuple[int, int, int]:
+    return pp.channels, pp.image_size, pp.resize_to
+
+
+def _pair(pp: Preprocess, teacher_pp: Preprocess) -> Any:
+    """Per-image transform giving the model's and the teacher's input from one decoded image."""
+    fits = (fit_size(pp), fit_size(teacher_pp))
+    wanted = (pp.channels, teacher_pp.channels)
+
+    def transform(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = (fit(_to_channels(img, c)) for fit, c in zip(fits, wanted, strict=True))
+        return a, b
+
+    return transform
+
+
+def _to_channels(img: torch.Tensor, channels: int) -> torch.Tensor:
+    """uint8 (C, H, W) with ``channels``: gray repeated, or RGB to luma (PIL's weights)."""
+    if img.shape[0] == channels:
+        return img
+    if channels == 3:
+        return img.expand(3, -1, -1)
+    w = torch.tensor([299, 587, 114], dtype=torch.int32).view(3, 1, 1)
+    return ((img.int() * w).sum(0, keepdim=True) // 1000).to(torch.uint8)

@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from ssl_kd import atomic
 from ssl_kd import config as cfglib
@@ -18,7 +18,7 @@ from ssl_kd.config import option
 from ssl_kd.device import resolve_device
 from ssl_kd.errors import UserError
 from ssl_kd.evaluate.metrics import Reference, eval_loader, evaluate
-from ssl_kd.models.checkpoint import load_checkpoint, model_from_checkpoint
+from ssl_kd.models.external import TeacherSpec, load_teacher
 from ssl_kd.models.preprocess import Preprocess
 from ssl_kd.models.stats import cpu_speed, model_size
 from ssl_kd.shards import expand_shards
@@ -37,10 +37,15 @@ class EvalConfig:
     checkpoint: str = option(help="checkpoint to evaluate")
     data: str = option(help="labeled shards (dir, brace pattern, glob or list file)")
     teacher: str | None = option(
-        None, help="teacher checkpoint: adds top-1 agreement, KL(teacher||student), teacher top-1"
+        None,
+        help="teacher checkpoint or TorchScript archive: adds top-1 agreement, "
+        "KL(teacher||student), teacher top-1",
     )
     out: str | None = option(None, help="write the metrics as JSON to this file", operational=True)
     batch_size: int = option(256, help="images per forward pass", min=1)
+    precision: Literal["fp32", "bf16", "fp16"] = option(
+        "fp32", help="forward-pass precision (autocast)"
+    )
     max_pixels: int = option(
         DEFAULT_MAX_PIXELS,
         help="images with more pixels are skipped unread (the decompression-bomb guard)",
@@ -55,15 +60,8 @@ class EvalConfig:
 
 
 def check_teacher(meta: dict[str, Any], teacher_meta: dict[str, Any], teacher_path: str) -> None:
-    """UserError unless the teacher reads the same images and predicts the same classes."""
-    pp = Preprocess.from_dict(meta["preprocess"])
-    tpp = Preprocess.from_dict(teacher_meta["preprocess"])
-    if (pp.channels, pp.image_size) != (tpp.channels, tpp.image_size):
-        raise UserError(
-            f"teacher {teacher_path} takes {tpp.channels}x{tpp.image_size}x{tpp.image_size} "
-            f"images but the evaluated model takes {pp.channels}x{pp.image_size}x{pp.image_size}; "
-            "fidelity needs both models on the same images"
-        )
+    """UserError unless the teacher predicts the same classes (each model reads the images
+    with its own preprocessing)."""
     if teacher_meta["num_classes"] != meta["num_classes"]:
         raise UserError(
             f"teacher {teacher_path} has {teacher_meta['num_classes']} classes but the evaluated "
@@ -76,14 +74,15 @@ def check_teacher(meta: dict[str, Any], teacher_meta: dict[str, Any], teacher_pa
 
 def run_evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
     """Evaluate ``cfg.checkpoint`` on ``cfg.data``; writes ``cfg.out`` (JSON) when set."""
-    ckpt = load_checkpoint(cfg.checkpoint)
+    evaluated = load_teacher(TeacherSpec(cfg.checkpoint))
     urls = expand_shards(cfg.data)
-    model, meta = model_from_checkpoint(ckpt)
+    model, meta = evaluated.model, evaluated.meta
     pp = Preprocess.from_dict(meta["preprocess"])
     teacher: Reference | None = None
     teacher_info: dict[str, Any] = {}
     if cfg.teacher:
-        t_model, t_meta = model_from_checkpoint(load_checkpoint(cfg.teacher))
+        loaded = load_teacher(TeacherSpec(cfg.teacher))
+        t_model, t_meta = loaded.model, loaded.meta
         check_teacher(meta, t_meta, cfg.teacher)
         teacher = Reference(t_model, Preprocess.from_dict(t_meta["preprocess"]))
         shape = (teacher.pp.channels, teacher.pp.image_size, teacher.pp.image_size)
@@ -97,12 +96,28 @@ def run_evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
     model.to(device)
     if teacher is not None:
         teacher.model.to(device)
+    t_pp = teacher.pp if teacher is not None else None
     loader = eval_loader(
-        urls, pp, meta["num_classes"], cfg.batch_size, cfg.num_workers, cfg.max_pixels
+        urls,
+        pp,
+        meta["num_classes"],
+        cfg.batch_size,
+        cfg.num_workers,
+        cfg.max_pixels,
+        t_pp,
+        pin_memory=device.type == "cuda",
     )
     t0 = time.perf_counter()
     metrics = evaluate(
-        model, loader, device, pp, progress, teacher=teacher, detailed=True, classes=meta["classes"]
+        model,
+        loader,
+        device,
+        pp,
+        progress,
+        teacher=teacher,
+        detailed=True,
+        classes=meta["classes"],
+        precision=cfg.precision,
     )
     seconds = time.perf_counter() - t0
     if metrics["n"] == 0:
@@ -121,7 +136,8 @@ def run_evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
         "seconds": round(seconds, 3),
         "images_per_s": round(metrics["n"] / seconds, 1) if seconds > 0 else None,
         "arch": meta["arch"],
-        "checkpoint_step": ckpt.get("step"),
+        "precision": cfg.precision,
+        "checkpoint_step": evaluated.step,
         "shards": len(urls),
         "read_stats": stats,
         "config": cfglib.to_dict(cfg),

@@ -33,9 +33,11 @@ from ssl_kd.label.files import (
     read_meta,
     record_source,
 )
-from ssl_kd.label.teacher import Teacher, label_shard_to_dir
+from ssl_kd.label.teacher import Teacher, decode_spec, label_shard_to_dir
+from ssl_kd.models.external import TeacherSpec
 from ssl_kd.shards import expand_shards, shard_name
 from ssl_kd.shards.decode import DEFAULT_MAX_PIXELS
+from ssl_kd.shards.decode_pool import start_pool, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +51,37 @@ Progress = Callable[[dict[str, Any]], None]  # told of every shard as it finishe
 class LabelConfig:
     """``ssl-kd label``."""
 
-    teacher: str = option(help="teacher checkpoint")
+    teacher: str = option(
+        help="teacher: an ssl_kd checkpoint, a TorchScript archive, or torchvision:NAME "
+        "(with --weights)"
+    )
     shards: str = option(help="unlabeled shards (dir, brace pattern, glob or list file)")
     out: str = option(
         help="directory of label files (one Parquet file per shard)", operational=True
+    )
+    weights: str | None = option(
+        None, help="torchvision:NAME teachers: the state_dict file (nothing is downloaded)"
+    )
+    class_names: str | None = option(
+        None, help="external teachers: one class name per line, in the teacher's order"
+    )
+    keep_classes: str | None = option(
+        None, help="label with these classes only (names or indices, one per line); renormalised"
+    )
+    image_size: int | None = option(
+        None, help="external teachers: centre-crop side (default 224)", min=8
+    )
+    resize: int | None = option(
+        None, help="external teachers: shorter side before the crop (default 256 for 224)", min=8
+    )
+    mean: list[float] | None = option(
+        None, help="external teachers: per-channel mean (default ImageNet's)", nargs="+"
+    )
+    std: list[float] | None = option(
+        None, help="external teachers: per-channel std (default ImageNet's)", nargs="+"
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = option(
+        "fp32", help="forward-pass precision (autocast; bf16 also on CPUs with AMX)"
     )
     k: int = option(10, help="classes kept per image", min=1)
     temperature: float = option(1.0, help="softmax temperature of the soft labels", gt=0)
@@ -68,10 +97,55 @@ class LabelConfig:
     )
     workers: int = option(0, help="worker actors (0: one per GPU, else per cpus_per_worker)", min=0)
     cpus_per_worker: int = option(
-        1, help="CPUs (and torch threads) per worker actor", min=1, operational=True
+        1,
+        help="CPUs per worker actor (its decode processes and torch threads share them)",
+        min=1,
+        operational=True,
+    )
+    decode_workers: int = option(
+        0,
+        help="processes decoding and resizing images in each worker (0: the worker's CPUs "
+        "with a GPU, 1 on the CPU; 1: a thread of the worker); the forward pass keeps the CPUs "
+        "left over, at least 1",
+        min=0,
+        operational=True,
     )
     max_retries: int = option(2, help="retries of a failed shard", min=0, operational=True)
     device: str = option("auto", help="auto, cpu, cuda or cuda:N", operational=True)
+
+
+def teacher_spec(cfg: LabelConfig) -> TeacherSpec:
+    """The teacher ``cfg`` names, with its class list and preprocessing flags."""
+    return TeacherSpec(
+        cfg.teacher,
+        weights=cfg.weights,
+        class_names=cfg.class_names,
+        keep_classes=cfg.keep_classes,
+        image_size=cfg.image_size,
+        resize=cfg.resize,
+        mean=cfg.mean,
+        std=cfg.std,
+    )
+
+
+def make_teacher(cfg: LabelConfig, device: str) -> Teacher:
+    """The teacher of ``cfg``, loaded for inference on ``device``."""
+    return Teacher(teacher_spec(cfg), cfg.k, cfg.temperature, cfg.embeddings, device, cfg.precision)
+
+
+def split_cpus(
+    decode_workers: int, cpus: int, device: torch.device, threads: int
+) -> tuple[int, int]:
+    """``(decode processes or 1 for a thread, torch threads)`` of a worker with ``cpus`` CPUs
+    whose teacher runs on ``device`` (``decode_workers`` 0: the default; ``threads``: torch's
+    current count, kept when decoding takes no CPU of its own)."""
+    # With an accelerator, the worker's CPUs (a Ray actor's share; in-process, the CPUs this
+    # process may use) go to decode processes, one per CPU by default, and torch keeps what is
+    # left: an op's threads wait for each other, so a thread that a busy decoder pushes off its
+    # core stalls the whole forward pass (up to 7x slower with 2 CPUs, BENCHMARKS.md). A
+    # teacher on the CPU needs those CPUs itself: by default it decodes in one thread.
+    decode = decode_workers or (1 if device.type == "cpu" else cpus)
+    return decode, max(1, cpus - decode) if decode > 1 else threads
 
 
 class LabelWorker:
@@ -81,14 +155,27 @@ class LabelWorker:
         if threads:
             torch.set_num_threads(threads)
         self.cfg = cfg
-        self.teacher = Teacher(cfg.teacher, cfg.k, cfg.temperature, cfg.embeddings, cfg.device)
+        self.teacher = make_teacher(cfg, cfg.device)
         # Provenance: later stages find the images through the spec the labels were made from.
         self.teacher.meta = self.teacher.meta.with_shard_spec(cfg.shards)
+        cpus = threads or usable_cpus()
+        self.decode_workers, self.forward_threads = split_cpus(
+            cfg.decode_workers, cpus, self.teacher.device, torch.get_num_threads()
+        )
+        # Started with the worker, like the model is loaded: not in the first shard's time.
+        start_pool(self.decode_workers, decode_spec(self.teacher.pp, cfg.max_pixels))
 
     def label(self, url: str) -> dict[str, Any]:
         """Label ``url`` into ``cfg.out``; returns the shard's status."""
         cfg = self.cfg
-        return label_shard_to_dir(self.teacher, url, cfg.out, cfg.batch_size, cfg.max_pixels)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.forward_threads)  # for this call: the process may go on
+        try:
+            return label_shard_to_dir(
+                self.teacher, url, cfg.out, cfg.batch_size, cfg.max_pixels, self.decode_workers
+            )
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _existing(cfg: LabelConfig, teacher: Teacher) -> list[str]:
@@ -176,7 +263,7 @@ def run_label(
     ``worker_cls`` is what runs a shard (a test swaps in a failing one).
     """
     urls = expand_shards(cfg.shards)
-    teacher = Teacher(cfg.teacher, cfg.k, cfg.temperature, cfg.embeddings, "cpu")
+    teacher = make_teacher(cfg, "cpu")
     if storage.is_file(cfg.out):
         raise UserError(f"--out {storage.display(cfg.out)} exists and is not a directory")
     _plan(urls, [])  # clashing shard names: refused before anything is written

@@ -2,20 +2,21 @@
 
 :class:`Teacher` loads a checkpoint once and maps a uint8 image batch to top-k classes and
 probabilities (softmax at temperature T) and, optionally, L2-normalised penultimate embeddings.
-:func:`label_shard` streams one shard through it — a background thread reads and decodes the
-next batch while the model runs on this one — and :func:`label_shard_to_dir` writes the result
-(errors file first, then the Parquet file, both atomically).
+:func:`label_shard` streams one shard through it — a background thread prepares the next batch,
+decoded by a pool of processes (:mod:`ssl_kd.shards.decode_pool`) or in that thread, while the
+model runs on this one — and :func:`label_shard_to_dir` writes the result (errors file first,
+then the Parquet file, both atomically).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import queue
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,34 +25,39 @@ import pyarrow as pa
 import torch
 
 from ssl_kd import atomic, storage
-from ssl_kd.device import resolve_device
+from ssl_kd.device import autocast, resolve_device, use_channels_last
 from ssl_kd.errors import UserError
 from ssl_kd.label.files import LabelMeta, build_table, label_file_name, write_labels
-from ssl_kd.models.checkpoint import load_checkpoint, model_from_checkpoint
+from ssl_kd.models.external import TeacherSpec, load_teacher
 from ssl_kd.models.preprocess import Preprocess, fit_size, normalize
+from ssl_kd.shards.background import in_background
+from ssl_kd.shards.decode_pool import DecodeSpec, decode_in_order
 from ssl_kd.shards.reader import DEFAULT_MAX_PIXELS, ReadStats, decoded_samples, iter_shard
 from ssl_kd.shards.spec import shard_name
 
+log = logging.getLogger(__name__)
+
 
 class Teacher:
-    """A checkpoint loaded once for inference; ``predict`` maps uint8 batches to top-k labels."""
+    """A teacher loaded once for inference; ``predict`` maps uint8 batches to top-k labels.
+
+    The teacher is an ssl_kd checkpoint, a torchvision classifier with a weights file, or a
+    TorchScript archive (:class:`~ssl_kd.models.external.TeacherSpec`). On CUDA a batch that
+    runs out of memory is split in halves and retried, and the smaller size is kept.
+    """
 
     def __init__(
         self,
-        checkpoint: str,
+        spec: TeacherSpec | str,
         k: int = 10,
         temperature: float = 1.0,
         embeddings: bool = False,
         device: str = "auto",
+        precision: str = "fp32",
     ) -> None:
-        ckpt = load_checkpoint(checkpoint)
-        try:
-            model, meta = model_from_checkpoint(ckpt)
-        except (KeyError, TypeError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise UserError(
-                f"{checkpoint}: weights do not fit its architecture ({first})"
-            ) from None
+        spec = TeacherSpec(spec) if isinstance(spec, str) else spec
+        loaded = load_teacher(spec)
+        meta = loaded.meta
         if not 1 <= k <= meta["num_classes"]:
             raise UserError(
                 f"--k {k} does not fit the teacher's {meta['num_classes']} classes; "
@@ -59,35 +65,84 @@ class Teacher:
             )
         if temperature <= 0:
             raise UserError(f"--temperature must be > 0, got {temperature}")
+        if embeddings and not loaded.has_features:
+            raise UserError(
+                "--embeddings needs a teacher whose penultimate features are known (an ssl_kd "
+                "checkpoint or torchvision:NAME); a TorchScript archive gives logits only"
+            )
         self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
         self.pp = Preprocess.from_dict(meta["preprocess"])
+        self.precision = precision
+        self.channels_last = use_channels_last(self.device, precision, self.pp.image_size)
+        model = loaded.model.to(self.device).eval()
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
         self.k = k
         self.temperature = temperature
         self.embeddings = embeddings
+        self.max_batch: int | None = None  # lowered after a CUDA out-of-memory error
         self.meta = LabelMeta(
             num_classes=meta["num_classes"],
             classes=list(meta["classes"]),
             k=k,
             temperature=float(temperature),
             teacher_arch=meta["arch"],
-            teacher_sha256=storage.sha256(checkpoint),
+            teacher_sha256=loaded.digest,
             preprocess=self.pp.to_dict(),
             embedding_dim=model.feature_dim if embeddings else 0,
+            extra={"teacher": _provenance(loaded.source), "precision": precision},
         )
 
-    @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """uint8 (N, C, H, W) → (top-k classes, top-k probabilities, embeddings or None)."""
+        n = len(images)
+        step = min(n, self.max_batch or n)
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
+        i = 0
+        while i < n:
+            try:
+                parts.append(self._predict(images[i : i + step]))
+            except torch.OutOfMemoryError:
+                if step == 1:
+                    raise
+                step //= 2
+                self.max_batch = step
+                log.warning("out of memory on the accelerator: labeling batch halved to %d", step)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            i += step
+        classes = np.concatenate([p[0] for p in parts])
+        probs = np.concatenate([p[1] for p in parts])
+        emb = np.concatenate([p[2] for p in parts]) if self.embeddings else None  # type: ignore[misc]
+        return classes, probs, emb
+
+    @torch.inference_mode()
+    def _predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        if self.device.type == "cuda":
+            images = images.pin_memory()
         x = normalize(images.to(self.device, non_blocking=True), self.pp)
-        feats = self.model.features(x)
-        logits = self.model.head(feats)  # eval mode: dropout is the identity
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.precision):
+            if self.embeddings:
+                feats = self.model.features(x)
+                logits = self.model.head(feats)  # eval mode: dropout is the identity
+            else:
+                feats, logits = None, self.model(x)
         probs = torch.softmax(logits.float() / self.temperature, dim=1)
         top = probs.topk(self.k, dim=1, sorted=True)
         emb = None
-        if self.embeddings:
+        if feats is not None:
             emb = torch.nn.functional.normalize(feats.float(), dim=1).half().cpu().numpy()
         return top.indices.cpu().numpy(), top.values.cpu().numpy(), emb
+
+
+def _provenance(source: dict[str, Any]) -> dict[str, Any]:
+    """Where the teacher came from, as the label files record it (names and digests, no paths:
+    the same teacher labels the same way wherever its files are)."""
+    return {k: v for k, v in source.items() if v is not None}
 
 
 @dataclass
@@ -112,26 +167,15 @@ class ShardResult:
         }
 
 
-_DONE = object()
+def decode_spec(pp: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodeSpec:
+    """How labeling decodes for a teacher with input ``pp`` (what decode processes run)."""
+    # JPEG draft: never below the resize target.
+    return DecodeSpec(pp.channels, max_pixels, pp.resize_to, partial(_fit, pp))
 
 
-def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
-    """Run ``it`` in a background thread, ``depth`` items ahead (decode overlaps inference)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-
-    def worker() -> None:
-        try:
-            for item in it:
-                q.put(item)
-            q.put(_DONE)
-        except BaseException as exc:  # re-raised in the consumer
-            q.put(exc)
-
-    threading.Thread(target=worker, daemon=True).start()
-    while (item := q.get()) is not _DONE:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+def _fit(pp: Preprocess, img: torch.Tensor) -> torch.Tensor:
+    """``fit_size(pp)(img)`` as a function that pickles (decode processes run it)."""
+    return fit_size(pp)(img)
 
 
 def _batches(
@@ -141,20 +185,27 @@ def _batches(
     stats: ReadStats,
     timer: dict[str, float],
     max_pixels: int,
+    decode_workers: int = 1,
 ) -> Iterator[tuple[list[str], torch.Tensor]]:
     keys: list[str] = []
     images: list[torch.Tensor] = []
     t0 = time.perf_counter()
-    decoded = decoded_samples(
-        iter_shard(url, stats),
-        stats,
-        pp.channels,
-        labeled=False,
-        transform=fit_size(pp),
-        max_pixels=max_pixels,
-        size=pp.image_size,
-    )
-    for key, img, _ in decoded:
+    spec = decode_spec(pp, max_pixels)
+    decoded: Iterator[tuple[str, torch.Tensor]]
+    if decode_workers > 1:
+        decoded = decode_in_order(partial(iter_shard, url), stats, spec, decode_workers)
+    else:  # in this thread: no processes to start or feed for one decoder
+        serial = decoded_samples(
+            iter_shard(url, stats),
+            stats,
+            spec.channels,
+            labeled=False,
+            transform=fit_size(pp),
+            max_pixels=spec.max_pixels,
+            size=spec.size,
+        )
+        decoded = ((key, img) for key, img, _ in serial)
+    for key, img in decoded:
         keys.append(key)
         images.append(img)
         if len(keys) == batch_size:
@@ -168,15 +219,24 @@ def _batches(
 
 
 def label_shard(
-    teacher: Teacher, url: str, batch_size: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS
+    teacher: Teacher,
+    url: str,
+    batch_size: int = 256,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    decode_workers: int = 1,
 ) -> ShardResult:
-    """Label every readable sample of one shard (bad samples are skipped and counted)."""
+    """Label every readable sample of one shard (bad samples are skipped and counted), decoding
+    on ``decode_workers`` processes (1: a thread of this process); the labels and skips do not
+    depend on ``decode_workers``."""
+    if decode_workers < 1:
+        raise ValueError(f"decode_workers must be >= 1, got {decode_workers}")
     stats = ReadStats()
     timer = {"read_decode": 0.0, "forward": 0.0}
     start = time.perf_counter()
     all_keys: list[str] = []
     classes, probs, embs = [], [], []
-    for keys, images in _prefetch(_batches(url, teacher.pp, batch_size, stats, timer, max_pixels)):
+    batches = _batches(url, teacher.pp, batch_size, stats, timer, max_pixels, decode_workers)
+    for keys, images in in_background(batches):
         t0 = time.perf_counter()
         c, p, e = teacher.predict(images)
         timer["forward"] += time.perf_counter() - t0
@@ -210,9 +270,10 @@ def label_shard_to_dir(
     out: str | Path,
     batch_size: int,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    decode_workers: int = 1,
 ) -> dict:
     """Label ``url`` into ``out``: errors file (if any), then the Parquet file; both atomic."""
-    result = label_shard(teacher, url, batch_size, max_pixels)
+    result = label_shard(teacher, url, batch_size, max_pixels, decode_workers)
     t0 = time.perf_counter()
     if result.stats.errors:
         lines = "".join(json.dumps(e) + "\n" for e in result.stats.errors)

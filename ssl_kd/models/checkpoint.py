@@ -7,7 +7,9 @@ Layout, the same for every trainer (``ssl-kd train``, ``pretrain``, ``finetune``
     scheduler   {"kind", "step"}: the schedule is a pure function of the config and the step
     step        optimisation steps taken
     ranks       one entry per DDP rank, in rank order: {"epoch", "seen_in_epoch", "rng"}, where
-                that rank's batch stream is and its RNG states (:func:`rng_state`)
+                that rank's batch stream is and its RNG states (:func:`rng_state`), and with
+                loader workers ``worker_seen`` (samples taken from each) and ``turn``
+    scaler      fp16 training only: the gradient scaler's state
     meta        arch, width, dropout, classes, preprocessing, config, versions (:func:`make_meta`)
 
 Checkpoints that only carry weights (``model``, ``meta``) load for inference. Before one layout,

@@ -6,8 +6,8 @@ settings travel inside every checkpoint and later stages rebuild the transform f
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,48 +16,130 @@ from torchvision.transforms.v2 import functional as TF
 from ssl_kd.errors import UserError
 from ssl_kd.shards.reader import SampleError, peek_image
 
+# torchvision's ImageNet evaluation transform: what its pretrained classifiers expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_RESIZE = 256
+IMAGENET_SIZE = 224
+
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Input format of a model: channels (1 or 3), square size, per-channel normalisation."""
+    """Input format of a model: channels (1 or 3), square size, per-channel normalisation, and
+    the shorter side images are resized to before the centre crop (``resize``; 0: ``image_size``).
+
+    ``mean`` and ``std`` hold one value per channel, or one value for all channels.
+    """
 
     channels: int
     image_size: int
-    mean: float = 0.5
-    std: float = 0.5
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    resize: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            values = tuple(float(v) for v in (value if isinstance(value, Sequence) else [value]))
+            if len(values) not in (1, self.channels):
+                raise UserError(
+                    f"--{name} has {len(values)} values; give 1 or {self.channels} (one per "
+                    "channel)"
+                )
+            object.__setattr__(self, name, values)
+        if any(v <= 0 for v in self.std):
+            raise UserError(f"--std must be > 0, got {list(self.std)}")
+        if self.resize and self.resize < self.image_size:
+            raise UserError(
+                f"--resize {self.resize} is smaller than --image-size {self.image_size}; the "
+                "centre crop must fit in the resized image"
+            )
+
+    @property
+    def resize_to(self) -> int:
+        """The shorter side before the centre crop."""
+        return self.resize or self.image_size
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form for checkpoints and Parquet metadata."""
-        return asdict(self)
+        return {
+            "channels": self.channels,
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "resize": self.resize,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocess:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict` (older files hold a single mean and std, no resize)."""
         return cls(**data)
+
+
+def imagenet_preprocess(
+    image_size: int | None = None,
+    resize: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Preprocess:
+    """torchvision's ImageNet evaluation transform, each part overridable."""
+    size = image_size or IMAGENET_SIZE
+    if resize is None:  # torchvision's ratio: 256 for 224
+        resize = IMAGENET_RESIZE if size == IMAGENET_SIZE else round(size / 0.875)
+    return Preprocess(
+        channels=3,
+        image_size=size,
+        mean=tuple(mean or IMAGENET_MEAN),
+        std=tuple(std or IMAGENET_STD),
+        resize=resize,
+    )
 
 
 def fit_size(pp: Preprocess) -> Callable[[torch.Tensor], torch.Tensor]:
     """Per-image transform of a decoded uint8 (C, H, W) tensor: resize the shorter side to
-    ``image_size`` and centre-crop, only when the image is not already that size.
+    ``pp.resize_to`` (bilinear, antialiased) and centre-crop ``image_size``, skipping what is
+    already the right size.
 
     Augmentation and normalisation run later on whole batches (:func:`augment`,
     :func:`normalize`), on the training device: per-image transforms cost more than a small
     model's forward pass on a 2-core machine.
     """
-    size = pp.image_size
+    size, side = pp.image_size, pp.resize_to
 
     def fit(img: torch.Tensor) -> torch.Tensor:
-        if img.shape[-2:] == (size, size):
+        h, w = img.shape[-2:]
+        if (h, w) == (size, size) and side == size:
             return img
-        img = TF.resize(img, [size], antialias=True)
-        return TF.center_crop(img, [size, size])
+        if min(h, w) != side:
+            img = TF.resize(img, [side], antialias=True)
+        if img.shape[-2:] != (size, size):
+            img = TF.center_crop(img, [size, size])
+        return img
 
     return fit
 
 
+def random_resized_crop(
+    size: int, scale: Sequence[float], ratio: Sequence[float]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Per-image training transform for real images: a random crop of ``scale`` of the area
+    and ``ratio`` aspect, resized to ``size`` (bilinear, antialiased), as torchvision's
+    ``RandomResizedCrop``; draws from the torch RNG of the process that runs it."""
+    from torchvision.transforms import v2
+
+    crop = v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), antialias=True)
+    return crop
+
+
 def normalize(images: torch.Tensor, pp: Preprocess) -> torch.Tensor:
-    """uint8 (N, C, H, W) → float, scaled to [0, 1] then normalised by ``pp.mean``/``pp.std``."""
-    return (images.float() / 255.0 - pp.mean) / pp.std
+    """uint8 (N, C, H, W) → float, scaled to [0, 1] then normalised per channel by
+    ``pp.mean``/``pp.std``; keeps the batch's memory format (channels-last stays so)."""
+    x = images.float() / 255.0
+    if len(pp.mean) == 1 and len(pp.std) == 1:
+        return (x - pp.mean[0]) / pp.std[0]
+    mean = torch.tensor(pp.mean, device=x.device).view(-1, 1, 1)
+    std = torch.tensor(pp.std, device=x.device).view(-1, 1, 1)
+    return (x - mean) / std
 
 
 def augment(images: torch.Tensor, crop_padding: int, flip: bool) -> torch.Tensor:
@@ -88,8 +170,9 @@ def infer_preprocess(
     urls: list[str],
     channels: int | None,
     image_size: int | None,
-    mean: float,
-    std: float,
+    mean: Sequence[float],
+    std: Sequence[float],
+    resize: int = 0,
 ) -> Preprocess:
     """Fill unset channels/size from the first image of the shards."""
     if channels is None or image_size is None:
@@ -108,4 +191,6 @@ def infer_preprocess(
             image_size = w
     if channels not in (1, 3):
         raise UserError(f"channels must be 1 or 3, got {channels}")
-    return Preprocess(channels=channels, image_size=image_size, mean=mean, std=std)
+    return Preprocess(
+        channels=channels, image_size=image_size, mean=tuple(mean), std=tuple(std), resize=resize
+    )

@@ -2,16 +2,28 @@
 
 Every model is a :class:`Classifier`: a ``backbone`` mapping images to a feature vector and a
 linear ``head``. Labeling takes embeddings from ``features``; fine-tuning may swap the head.
+
+Two families of names:
+
+- our own, registered with :func:`register_model`: the small ``cnn`` nets and ResNets whose stem
+  is adapted to 28-32 px images;
+- ``torchvision:NAME`` for every classification model of ``torchvision.models``, built as
+  torchvision defines it (no download, ever): its final linear layer becomes the head, and an
+  optional local weights file (a torchvision ``state_dict``) initialises it first.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
+import io
 from collections.abc import Callable
 
 import torch
 from torch import nn
 from torchvision import models as tvm
 
+from ssl_kd import storage
 from ssl_kd.errors import UserError
 
 ModelFactory = Callable[[int, int, float], tuple[nn.Module, int]]
@@ -20,6 +32,12 @@ _REGISTRY: dict[str, ModelFactory] = {}
 # Below this side an ImageNet stem (7x7 stride-2 conv + max-pool) would shrink a 28-32 px image
 # to 7-8 px before the first residual block; CIFAR-style ResNets use a 3x3 stride-1 stem instead.
 SMALL_IMAGE = 64
+
+TORCHVISION = "torchvision:"
+# torchvision classifiers without a final linear layer to use as the head.
+_NO_LINEAR_HEAD = frozenset({"squeezenet1_0", "squeezenet1_1"})
+# Built without their auxiliary classifiers: they only add training-mode outputs.
+_AUX_LOGITS = frozenset({"googlenet", "inception_v3"})
 
 
 class Classifier(nn.Module):
@@ -55,8 +73,40 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
 
 
 def list_models() -> list[str]:
-    """Registered architecture names, sorted."""
-    return sorted(_REGISTRY)
+    """Every architecture name: our own, then ``torchvision:NAME`` for each torchvision
+    classifier."""
+    return sorted(_REGISTRY) + [TORCHVISION + n for n in torchvision_names()]
+
+
+@functools.cache
+def torchvision_names() -> tuple[str, ...]:
+    """The classification models of ``torchvision.models`` that have a linear head."""
+    return tuple(n for n in tvm.list_models(module=tvm) if n not in _NO_LINEAR_HEAD)
+
+
+def check_model_name(name: str) -> None:
+    """UserError naming the closest known names unless ``name`` is an architecture."""
+    if name in _REGISTRY:
+        return
+    if name.startswith(TORCHVISION):
+        bare = name.removeprefix(TORCHVISION)
+        if bare in torchvision_names():
+            return
+        close = difflib.get_close_matches(bare, torchvision_names(), n=4)
+        hint = f"; did you mean {', '.join(TORCHVISION + c for c in close)}?" if close else ""
+        why = " (it has no linear classifier head)" if bare in _NO_LINEAR_HEAD else ""
+        raise UserError(
+            f"torchvision has no classification model {bare!r}{why}{hint} "
+            "(`ssl-kd models` lists them)"
+        )
+    close = difflib.get_close_matches(name, list_models(), n=4)
+    if name in torchvision_names():
+        close = [TORCHVISION + name]
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise UserError(
+        f"unknown model '{name}'; {hint}choose one of: {', '.join(sorted(_REGISTRY))} or "
+        "torchvision:NAME (`ssl-kd models` lists them)"
+    )
 
 
 def create_model(
@@ -66,14 +116,123 @@ def create_model(
     image_size: int = 224,
     width: float = 1.0,
     dropout: float = 0.0,
+    weights: str | None = None,
 ) -> Classifier:
-    """Build a randomly initialised classifier; unknown names raise UserError with the choices."""
-    if name not in _REGISTRY:
-        raise UserError(f"unknown model '{name}'; choose one of: {', '.join(list_models())}")
+    """Build a classifier: randomly initialised, or for ``torchvision:NAME`` with ``weights``
+    (a local torchvision ``state_dict``) loaded before its head is replaced by a new one of
+    ``num_classes``. Unknown names raise UserError with the choices."""
+    check_model_name(name)
     if num_classes < 1:
         raise UserError(f"num_classes must be >= 1, got {num_classes}")
+    if name.startswith(TORCHVISION):
+        if width != 1.0:
+            raise UserError("width applies to the cnn_* models only; leave it at 1.0")
+        net = torchvision_net(name, in_channels, image_size, weights)
+        backbone, head = split_head(net)
+        return Classifier(backbone, head.in_features, num_classes, dropout)
+    if weights is not None:
+        raise UserError(f"weights files initialise torchvision:NAME models, not {name!r}")
     backbone, dim = _REGISTRY[name](in_channels, image_size, width)
     return Classifier(backbone, dim, num_classes, dropout)
+
+
+def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    """A ``state_dict`` file read with ``weights_only=True``; UserError for anything else."""
+    shown = storage.display(path)
+    if not storage.is_file(path):
+        raise UserError(f"weights file {shown} does not exist")
+    try:
+        source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
+        sd = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{shown} is not a readable state_dict file ({first[:200]})") from None
+    if isinstance(sd, dict) and "model" in sd and "meta" in sd:
+        raise UserError(
+            f"{shown} is an ssl_kd checkpoint, not a torchvision state_dict: pass it as the "
+            "teacher or --init instead"
+        )
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"{shown} is not a state_dict (a mapping of parameter names to tensors)")
+    return sd
+
+
+def torchvision_net(
+    name: str, in_channels: int, image_size: int, weights: str | None = None
+) -> nn.Module:
+    """A torchvision classifier as torchvision builds it; with ``weights`` its own head keeps
+    the number of classes of the file and the file is loaded strictly."""
+    check_model_name(name)
+    bare = name.removeprefix(TORCHVISION)
+    kwargs: dict = {"aux_logits": False} if bare in _AUX_LOGITS else {}
+    if bare.startswith("vit_"):
+        kwargs["image_size"] = image_size  # position embeddings are sized to the input
+    sd = load_state_dict_file(weights) if weights else None
+    if sd is not None:
+        sd = {k: v for k, v in sd.items() if not k.startswith(("AuxLogits.", "aux1.", "aux2."))}
+        kwargs["num_classes"] = _classes_in(bare, kwargs, sd, weights or "")
+    net = tvm.get_model(bare, weights=None, **kwargs)
+    if sd is not None:
+        try:
+            net.load_state_dict(sd)
+        except RuntimeError as exc:
+            raise UserError(
+                f"weights {storage.display(weights or '')} do not fit {name}: {_mismatch(str(exc))}"
+            ) from None
+    if in_channels != 3:
+        net = _RepeatChannels(net, 3)
+    return net
+
+
+def _classes_in(bare: str, kwargs: dict, sd: dict[str, torch.Tensor], path: str) -> int:
+    """Rows of the head's weight in ``sd`` (so a fine-tuned 37-class file loads too)."""
+    with torch.device("meta"):  # the architecture only: no memory, no init
+        probe = tvm.get_model(bare, weights=None, **kwargs)
+    name, _ = _last_linear(probe)
+    key = f"{name}.weight"
+    if key not in sd or sd[key].ndim != 2:
+        raise UserError(
+            f"weights {storage.display(path)} do not fit torchvision:{bare}: no {key} "
+            f"(it holds {', '.join(list(sd)[:3])}, ...)"
+        )
+    return int(sd[key].shape[0])
+
+
+def _mismatch(message: str) -> str:
+    """The first lines of torch's load_state_dict error, on one line."""
+    lines = [ln.strip() for ln in message.splitlines()[1:] if ln.strip()]
+    text = " ".join(lines[:2]) or message.strip().splitlines()[0]
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def _last_linear(net: nn.Module) -> tuple[str, nn.Linear]:
+    """The name and module of the last ``nn.Linear`` registered: torchvision's classifier."""
+    found = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not found:
+        raise UserError(f"{type(net).__name__} has no linear classifier head")
+    return found[-1]
+
+
+def split_head(net: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """``(backbone, head)``: ``net`` with its final linear layer replaced by the identity."""
+    inner = net.net if isinstance(net, _RepeatChannels) else net
+    name, head = _last_linear(inner)
+    parent_name, _, attr = name.rpartition(".")
+    parent = inner.get_submodule(parent_name) if parent_name else inner
+    setattr(parent, attr, nn.Identity())
+    return net, head
+
+
+class _RepeatChannels(nn.Module):
+    """Feeds a 1-channel image to a 3-channel network (what ``convert("RGB")`` does)."""
+
+    def __init__(self, net: nn.Module, channels: int) -> None:
+        super().__init__()
+        self.net = net
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.expand(-1, self.channels, -1, -1))
 
 
 def count_parameters(model: nn.Module) -> int:

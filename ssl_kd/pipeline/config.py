@@ -40,6 +40,22 @@ def pipeline_keys(section: str) -> frozenset[str]:
     return keys | {"seed"} if section in SEEDED else keys
 
 
+@dataclass(frozen=True)
+class ExternalTeacher:
+    """A ``teacher:`` section naming a teacher to start from instead of training one."""
+
+    source: str = option(
+        help="torchvision:NAME (with weights), a TorchScript archive or an ssl_kd checkpoint"
+    )
+    weights: str | None = option(None, help="torchvision:NAME: the state_dict file")
+    class_names: str | None = option(None, help="one class name per line, the teacher's order")
+    keep_classes: str | None = option(None, help="the task's classes (names or indices)")
+    image_size: int | None = option(None, help="centre-crop side (default 224)", min=8)
+    resize: int | None = option(None, help="shorter side before the crop", min=8)
+    mean: list[float] | None = option(None, help="per-channel mean (default ImageNet's)")
+    std: list[float] | None = option(None, help="per-channel std (default ImageNet's)")
+
+
 @dataclass(frozen=True, kw_only=True)
 class PipelineConfig:
     """``ssl-kd run``: data, teacher, labels, selection, student, baseline and results."""
@@ -65,7 +81,11 @@ class PipelineConfig:
     executor: Literal["ray", "local"] = option(
         "ray", help="run the stages on Ray (tasks, actors, Ray Train) or in this process"
     )
-    teacher: dict[str, Any] = option({}, help="ssl-kd train keys of the teacher")
+    teacher: dict[str, Any] = option(
+        {},
+        help="ssl-kd train keys of the teacher, or an external teacher to start from "
+        "(source, weights, class_names, keep_classes, image_size, resize, mean, std)",
+    )
     label: dict[str, Any] = option({}, help="ssl-kd label keys")
     select: dict[str, Any] = option({"per_class": 5000}, help="ssl-kd select keys")
     materialize: dict[str, Any] = option({}, help="ssl-kd materialize keys")
@@ -88,7 +108,9 @@ class PipelineConfig:
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError("seeds", f"has repeats: {self.seeds}")
         built = {
-            section: stage_config(self, section, _placeholders(section)) for section in SECTIONS
+            section: stage_config(self, section, _placeholders(section))
+            for section in SECTIONS
+            if not (section == "teacher" and self.external_teacher())
         }
         k, top_p = built["label"].k, built["select"].top_p
         if self.num_classes is not None and k > self.num_classes:
@@ -97,6 +119,15 @@ class PipelineConfig:
             raise ConfigError(
                 "select.top_p", f"is {top_p}, more than the {k} classes kept per image (label.k)"
             )
+
+    def external_teacher(self) -> ExternalTeacher | None:
+        """The ``teacher:`` section as an external teacher (it names a ``source``), else None."""
+        if "source" not in self.teacher:
+            return None
+        try:
+            return cfglib.from_dict(ExternalTeacher, self.teacher)
+        except ConfigError as exc:
+            raise ConfigError(f"teacher.{exc.key}", str(exc).split(": ", 1)[1]) from None
 
     def uses_own_data(self) -> bool:
         """True when the user named their shards (no Fashion-MNIST import)."""
@@ -132,7 +163,7 @@ def section_values(cfg: PipelineConfig, section: str) -> dict[str, Any]:
             values.setdefault(key, getattr(cfg, key))
     if section == "baseline":  # the student's architecture and fine-tuning budget
         student = {**cfg.pretrain}
-        for key in ("arch", "width"):
+        for key in ("arch", "width", "image_size", "channels"):
             if key in student:
                 values.setdefault(key, student[key])
         values.setdefault("steps", cfg.finetune.get("steps", _stage_class("finetune").steps))

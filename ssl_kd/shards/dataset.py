@@ -2,15 +2,17 @@
 
 The order of an epoch is a pure function of ``(seed, epoch)``, and ``skip`` drops the first
 decoded samples of an epoch before any random augmentation runs, so a run resumed from a
-checkpoint at step ``s`` sees the same batches as a run that never stopped (with
-``num_workers=0``; with worker processes each worker reads its own slice of the shards).
+checkpoint at step ``s`` sees the same samples as a run that never stopped. In DataLoader worker
+processes each worker reads its own slice of the shards, skips its own count, and (with
+``sample_seed``) seeds each sample's transform from its position, so its stream replays too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -46,6 +48,9 @@ class ShardImageDataset(IterableDataset):
     With ``soft_k`` the label is ``(class, topk_class, topk_prob)`` read from each sample's
     ``.json`` soft label; ``part=(i, n)`` keeps every n-th sample from the i-th (one rank's share).
     ``decode_size`` is the side ``transform`` resizes to (large JPEGs decode at a reduced scale).
+    With ``sample_seed``, a DataLoader worker seeds torch's RNG before each sample's transform
+    from ``(sample_seed, epoch, worker, index)``: a worker's RNG is not checkpointed, so this is
+    what makes its random transforms replay on resume (in-process, the caller's RNG is used).
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class ShardImageDataset(IterableDataset):
         part: tuple[int, int] = (0, 1),
         max_pixels: int = DEFAULT_MAX_PIXELS,
         decode_size: int = 0,
+        sample_seed: int | None = None,
     ) -> None:
         super().__init__()
         self.urls = list(urls)
@@ -77,12 +83,14 @@ class ShardImageDataset(IterableDataset):
         self.part = part
         self.max_pixels = max_pixels
         self.decode_size = decode_size
+        self.sample_seed = sample_seed
         self.epoch = 0
-        self.skip = 0
+        self.skip: int | Sequence[int] = 0
         self.stats = ReadStats()
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Select the epoch's order; drop its first ``skip`` samples (for resuming)."""
+    def set_epoch(self, epoch: int, skip: int | Sequence[int] = 0) -> None:
+        """Select the epoch's order; drop its first ``skip`` samples (for resuming), or
+        ``skip[i]`` of DataLoader worker i's."""
         self.epoch = epoch
         self.skip = skip
 
@@ -92,8 +100,15 @@ class ShardImageDataset(IterableDataset):
         if self.shuffle_buffer > 1:
             rng.shuffle(urls)
         info = get_worker_info()
+        skip = self.skip
+        transform = self.transform
         if info is not None:
             urls = urls[info.id :: info.num_workers]
+            if not isinstance(skip, int):
+                skip = skip[info.id]
+            if self.sample_seed is not None:
+                base = (self.sample_seed, self.epoch, info.id)
+                transform = SeededTransform(transform, base, start=skip)
         samples = iter_samples(urls, self.stats)
         index, count = self.part
         if count > 1:  # every count-th sample, before decoding (fewer shards than ranks)
@@ -113,10 +128,32 @@ class ShardImageDataset(IterableDataset):
             self.labeled,
             self.num_classes,
             targets,
-            skip=self.skip,
-            transform=self.transform,
+            skip=skip,
+            transform=transform,
             max_pixels=self.max_pixels,
             size=self.decode_size,
         )
         for key, x, label in decoded:
             yield (key, x, label) if self.with_keys else (x, label)
+
+
+class SeededTransform:
+    """``transform`` with torch's default RNG seeded before each call from ``base`` and the
+    call's index, counted from ``start`` (the samples a resumed stream skips untransformed)."""
+
+    def __init__(
+        self,
+        transform: Callable[[torch.Tensor], torch.Tensor],
+        base: tuple[int, ...],
+        start: int = 0,
+    ) -> None:
+        self.transform = transform
+        self.prefix = ":".join(map(str, base)).encode()
+        self.index = start
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        digest = hashlib.blake2b(b"%s:%d" % (self.prefix, self.index), digest_size=8).digest()
+        self.index += 1
+        # The CPU generator alone: torch.manual_seed also visits every accelerator (40x slower).
+        torch.default_generator.manual_seed(int.from_bytes(digest, "little"))
+        return self.transform(img)

@@ -27,6 +27,7 @@ class RunContext(Protocol):
 
     rank: int
     world_size: int
+    local_world_size: int  # ranks on this machine, sharing its CPUs
 
     def device(self, requested: str) -> torch.device: ...
 
@@ -46,6 +47,7 @@ class LocalContext:
 
     rank = 0
     world_size = 1
+    local_world_size = 1
 
     def __init__(self, out: str) -> None:
         self.path = storage.join(out, CHECKPOINT_FILE)
@@ -91,6 +93,7 @@ class RayContext:
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
+        self.local_world_size = ctx.get_local_world_size()
 
     def device(self, requested: str) -> torch.device:
         """The device Ray Train assigned to this worker."""

@@ -1,6 +1,11 @@
 """The reusable pieces of a training loop: one optimisation step and an endless batch stream.
 
 The training loop (:mod:`ssl_kd.train.worker`) and the throughput benchmark drive these.
+
+With DataLoader worker processes the stream stays resumable step for step: each worker batches
+its own slice of the shards and says when it is done, the main process takes their batches in a
+fixed round-robin (not the order they arrive in) and counts what it took from each worker, and a
+resumed worker skips exactly its count (:class:`StreamState`).
 """
 
 from __future__ import annotations
@@ -9,17 +14,18 @@ import json
 import logging
 import math
 import os
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from ssl_kd import atomic, storage
+from ssl_kd.device import autocast
 from ssl_kd.errors import UserError
 from ssl_kd.shards.dataset import ShardImageDataset
 
@@ -34,10 +40,33 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class StreamState:
-    """Where the batch stream is: which epoch, and how many samples of it were consumed."""
+    """Where the batch stream is: which epoch, and how many samples of it were consumed; with
+    DataLoader workers also how many from each worker, and whose batch comes next."""
 
     epoch: int = 0
     seen_in_epoch: int = 0
+    worker_seen: list[int] = field(default_factory=list)
+    turn: int = 0
+
+    def fit_workers(self, num_workers: int) -> None:
+        """Make the state one of ``num_workers`` loader workers (0: in-process). A stream saved
+        with another number carries on approximately: the same share of the epoch is skipped,
+        not the same samples."""
+        n = num_workers
+        if len(self.worker_seen) == n:
+            return
+        if self.seen_in_epoch:
+            log.warning(
+                "the batch stream was saved with %d loader worker(s) and continues with %d: "
+                "epoch %d resumes at about the same point, not at the same samples",
+                len(self.worker_seen),
+                n,
+                self.epoch,
+            )
+        self.worker_seen = [self.seen_in_epoch // n] * n if n else []
+        if n:
+            self.seen_in_epoch = sum(self.worker_seen)
+        self.turn = 0
 
 
 def train_step(
@@ -47,18 +76,32 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     lr: float,
     loss_fn: LossFn,
+    *,
+    precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
-    """One SGD step at learning rate ``lr``; returns the loss parts as floats."""
+    """One SGD step at learning rate ``lr``; returns the loss parts as floats.
+
+    The forward pass runs under autocast at ``precision``; the loss is computed in fp32 from
+    the logits. ``scaler`` (fp16) scales the loss so small gradients do not underflow.
+    """
     for group in optimizer.param_groups:
         group["lr"] = float(lr)  # a numpy scalar would break weights_only loading
     model.train()
-    parts = loss_fn(model(images), labels)
+    with autocast(images.device, precision):
+        logits = model(images)
+    parts = loss_fn(logits.float(), labels)
     loss = parts["loss"]
     if not math.isfinite(loss.item()):
         raise NonFiniteLossError(f"loss is {loss.item()}; lower the learning rate")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+        scaler.update()
     return {k: v.item() for k, v in parts.items()}
 
 
@@ -67,31 +110,25 @@ def stream_batches(
     batch_size: int,
     state: StreamState,
     num_workers: int = 0,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    pin_memory: bool = False,
+) -> Iterator[tuple[torch.Tensor, Any]]:
     """Yield training batches forever, epoch after epoch, updating ``state`` as it goes.
 
-    Restarting with a saved ``state`` continues mid-epoch. Partial last batches are dropped
-    (BatchNorm cannot train on a batch of one).
+    Restarting with a saved ``state`` continues mid-epoch at the same batch, with or without
+    ``num_workers`` loader processes (as long as their number is the same). Partial last
+    batches are dropped (BatchNorm cannot train on a batch of one); with workers, each worker's.
     """
+    state.fit_workers(num_workers)
     while True:
-        dataset.set_epoch(state.epoch, skip=state.seen_in_epoch)
         reasons_before = Counter(dataset.stats.reasons)
-        # A private generator: DataLoader draws a seed per iterator, and drawing it from the
-        # global RNG would shift the augmentation stream of a resumed run.
-        loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            drop_last=True,
-            generator=torch.Generator().manual_seed(state.epoch),
-        )
+        if num_workers:
+            epoch = _worker_epoch(dataset, batch_size, state, num_workers, pin_memory)
+        else:
+            epoch = _epoch(dataset, batch_size, state, pin_memory)
         produced = 0
-        for images, labels in loader:
-            if not isinstance(labels, (list, tuple)):  # soft labels come as a tuple of tensors
-                labels = torch.as_tensor(labels)
-            state.seen_in_epoch += len(images)
+        for batch in epoch:
             produced += 1
-            yield images, labels
+            yield batch
         if produced == 0 and state.seen_in_epoch == 0:
             raise UserError(
                 f"the training shards gave no full batch of {batch_size} usable samples; "
@@ -100,6 +137,116 @@ def stream_batches(
         _log_epoch_skips(state.epoch, dataset.stats.reasons - reasons_before)
         state.epoch += 1
         state.seen_in_epoch = 0
+        state.worker_seen = [0] * num_workers
+        state.turn = 0
+
+
+def _epoch(
+    dataset: ShardImageDataset, batch_size: int, state: StreamState, pin_memory: bool
+) -> Iterator[tuple[torch.Tensor, Any]]:
+    """The rest of the epoch, read in this process."""
+    dataset.set_epoch(state.epoch, skip=state.seen_in_epoch)
+    # A private generator: DataLoader draws a seed per iterator, and drawing it from the
+    # global RNG would shift the augmentation stream of a resumed run.
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        drop_last=True,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(state.epoch),
+    )
+    for images, labels in loader:
+        if not isinstance(labels, (list, tuple)):  # soft labels come as a tuple of tensors
+            labels = torch.as_tensor(labels)
+        state.seen_in_epoch += len(images)
+        yield images, labels
+
+
+class _WorkerBatches(IterableDataset):
+    """Runs in a loader worker: its share of ``dataset`` in full batches, each tagged with the
+    worker's id and the read counts since the previous item, then an end marker."""
+
+    def __init__(self, dataset: ShardImageDataset, batch_size: int) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        info = get_worker_info()
+        assert info is not None, "runs in DataLoader workers only"
+        stats = self.dataset.stats
+        seen = (stats.samples, stats.skipped, Counter(stats.reasons))
+
+        def counts() -> dict[str, Any]:
+            # The worker's counts die with it: the main process adds up what each item says.
+            nonlocal seen
+            samples, skipped, reasons = seen
+            seen = (stats.samples, stats.skipped, Counter(stats.reasons))
+            return {
+                "samples": stats.samples - samples,
+                "skipped": stats.skipped - skipped,
+                "reasons": dict(stats.reasons - reasons),
+            }
+
+        batch: list[Any] = []
+        for sample in self.dataset:
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                images, labels = default_collate(batch)
+                yield "batch", info.id, images, labels, counts()
+                batch = []
+        yield "end", info.id, None, None, counts()
+
+
+def _worker_epoch(
+    dataset: ShardImageDataset,
+    batch_size: int,
+    state: StreamState,
+    num_workers: int,
+    pin_memory: bool,
+) -> Iterator[tuple[torch.Tensor, Any]]:
+    """The rest of the epoch from ``num_workers`` loader processes, in round-robin order from
+    ``state.turn`` over the workers not yet done: a function of the state alone, so a resumed
+    stream repeats it."""
+    dataset.set_epoch(state.epoch, skip=list(state.worker_seen))
+    loader = DataLoader(
+        _WorkerBatches(dataset, batch_size),
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(state.epoch),
+    )
+    items = iter(loader)
+    pending: list[deque[Any]] = [deque() for _ in range(num_workers)]
+    live = [True] * num_workers
+    while any(live):
+        w = state.turn
+        if not live[w]:
+            state.turn = (w + 1) % num_workers
+            continue
+        while not pending[w]:  # the loader's own order differs: hold the others' items
+            item = next(items, None)
+            if item is None:
+                raise RuntimeError(f"loader worker {w} stopped without finishing its stream")
+            pending[item[1]].append(item)
+        kind, _, images, labels, counts = pending[w].popleft()
+        _add_counts(dataset, counts)
+        if kind == "end":
+            live[w] = False
+            continue
+        if not isinstance(labels, (list, tuple)):
+            labels = torch.as_tensor(labels)
+        state.worker_seen[w] += len(images)
+        state.seen_in_epoch += len(images)
+        state.turn = (w + 1) % num_workers
+        yield images, labels
+
+
+def _add_counts(dataset: ShardImageDataset, counts: dict[str, Any]) -> None:
+    stats = dataset.stats
+    stats.samples += counts["samples"]
+    stats.skipped += counts["skipped"]
+    stats.reasons.update(counts["reasons"])
 
 
 def _log_epoch_skips(epoch: int, reasons: Counter[str]) -> None:

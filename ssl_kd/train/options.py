@@ -12,8 +12,10 @@ from typing import ClassVar, Literal
 
 from ssl_kd.config import option
 from ssl_kd.errors import ConfigError, UserError
-from ssl_kd.models.registry import list_models
+from ssl_kd.models.registry import SMALL_IMAGE, TORCHVISION, check_model_name
 from ssl_kd.shards.decode import DEFAULT_MAX_PIXELS
+
+Recipe = Literal["small", "real"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,14 +30,29 @@ class TrainOptions:
         None, help="labeled shards evaluated during and after training", operational=True
     )
     arch: str = option("cnn", help="model architecture (see `ssl-kd models`)")
+    weights: str | None = option(
+        None, help="torchvision state_dict initialising a torchvision:NAME arch (new head)"
+    )
     width: float = option(1.0, help="width multiplier of cnn models", gt=0)
     dropout: float = option(0.0, help="dropout before the classifier head", min=0, max=0.95)
     num_classes: int | None = option(None, help="number of classes (else from dataset.json)", min=1)
     class_names: str | None = option(None, help="file with one class name per line")
-    channels: int | None = option(None, help="input channels, 1 or 3 (else from the images)")
+    channels: int | None = option(
+        None,
+        help="input channels, 1 or 3 (default: 3 for torchvision:NAME or a mean of 3 values, "
+        "else the first image's)",
+    )
     image_size: int | None = option(None, help="input side in pixels (else from the images)", min=8)
-    mean: float = option(0.5, help="normalisation mean")
-    std: float = option(0.5, help="normalisation std", gt=0)
+    mean: list[float] = option([0.5], help="normalisation mean: one, or one per channel", nargs="+")
+    std: list[float] = option(
+        [0.5], help="normalisation std: one, or one per channel", gt=0, nargs="+"
+    )
+    resize: int | None = option(
+        None,
+        help="evaluation: shorter side before the centre crop (default: image_size/0.875 for "
+        "the real recipe, image_size for the small one)",
+        min=0,
+    )
     max_pixels: int = option(
         DEFAULT_MAX_PIXELS,
         help="images with more pixels are skipped unread (the decompression-bomb guard)",
@@ -50,8 +67,23 @@ class TrainOptions:
     schedule: Literal["cosine", "onecycle", "constant"] = option("cosine", help="LR schedule")
     warmup_steps: int = option(100, help="linear warm-up steps (cosine, constant)", min=0)
     label_smoothing: float = option(0.0, help="label smoothing", min=0, max=0.99)
-    crop_padding: int = option(2, help="pixels of padding for random crops (0: no crop)", min=0)
+    augment: Literal["auto", "small", "real"] = option(
+        "auto",
+        help=f"small: padded crops; real: random-resized crops; auto: real from {SMALL_IMAGE} px",
+    )
+    crop_padding: int = option(
+        2, help="small recipe: pixels of padding for random crops (0: no crop)", min=0
+    )
+    crop_scale: list[float] = option(
+        [0.08, 1.0], help="real recipe: range of the crop's share of the image area", nargs="+"
+    )
+    crop_ratio: list[float] = option(
+        [3 / 4, 4 / 3], help="real recipe: range of the crop's aspect ratio", nargs="+"
+    )
     flip: bool = option(True, help="random horizontal flips")
+    precision: Literal["fp32", "bf16", "fp16"] = option(
+        "fp32", help="fp32, or autocast to bf16 or fp16 (fp16 with a gradient scaler)"
+    )
     shuffle_buffer: int = option(5000, help="samples in the shuffle buffer", min=0)
     seed: int = option(0, help="random seed (init, data order, augmentation)")
     log_every: int = option(50, help="steps between metrics lines", min=1, operational=True)
@@ -59,10 +91,20 @@ class TrainOptions:
         0, help="steps between evaluations on val_data (0: at end)", min=0, operational=True
     )
     ckpt_every: int = option(500, help="steps between checkpoints", min=1, operational=True)
-    num_workers: int = option(
-        0, help="DataLoader workers (0 keeps resume exact)", min=0, operational=True
+    num_workers: int | Literal["auto"] = option(
+        "auto",
+        help="DataLoader worker processes per rank (auto: none for the small recipe, else "
+        "from the CPUs; on resume, the number the run started with)",
+        min=0,
+        operational=True,
     )
     device: str = option("auto", help="auto, cpu, cuda or cuda:N", operational=True)
+
+    def recipe(self, image_size: int) -> Recipe:
+        """The augmentation recipe for inputs of ``image_size`` px (``augment: auto``)."""
+        if self.augment != "auto":
+            return self.augment
+        return "real" if image_size >= SMALL_IMAGE else "small"
 
     def stream_seeds(self, rank: int) -> tuple[int | None, int]:
         """``(augmentation seed, data-order seed)`` of ``rank``; None: no reseed after the init.
@@ -77,10 +119,25 @@ def _check(cfg: TrainConfig | StudentConfig) -> None:
     if cfg.executor == "local" and cfg.workers > 1:
         raise UserError("--workers > 1 needs --executor ray (DDP ranks are Ray workers)")
     # Checked with the config, so `ssl-kd run` refuses a bad section before any stage runs.
-    if cfg.arch is not None and cfg.arch not in list_models():
-        raise ConfigError(
-            "arch", f"unknown model {cfg.arch!r}; choose one of: {', '.join(list_models())}"
-        )
+    try:
+        check_model_name(cfg.arch)
+    except UserError as exc:
+        raise ConfigError("arch", str(exc)) from None
+    if cfg.weights is not None:
+        if cfg.init:
+            raise ConfigError("weights", "initialises a new model; init already gives weights")
+        if not cfg.arch.startswith(TORCHVISION):
+            raise ConfigError("weights", f"initialises torchvision:NAME archs, not {cfg.arch!r}")
+    _check_range("crop_scale", cfg.crop_scale, upper=1.0)
+    _check_range("crop_ratio", cfg.crop_ratio)
+
+
+def _check_range(key: str, values: list[float], upper: float | None = None) -> None:
+    """Two increasing values above 0 (and at most ``upper``)."""
+    if len(values) != 2 or not 0 < values[0] <= values[1]:
+        raise ConfigError(key, f"expected two increasing values above 0 (min max), got {values}")
+    if upper is not None and values[1] > upper:
+        raise ConfigError(key, f"must be at most {upper}, got {values}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,9 +197,6 @@ class StudentConfig(TrainOptions):
     )
     max_failures: int = option(
         2, help="worker-group restarts from the last checkpoint", min=0, operational=True
-    )
-    num_workers: int = option(
-        0, help="DataLoader workers per rank (0 keeps resume exact)", min=0, operational=True
     )
     device: str = option("auto", help="local executor: auto, cpu, cuda or cuda:N", operational=True)
 

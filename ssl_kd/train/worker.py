@@ -10,6 +10,11 @@ The teacher and the baseline (:class:`~ssl_kd.train.options.TrainConfig`) are th
 hard loss, no init checkpoint and no RandAugment; the configs differ only in their keys and in
 how a rank seeds its augmentation and data order (``cfg.stream_seeds``).
 
+Two augmentation recipes (``cfg.recipe``): ``small`` (28-32 px data, the demo) decodes images at
+their size and applies padded crops and flips to whole batches on the training device; ``real``
+takes a random-resized crop of each image where it is decoded (in the loader workers) and flips
+whole batches on the device. Evaluation resizes and centre-crops (:func:`fit_size`) either way.
+
 Outputs in ``out``: ``config.yaml``, ``metrics.jsonl`` (rank 0), ``checkpoint.pt`` (the final
 weights, loadable like every checkpoint here) and ``summary.json``. Resumable state (optimizer,
 step, per-rank stream positions and RNG states; see :mod:`ssl_kd.models.checkpoint`) is
@@ -26,7 +31,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,7 @@ from torch import nn
 
 from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
+from ssl_kd.device import grad_scaler, use_channels_last
 from ssl_kd.errors import UserError
 from ssl_kd.evaluate.metrics import eval_loader, evaluate
 from ssl_kd.models.checkpoint import (
@@ -48,8 +54,15 @@ from ssl_kd.models.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from ssl_kd.models.preprocess import Preprocess, augment, fit_size, infer_preprocess, normalize
-from ssl_kd.models.registry import create_model
+from ssl_kd.models.preprocess import (
+    Preprocess,
+    augment,
+    fit_size,
+    infer_preprocess,
+    normalize,
+    random_resized_crop,
+)
+from ssl_kd.models.registry import TORCHVISION, create_model
 from ssl_kd.shards import expand_shards
 from ssl_kd.shards.classes import dataset_info_near, resolve_classes
 from ssl_kd.shards.dataset import ShardImageDataset
@@ -57,7 +70,7 @@ from ssl_kd.train.context import RunContext
 from ssl_kd.train.loop import LossFn, MetricsLog, StreamState, stream_batches, train_step
 from ssl_kd.train.losses import student_loss
 from ssl_kd.train.optim import build_optimizer
-from ssl_kd.train.options import StudentConfig, TrainConfig
+from ssl_kd.train.options import Recipe, StudentConfig, TrainConfig
 from ssl_kd.train.schedule import lr_schedule
 
 log = logging.getLogger(__name__)
@@ -66,6 +79,11 @@ Config = TrainConfig | StudentConfig
 
 # Fault injection for the restart tests: "PATH:STEP" fails once at STEP, leaving PATH behind.
 FAIL_ONCE_ENV = "SSL_KD_FAIL_ONCE"
+
+# num_workers auto: more decoding processes per rank than this rarely pay for their memory.
+MAX_AUTO_WORKERS = 8
+# torchvision's evaluation ratio of crop to resized side (224 of 256).
+CROP_FRACTION = 0.875
 
 
 @dataclass(frozen=True)
@@ -77,10 +95,13 @@ class Inputs:
     pp: Preprocess
     soft_k: int
     label_temperature: float
+    recipe: Recipe
 
 
 def read_inputs(cfg: Config) -> Inputs:
     """Shards, classes and preprocessing of ``cfg``; bad input raises UserError."""
+    if cfg.weights is not None and not storage.is_file(cfg.weights):
+        raise UserError(f"weights file {storage.display(cfg.weights)} does not exist")
     urls = expand_shards(cfg.data)
     classes = resolve_classes(urls, cfg.class_names, cfg.num_classes)
     soft = (dataset_info_near(urls) or {}).get("soft_label") or {}
@@ -98,9 +119,38 @@ def read_inputs(cfg: Config) -> Inputs:
                 f"{len(classes)}: add --fresh-head to train a new classifier head"
             )
     else:
-        pp = infer_preprocess(urls, cfg.channels, cfg.image_size, cfg.mean, cfg.std)
+        pp = _preprocess(cfg, urls)
     soft_k = int(soft.get("k", 0)) if cfg.loss != "hard" else 0
-    return Inputs(urls, classes, pp, soft_k, float(soft.get("temperature", 1.0)))
+    label_temperature = float(soft.get("temperature", 1.0))
+    return Inputs(urls, classes, pp, soft_k, label_temperature, cfg.recipe(pp.image_size))
+
+
+def _preprocess(cfg: Config, urls: list[str]) -> Preprocess:
+    """The config's input format; the real recipe evaluates at torchvision's resize ratio."""
+    channels = cfg.channels
+    if channels is None and (
+        cfg.arch.startswith(TORCHVISION) or 3 in (len(cfg.mean), len(cfg.std))
+    ):
+        channels = 3  # an RGB model, whatever the mode of the first image of the shards
+    pp = infer_preprocess(urls, channels, cfg.image_size, cfg.mean, cfg.std)
+    resize = cfg.resize
+    if resize is None:
+        real = cfg.recipe(pp.image_size) == "real"
+        resize = round(pp.image_size / CROP_FRACTION) if real else 0
+    return replace(pp, resize=resize)
+
+
+def loader_workers(requested: int | str, recipe: Recipe, shards: int, local_ranks: int) -> int:
+    """DataLoader worker processes for one rank: ``requested``, or for ``auto`` none with the
+    small recipe (a 28-px batch is cheaper to augment in-process than to pass between
+    processes) and else the rank's share of the CPUs less one for the training loop, at most
+    one per shard and :data:`MAX_AUTO_WORKERS`."""
+    if requested != "auto":
+        return int(requested)
+    if recipe == "small":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(MAX_AUTO_WORKERS, (cpus or 1) // local_ranks - 1, shards))
 
 
 @dataclass
@@ -119,10 +169,18 @@ class _Run:
     loss_fn: LossFn
     val_urls: list[str]
     metrics_log: MetricsLog | None
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    channels_last: bool
+    loader_workers: int  # DataLoader worker processes (0: read in this process)
     train_model: nn.Module | None = None  # DDP-wrapped after the resume
     step: int = 0
     start_step: int = 0
     stream: StreamState = field(default_factory=StreamState)
+
+    @property
+    def pin_memory(self) -> bool:
+        """Page-locked batches copy to a GPU asynchronously (``non_blocking``)."""
+        return self.device.type == "cuda"
 
     @property
     def lead(self) -> bool:
@@ -146,6 +204,9 @@ def _setup(cfg: Config, ctx: RunContext) -> _Run:
     random.seed(cfg.seed)
     model, meta = _build_model(cfg, inputs)
     model.to(device)  # before the optimizer, so resumed optimizer state lands on the device
+    channels_last = use_channels_last(device, cfg.precision, inputs.pp.image_size)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
     schedule = lr_schedule(cfg.schedule, cfg.lr, cfg.steps, cfg.warmup_steps)
     augment_seed, data_seed = cfg.stream_seeds(ctx.rank)
@@ -160,6 +221,10 @@ def _setup(cfg: Config, ctx: RunContext) -> _Run:
     )
     metrics = MetricsLog(storage.join(cfg.out, "metrics.jsonl")) if ctx.rank == 0 else None
     val_urls = expand_shards(cfg.val_data) if cfg.val_data else []
+    dataset = _dataset(cfg, inputs, ctx, data_seed)
+    workers = loader_workers(
+        cfg.num_workers, inputs.recipe, len(dataset.urls), ctx.local_world_size
+    )
     return _Run(
         cfg,
         ctx,
@@ -169,10 +234,13 @@ def _setup(cfg: Config, ctx: RunContext) -> _Run:
         meta,
         optimizer,
         schedule,
-        _dataset(cfg, inputs, ctx, data_seed),
+        dataset,
         loss_fn,
         val_urls,
         metrics,
+        grad_scaler(device, cfg.precision),
+        channels_last,
+        workers,
     )
 
 
@@ -184,8 +252,8 @@ def _build_model(cfg: Config, inputs: Inputs) -> tuple[nn.Module, dict[str, Any]
         arch, width, dropout = meta["arch"], meta["width"], meta.get("dropout", 0.0)
     else:
         arch, width, dropout = cfg.arch, cfg.width, cfg.dropout
-        pp = inputs.pp
-        model = create_model(arch, len(inputs.classes), pp.channels, pp.image_size, width, dropout)
+        pp, n = inputs.pp, len(inputs.classes)
+        model = create_model(arch, n, pp.channels, pp.image_size, width, dropout, cfg.weights)
     meta = make_meta(arch, width, dropout, inputs.classes, inputs.pp, cfglib.to_dict(cfg))
     return model, meta
 
@@ -195,7 +263,7 @@ def _dataset(cfg: Config, inputs: Inputs, ctx: RunContext, seed: int) -> ShardIm
     split_shards = len(inputs.urls) >= ctx.world_size
     return ShardImageDataset(
         inputs.urls[ctx.rank :: ctx.world_size] if split_shards else inputs.urls,
-        _transform(cfg, inputs.pp),
+        _transform(cfg, inputs.pp, inputs.recipe),
         inputs.pp.channels,
         num_classes=len(inputs.classes),
         shuffle_buffer=cfg.shuffle_buffer,
@@ -203,20 +271,29 @@ def _dataset(cfg: Config, inputs: Inputs, ctx: RunContext, seed: int) -> ShardIm
         soft_k=inputs.soft_k,
         part=(0, 1) if split_shards else (ctx.rank, ctx.world_size),
         max_pixels=cfg.max_pixels,
-        decode_size=inputs.pp.image_size,
+        decode_size=inputs.pp.resize_to,
+        # Loader workers seed each image's crop by its place in their stream, per rank.
+        sample_seed=cfg.seed * 1_000_003 + ctx.rank,
     )
 
 
-def _transform(cfg: Config, pp: Preprocess) -> Callable[[torch.Tensor], torch.Tensor]:
-    fit = fit_size(pp)
+def _transform(
+    cfg: Config, pp: Preprocess, recipe: Recipe
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The per-image part of the recipe: the small one's fit to size, or the real one's
+    random-resized crop; then RandAugment when asked for."""
+    if recipe == "real":
+        first = random_resized_crop(pp.image_size, cfg.crop_scale, cfg.crop_ratio)
+    else:
+        first = fit_size(pp)
     if not cfg.randaugment:
-        return fit
+        return first
     from torchvision.transforms import v2
 
     noise = v2.RandAugment(num_ops=cfg.randaugment, magnitude=cfg.randaugment_magnitude)
 
     def transform(img: torch.Tensor) -> torch.Tensor:
-        return noise(fit(img))
+        return noise(first(img))
 
     return transform
 
@@ -227,16 +304,16 @@ def _resume(run: _Run) -> None:
     ckpt = ctx.load_checkpoint()
     if ckpt is not None:
         check_resumable(
-            ckpt["meta"]["config"], cfglib.to_dict(cfg), cfglib.operational_keys(type(cfg)), cfg.out
+            _saved_config(ckpt), cfglib.to_dict(cfg), cfglib.operational_keys(type(cfg)), cfg.out
         )
         run.model.load_state_dict(ckpt["model"])
         run.optimizer.load_state_dict(ckpt["optimizer"])
+        if run.scaler is not None and "scaler" in ckpt:
+            run.scaler.load_state_dict(ckpt["scaler"])
         run.step = run.start_step = int(ckpt["step"])
         ranks = rank_states(ckpt)
         if len(ranks) == ctx.world_size:
-            mine = ranks[ctx.rank]
-            run.stream = StreamState(int(mine["epoch"]), int(mine["seen_in_epoch"]))
-            set_rng_state(mine["rng"])
+            _resume_stream(run, ranks[ctx.rank])
         else:  # another number of ranks: the data order restarts, the weights carry on
             log.warning("resuming %d ranks from a %d-rank checkpoint", ctx.world_size, len(ranks))
         log.info("rank %d resuming %s from step %d", ctx.rank, cfg.out, run.step)
@@ -247,6 +324,28 @@ def _resume(run: _Run) -> None:
     run.train_model = ctx.wrap_model(run.model)
 
 
+def _saved_config(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's config in today's form (a single mean and std were numbers)."""
+    saved = dict(ckpt["meta"]["config"])
+    for key in ("mean", "std"):
+        if isinstance(saved.get(key), (int, float)):
+            saved[key] = [float(saved[key])]
+    return saved
+
+
+def _resume_stream(run: _Run, mine: dict[str, Any]) -> None:
+    """This rank's batch stream and RNG as checkpointed; ``num_workers: auto`` takes the
+    checkpoint's number of loader workers, the one number that replays the stream exactly."""
+    worker_seen = [int(n) for n in mine.get("worker_seen", [])]
+    if run.cfg.num_workers == "auto" and len(worker_seen) != run.loader_workers:
+        log.info("num_workers auto: %d, as the run started with", len(worker_seen))
+        run.loader_workers = len(worker_seen)
+    run.stream = StreamState(
+        int(mine["epoch"]), int(mine["seen_in_epoch"]), worker_seen, int(mine.get("turn", 0))
+    )
+    set_rng_state(mine["rng"])
+
+
 def _train_steps(run: _Run, progress: bool) -> float:
     """Step until ``cfg.steps``, logging, evaluating and checkpointing; returns the seconds."""
     cfg, pp = run.cfg, run.inputs.pp
@@ -254,17 +353,20 @@ def _train_steps(run: _Run, progress: bool) -> float:
     t0 = time.perf_counter()
     window: list[dict[str, float]] = []
     bar = run.ctx.progress(cfg.steps, run.step, enabled=progress and run.lead)
-    batches = stream_batches(run.dataset, cfg.batch_size, run.stream, cfg.num_workers)
+    batches = stream_batches(
+        run.dataset, cfg.batch_size, run.stream, run.loader_workers, run.pin_memory
+    )
     while run.step < cfg.steps:
         images, labels = next(batches)
-        images = augment(images.to(run.device), cfg.crop_padding, cfg.flip)
         parts = train_step(
             run.train_model,
-            normalize(images, pp),
-            _targets(labels, run.device),
+            normalize(_augment(run, images), pp),
+            _targets(labels, run.device, run.pin_memory),
             run.optimizer,
             run.schedule[run.step],
             run.loss_fn,
+            precision=cfg.precision,
+            scaler=run.scaler,
         )
         run.step += 1
         window.append(parts)
@@ -274,19 +376,31 @@ def _train_steps(run: _Run, progress: bool) -> float:
             _log_window(run, window, time.perf_counter() - t0, bar)
             window.clear()
         _evaluate_and_checkpoint(run, bar)
+    batches.close()  # stops the loader workers now, not whenever the generator is collected
     bar.close()
     return time.perf_counter() - t0
 
 
-def _targets(labels: Any, device: torch.device) -> dict[str, torch.Tensor]:
+def _augment(run: _Run, images: torch.Tensor) -> torch.Tensor:
+    """The batch part of the recipe, on the training device: the small recipe's padded crops
+    and flips, the real one's flips (its crops were taken per image)."""
+    images = images.to(run.device, non_blocking=run.pin_memory)
+    padding = run.cfg.crop_padding if run.inputs.recipe == "small" else 0
+    images = augment(images, padding, run.cfg.flip)
+    if run.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+def _targets(labels: Any, device: torch.device, non_blocking: bool) -> dict[str, torch.Tensor]:
     if isinstance(labels, (list, tuple)):
         label, topk_class, topk_prob = labels
         return {
-            "label": label.to(device),
-            "topk_class": topk_class.to(device),
-            "topk_prob": topk_prob.to(device),
+            "label": label.to(device, non_blocking=non_blocking),
+            "topk_class": topk_class.to(device, non_blocking=non_blocking),
+            "topk_prob": topk_prob.to(device, non_blocking=non_blocking),
         }
-    return {"label": labels.to(device)}
+    return {"label": labels.to(device, non_blocking=non_blocking)}
 
 
 def _maybe_fail(step: int) -> None:
@@ -333,9 +447,15 @@ def _evaluate(run: _Run) -> dict[str, Any]:
     pp = run.inputs.pp
     cfg = run.cfg
     loader = eval_loader(
-        run.val_urls, pp, len(run.inputs.classes), 256, cfg.num_workers, cfg.max_pixels
+        run.val_urls,
+        pp,
+        len(run.inputs.classes),
+        256,
+        run.loader_workers,
+        cfg.max_pixels,
+        pin_memory=run.pin_memory,
     )
-    result = evaluate(run.model, loader, run.device, pp)
+    result = evaluate(run.model, loader, run.device, pp, precision=cfg.precision)
     if run.metrics_log:
         run.metrics_log.write({"step": run.step, **{f"val_{k}": v for k, v in result.items()}})
     return result
@@ -344,8 +464,14 @@ def _evaluate(run: _Run) -> dict[str, Any]:
 def _checkpoint_state(run: _Run) -> dict[str, Any]:
     """The resumable state; collective (gathers every rank's stream): all ranks call it."""
     stream = run.stream
-    mine = {"epoch": stream.epoch, "seen_in_epoch": stream.seen_in_epoch, "rng": rng_state()}
-    return {
+    mine = {
+        "epoch": stream.epoch,
+        "seen_in_epoch": stream.seen_in_epoch,
+        "worker_seen": list(stream.worker_seen),  # one count per loader worker
+        "turn": stream.turn,
+        "rng": rng_state(),
+    }
+    state = {
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": {"kind": run.cfg.schedule, "step": run.step},
@@ -353,6 +479,9 @@ def _checkpoint_state(run: _Run) -> dict[str, Any]:
         "ranks": run.ctx.gather(mine),
         "meta": run.meta,
     }
+    if run.scaler is not None:
+        state["scaler"] = run.scaler.state_dict()
+    return state
 
 
 def _finish(run: _Run, seconds: float) -> dict[str, Any]:
@@ -372,7 +501,10 @@ def _finish(run: _Run, seconds: float) -> dict[str, Any]:
         "arch": run.meta["arch"],
         "loss": cfg.loss,
         "classes": run.inputs.classes,
+        "precision": cfg.precision,
+        "augment": run.inputs.recipe,
         "workers": ctx.world_size,
+        "loader_workers": run.loader_workers,
         "steps_per_rank": steps_per_rank,
         "train_seconds": round(seconds, 2),
         "images_per_s": round(rate, 1) if rate is not None else None,
