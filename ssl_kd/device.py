@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -52,3 +53,11 @@ def use_channels_last(device: torch.device, precision: str, image_size: int) -> 
     (ResNet-50 at 224 px on 2 cores: 14.5 → 18.4 img/s in fp32). Small 28-px images stay
     contiguous: there the layout change costs more than it saves, and results stay as before."""
     return device.type == "cuda" or image_size >= 64 or precision != "fp32"
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: what taskset or a container allows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks on this OS (macOS)
+        return os.cpu_count() or 1

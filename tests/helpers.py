@@ -226,3 +226,19 @@ def write_mixed_shards(
         write_plain_tar(path, members)
         paths.append(str(path))
     return paths
+
+
+def crash_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
+    """Make the next training run fail on its step ``steps + 1``."""
+    from ssl_kd.train import worker
+
+    real_step = worker.train_step
+    calls = {"n": 0}
+
+    def crashing_step(*args: object, **kwargs: object) -> dict:
+        calls["n"] += 1
+        if calls["n"] == steps + 1:
+            raise RuntimeError("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "train_step", crashing_step)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import crash_after
 
 from ssl_kd.errors import UserError
 from ssl_kd.evaluate.run import EvalConfig, run_evaluate
 from ssl_kd.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from ssl_kd.train import worker
 from ssl_kd.train.options import StudentConfig, TrainConfig
 from ssl_kd.train.run import format_summary, run_student, run_train
 
@@ -83,20 +83,6 @@ def test_checkpoint_loads_with_weights_only(
     assert raw["optimizer"]["state"]  # momentum buffers saved for resume
 
 
-def _crash_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
-    """Make the next training run fail on its step ``steps + 1``."""
-    real_step = worker.train_step
-    calls = {"n": 0}
-
-    def crashing_step(*args: object, **kwargs: object) -> dict:
-        calls["n"] += 1
-        if calls["n"] == steps + 1:
-            raise RuntimeError("simulated crash")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(worker, "train_step", crashing_step)
-
-
 def _assert_same_weights(a_dir: Path, b_dir: Path) -> None:
     a = load_checkpoint(a_dir / "checkpoint.pt")
     b = load_checkpoint(b_dir / "checkpoint.pt")
@@ -114,7 +100,7 @@ def test_interrupted_run_resumes_to_the_same_weights(
 
     resumed = replace(straight, out=str(tmp_path / "resumed"))
     with monkeypatch.context() as m:
-        _crash_after(m, 12)  # steps 11 and 12 logged past the checkpoint of step 10
+        crash_after(m, 12)  # steps 11 and 12 logged past the checkpoint of step 10
         with pytest.raises(RuntimeError, match="simulated crash"):
             run_train(resumed, progress=False)
     assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 10
@@ -138,7 +124,7 @@ def test_resumes_a_checkpoint_in_the_legacy_layout(
     run_train(straight, progress=False)
     legacy = replace(straight, out=str(tmp_path / "legacy"))
     with monkeypatch.context() as m:
-        _crash_after(m, 12)
+        crash_after(m, 12)
         with pytest.raises(RuntimeError, match="simulated crash"):
             run_train(legacy, progress=False)
     path = tmp_path / "legacy" / "checkpoint.pt"

@@ -5,12 +5,19 @@ DataLoader worker processes."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli, separable_images, write_labeled_shards, write_mixed_shards
+from helpers import (
+    crash_after,
+    run_cli,
+    separable_images,
+    write_labeled_shards,
+    write_mixed_shards,
+)
 
 from ssl_kd.config import from_dict
 from ssl_kd.device import grad_scaler
@@ -20,7 +27,7 @@ from ssl_kd.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, random_resized
 from ssl_kd.models.registry import create_model
 from ssl_kd.shards import expand_shards
 from ssl_kd.shards.dataset import ShardImageDataset
-from ssl_kd.train import worker
+from ssl_kd.train import recipes, worker
 from ssl_kd.train.context import LocalContext
 from ssl_kd.train.loop import StreamState, stream_batches, train_step
 from ssl_kd.train.losses import student_loss
@@ -227,14 +234,14 @@ def test_per_channel_normalisation_from_the_command_line(
 
 
 def test_auto_loader_workers(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(worker.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    assert worker.loader_workers("auto", "small", shards=100, local_ranks=1) == 0
-    assert worker.loader_workers("auto", "real", shards=100, local_ranks=1) == 8  # the cap
-    assert worker.loader_workers("auto", "real", shards=100, local_ranks=4) == 3  # 16/4 - 1
-    assert worker.loader_workers("auto", "real", shards=2, local_ranks=1) == 2  # one per shard
-    assert worker.loader_workers(3, "small", shards=1, local_ranks=1) == 3  # as asked
-    monkeypatch.setattr(worker.os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    assert worker.loader_workers("auto", "real", shards=100, local_ranks=1) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert recipes.loader_workers("auto", "small", shards=100, local_ranks=1) == 0
+    assert recipes.loader_workers("auto", "real", shards=100, local_ranks=1) == 8  # the cap
+    assert recipes.loader_workers("auto", "real", shards=100, local_ranks=4) == 3  # 16/4 - 1
+    assert recipes.loader_workers("auto", "real", shards=2, local_ranks=1) == 2  # one per shard
+    assert recipes.loader_workers(3, "small", shards=1, local_ranks=1) == 3  # as asked
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert recipes.loader_workers("auto", "real", shards=100, local_ranks=1) == 1
 
 
 def _stream(data: Path, state: StreamState, n: int) -> list[torch.Tensor]:
@@ -266,19 +273,6 @@ def test_worker_stream_resumes_at_the_same_batch(bands: Path) -> None:
     assert len({tuple(b.shape) for b in straight}) == 1
 
 
-def _crash_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
-    real_step = worker.train_step
-    calls = {"n": 0}
-
-    def crashing_step(*args: object, **kwargs: object) -> dict:
-        calls["n"] += 1
-        if calls["n"] == steps + 1:
-            raise RuntimeError("simulated crash")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(worker, "train_step", crashing_step)
-
-
 def test_resume_with_loader_workers_matches_an_uninterrupted_run(
     bands: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -293,7 +287,7 @@ def test_resume_with_loader_workers_matches_an_uninterrupted_run(
     run_student(straight, progress=False)
     resumed = replace(straight, out=str(tmp_path / "resumed"))
     with monkeypatch.context() as m:
-        _crash_after(m, 7)
+        crash_after(m, 7)
         with pytest.raises(RuntimeError, match="simulated crash"):
             run_student(resumed, progress=False)
     ranks = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["ranks"]
@@ -312,7 +306,7 @@ def test_resumes_a_run_saved_before_per_channel_options(
     """A checkpoint whose config holds one mean and std, and no loader-worker counts."""
     cfg = _real(bands, tmp_path / "run", steps=4, ckpt_every=2, augment="small")
     with monkeypatch.context() as m:
-        _crash_after(m, 3)
+        crash_after(m, 3)
         with pytest.raises(RuntimeError, match="simulated crash"):
             run_train(cfg, progress=False)
     path = tmp_path / "run" / "checkpoint.pt"

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
 from ssl_kd.config import option
+from ssl_kd.device import usable_cpus
 from ssl_kd.dir_lock import dir_lock
 from ssl_kd.errors import UserError
 from ssl_kd.executor import Failure, cluster_resources, map_actors
@@ -37,7 +38,7 @@ from ssl_kd.label.teacher import Teacher, decode_spec, label_shard_to_dir
 from ssl_kd.models.external import TeacherSpec
 from ssl_kd.shards import expand_shards, shard_name
 from ssl_kd.shards.decode import DEFAULT_MAX_PIXELS
-from ssl_kd.shards.decode_pool import start_pool, usable_cpus
+from ssl_kd.shards.decode_pool import start_pool
 
 log = logging.getLogger(__name__)
 

@@ -127,8 +127,7 @@ def random_resized_crop(
     ``RandomResizedCrop``; draws from the torch RNG of the process that runs it."""
     from torchvision.transforms import v2
 
-    crop = v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), antialias=True)
-    return crop
+    return v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), antialias=True)
 
 
 def normalize(images: torch.Tensor, pp: Preprocess) -> torch.Tensor:

@@ -159,25 +159,15 @@ class PlanBuilder:
     def add_teacher_import(self, name: str, directory: str, data_stage: str) -> str:
         """An external teacher written as an ssl_kd checkpoint (no training), checked against
         the labeled data's classes."""
+        from ssl_kd.pipeline.teacher_import import import_params, import_teacher
+
         ext = self.cfg.external_teacher()
         assert ext is not None
-        params = {**cfglib.to_dict(ext), "digests": _digests(ext)}
-        cfg = self.cfg
+        params = import_params(ext)
+        cfg, labeled = self.cfg, self.data.labeled
 
         def run() -> dict[str, Any]:
-            from ssl_kd.models.checkpoint import save_checkpoint
-            from ssl_kd.models.external import TeacherSpec, load_teacher, teacher_checkpoint
-            from ssl_kd.shards import expand_shards
-            from ssl_kd.shards.classes import resolve_classes
-
-            spec = TeacherSpec(ext.source, **{k: v for k, v in params.items() if k in _SPEC})
-            loaded = load_teacher(spec)
-            data = resolve_classes(expand_shards(self.data.labeled), cfg.class_names, None)
-            _check_teacher_classes(loaded.meta["classes"], data, ext)
-            script = ext.source if loaded.source.get("source") == "torchscript" else None
-            ckpt = teacher_checkpoint(loaded, {"teacher": params}, script)
-            save_checkpoint(storage.join(directory, "checkpoint.pt"), ckpt)
-            return {"source": loaded.source["source"], "classes": loaded.meta["num_classes"]}
+            return import_teacher(ext, params, labeled, cfg.class_names, directory)
 
         return self._add(name, directory, params, run, (data_stage,))
 
@@ -293,32 +283,6 @@ class PlanBuilder:
         self.models.append(model)
         deps = (*deps, model.stage, model.teacher_stage or "")
         return self._add(f"eval/{model.slug}", directory, params_of(ec, "evaluate"), run, deps)
-
-
-_SPEC = ("weights", "class_names", "keep_classes", "image_size", "resize", "mean", "std")
-
-
-def _digests(ext: Any) -> dict[str, str]:
-    """sha256 of the external teacher's files: new weights re-import the teacher."""
-    files = {"source": ext.source, "weights": ext.weights}
-    files |= {"class_names": ext.class_names, "keep_classes": ext.keep_classes}
-    return {k: storage.sha256(v) for k, v in files.items() if v and storage.is_file(v)}
-
-
-def _check_teacher_classes(teacher: list[str], data: list[str], ext: Any) -> None:
-    """UserError unless the teacher predicts the labeled data's classes, in the same order."""
-    if len(teacher) != len(data):
-        raise UserError(
-            f"the teacher {ext.source} predicts {len(teacher)} classes and the labeled data has "
-            f"{len(data)}: list the task's classes, in the data's order, in teacher.keep_classes"
-        )
-    numbered = [str(i) for i in range(len(teacher))]
-    if teacher != data and numbered not in (teacher, data):
-        raise UserError(
-            f"the teacher's classes ({', '.join(teacher[:4])}, ...) are not the labeled data's "
-            f"({', '.join(data[:4])}, ...): list the task's classes, in the data's order, in "
-            "teacher.keep_classes"
-        )
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,6 @@ raised in a worker is raised again in the reader, as a serial read would raise i
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -225,14 +224,6 @@ def start_pool(workers: int, spec: DecodeSpec | None = None) -> None:
         except (WorkerDied, TimeoutError):
             process_pool.discard(pool)
             raise
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask: what taskset or a container allows)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity masks on this OS (macOS)
-        return os.cpu_count() or 1
 
 
 def _pool(workers: int, spec: DecodeSpec | None) -> ProcessPool:

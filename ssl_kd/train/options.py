@@ -219,3 +219,7 @@ class FinetuneConfig(StudentConfig):
     steps: int = option(1000, help="optimisation steps (the training budget)", min=1)
     lr: float = option(0.01, help="peak learning rate (lower than pretraining)", gt=0)
     warmup_steps: int = option(50, help="linear warm-up steps (cosine, constant)", min=0)
+
+
+# Every trainer's config: the one training loop runs all three.
+Config = TrainConfig | StudentConfig

@@ -10,10 +10,7 @@ The teacher and the baseline (:class:`~ssl_kd.train.options.TrainConfig`) are th
 hard loss, no init checkpoint and no RandAugment; the configs differ only in their keys and in
 how a rank seeds its augmentation and data order (``cfg.stream_seeds``).
 
-Two augmentation recipes (``cfg.recipe``): ``small`` (28-32 px data, the demo) decodes images at
-their size and applies padded crops and flips to whole batches on the training device; ``real``
-takes a random-resized crop of each image where it is decoded (in the loader workers) and flips
-whole batches on the device. Evaluation resizes and centre-crops (:func:`fit_size`) either way.
+The augmentation recipes and the input format are :mod:`ssl_kd.train.recipes`'s.
 
 Outputs in ``out``: ``config.yaml``, ``metrics.jsonl`` (rank 0), ``checkpoint.pt`` (the final
 weights, loadable like every checkpoint here) and ``summary.json``. Resumable state (optimizer,
@@ -30,8 +27,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +53,9 @@ from ssl_kd.models.checkpoint import (
 from ssl_kd.models.preprocess import (
     Preprocess,
     augment,
-    fit_size,
-    infer_preprocess,
     normalize,
-    random_resized_crop,
 )
-from ssl_kd.models.registry import TORCHVISION, create_model
+from ssl_kd.models.registry import create_model
 from ssl_kd.shards import expand_shards
 from ssl_kd.shards.classes import dataset_info_near, resolve_classes
 from ssl_kd.shards.dataset import ShardImageDataset
@@ -70,20 +63,15 @@ from ssl_kd.train.context import RunContext
 from ssl_kd.train.loop import LossFn, MetricsLog, StreamState, stream_batches, train_step
 from ssl_kd.train.losses import student_loss
 from ssl_kd.train.optim import build_optimizer
-from ssl_kd.train.options import Recipe, StudentConfig, TrainConfig
+from ssl_kd.train.options import Config, Recipe
+from ssl_kd.train.recipes import image_transform, input_format, loader_workers
 from ssl_kd.train.schedule import lr_schedule
 
 log = logging.getLogger(__name__)
 
-Config = TrainConfig | StudentConfig
 
 # Fault injection for the restart tests: "PATH:STEP" fails once at STEP, leaving PATH behind.
 FAIL_ONCE_ENV = "SSL_KD_FAIL_ONCE"
-
-# num_workers auto: more decoding processes per rank than this rarely pay for their memory.
-MAX_AUTO_WORKERS = 8
-# torchvision's evaluation ratio of crop to resized side (224 of 256).
-CROP_FRACTION = 0.875
 
 
 @dataclass(frozen=True)
@@ -119,38 +107,10 @@ def read_inputs(cfg: Config) -> Inputs:
                 f"{len(classes)}: add --fresh-head to train a new classifier head"
             )
     else:
-        pp = _preprocess(cfg, urls)
+        pp = input_format(cfg, urls)
     soft_k = int(soft.get("k", 0)) if cfg.loss != "hard" else 0
     label_temperature = float(soft.get("temperature", 1.0))
     return Inputs(urls, classes, pp, soft_k, label_temperature, cfg.recipe(pp.image_size))
-
-
-def _preprocess(cfg: Config, urls: list[str]) -> Preprocess:
-    """The config's input format; the real recipe evaluates at torchvision's resize ratio."""
-    channels = cfg.channels
-    if channels is None and (
-        cfg.arch.startswith(TORCHVISION) or 3 in (len(cfg.mean), len(cfg.std))
-    ):
-        channels = 3  # an RGB model, whatever the mode of the first image of the shards
-    pp = infer_preprocess(urls, channels, cfg.image_size, cfg.mean, cfg.std)
-    resize = cfg.resize
-    if resize is None:
-        real = cfg.recipe(pp.image_size) == "real"
-        resize = round(pp.image_size / CROP_FRACTION) if real else 0
-    return replace(pp, resize=resize)
-
-
-def loader_workers(requested: int | str, recipe: Recipe, shards: int, local_ranks: int) -> int:
-    """DataLoader worker processes for one rank: ``requested``, or for ``auto`` none with the
-    small recipe (a 28-px batch is cheaper to augment in-process than to pass between
-    processes) and else the rank's share of the CPUs less one for the training loop, at most
-    one per shard and :data:`MAX_AUTO_WORKERS`."""
-    if requested != "auto":
-        return int(requested)
-    if recipe == "small":
-        return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(MAX_AUTO_WORKERS, (cpus or 1) // local_ranks - 1, shards))
 
 
 @dataclass
@@ -263,7 +223,7 @@ def _dataset(cfg: Config, inputs: Inputs, ctx: RunContext, seed: int) -> ShardIm
     split_shards = len(inputs.urls) >= ctx.world_size
     return ShardImageDataset(
         inputs.urls[ctx.rank :: ctx.world_size] if split_shards else inputs.urls,
-        _transform(cfg, inputs.pp, inputs.recipe),
+        image_transform(cfg, inputs.pp, inputs.recipe),
         inputs.pp.channels,
         num_classes=len(inputs.classes),
         shuffle_buffer=cfg.shuffle_buffer,
@@ -275,27 +235,6 @@ def _dataset(cfg: Config, inputs: Inputs, ctx: RunContext, seed: int) -> ShardIm
         # Loader workers seed each image's crop by its place in their stream, per rank.
         sample_seed=cfg.seed * 1_000_003 + ctx.rank,
     )
-
-
-def _transform(
-    cfg: Config, pp: Preprocess, recipe: Recipe
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The per-image part of the recipe: the small one's fit to size, or the real one's
-    random-resized crop; then RandAugment when asked for."""
-    if recipe == "real":
-        first = random_resized_crop(pp.image_size, cfg.crop_scale, cfg.crop_ratio)
-    else:
-        first = fit_size(pp)
-    if not cfg.randaugment:
-        return first
-    from torchvision.transforms import v2
-
-    noise = v2.RandAugment(num_ops=cfg.randaugment, magnitude=cfg.randaugment_magnitude)
-
-    def transform(img: torch.Tensor) -> torch.Tensor:
-        return noise(first(img))
-
-    return transform
 
 
 def _resume(run: _Run) -> None:
