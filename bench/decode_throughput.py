@@ -109,9 +109,10 @@ def stand_in_teacher(path: Path, pp: Preprocess, width: float) -> str:
     return save_checkpoint(path, {"model": model.state_dict(), "step": 0, "meta": meta})
 
 
-def decode_rate(samples: list[dict[str, Any]], pp: Preprocess) -> float:
-    """Images/s of the labeling decode (guarded decode, JPEG draft, resize, crop), this thread."""
-    spec, stats = decode_spec(pp), ReadStats()
+def decode_rate(samples: list[dict[str, Any]], pp: Preprocess, draft: bool = True) -> float:
+    """Images/s of the labeling decode (guarded decode, JPEG draft unless ``draft`` is off,
+    resize, crop), this thread."""
+    spec, stats = decode_spec(pp, jpeg_draft=draft), ReadStats()
     t0 = time.perf_counter()
     decoded = decoded_samples(
         samples,
@@ -126,20 +127,22 @@ def decode_rate(samples: list[dict[str, Any]], pp: Preprocess) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def _decoder(urls: list[str], n: int, pp: Preprocess, barrier: Any, out: Any) -> None:
+def _decoder(urls: list[str], n: int, pp: Preprocess, draft: bool, barrier: Any, out: Any) -> None:
     torch.set_num_threads(1)
     samples = list(itertools.islice(iter_samples(urls, ReadStats()), n))
-    decode_rate(samples[:100], pp)  # warm-up
+    decode_rate(samples[:100], pp, draft)  # warm-up
     barrier.wait()
-    out.put(decode_rate(samples * 2, pp))
+    out.put(decode_rate(samples * 2, pp, draft))
 
 
-def decoders_flat_out(urls: list[str], n: int, pp: Preprocess, procs: int) -> list[float]:
+def decoders_flat_out(
+    urls: list[str], n: int, pp: Preprocess, procs: int, draft: bool = True
+) -> list[float]:
     """Images/s of each of ``procs`` single-threaded processes decoding the first ``n`` images
     (twice) at once."""
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(procs), ctx.Queue()
-    args = (urls, n, pp, barrier, out)
+    args = (urls, n, pp, draft, barrier, out)
     workers = [ctx.Process(target=_decoder, args=args) for _ in range(procs)]
     for w in workers:
         w.start()
@@ -259,7 +262,8 @@ def _table(report: dict[str, Any]) -> str:
     lines = [
         f"{report['images']} JPEGs {W}x{H} q90 ({report['jpeg_bytes_mean'] / 1000:.0f} kB mean) "
         f"in {report['samples']} samples, {report['per_shard']} per shard, decoded to "
-        f"{report['image_size']} px; teacher {report['teacher']}",
+        f"{report['image_size']} px ({'JPEG draft' if report['jpeg_draft'] else 'full decode'}); "
+        f"teacher {report['teacher']}",
         f"{'':52} {'images/s':>9} {'ratio':>6} {'load':>5}",
     ]
     for name, rate, ratio, load in rows:
@@ -282,10 +286,16 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     urls = write_jpeg_shards(work / "s", jpegs, args.samples, args.per_shard)
     ckpt = stand_in_teacher(work / "t.pt", pp, args.width)
     load = _load()
-    before = sum(decoders_flat_out(urls, args.images, pp, args.cpus))
+    draft = args.jpeg_draft
+    before = sum(decoders_flat_out(urls, args.images, pp, args.cpus, draft))
     forward = forward_rate(ckpt, args.batch_size)
     base = LabelConfig(
-        teacher=ckpt, shards=str(work / "s"), out="", batch_size=args.batch_size, device="cpu"
+        teacher=ckpt,
+        shards=str(work / "s"),
+        out="",
+        batch_size=args.batch_size,
+        device="cpu",
+        jpeg_draft=draft,
     )
     connect_ray()  # Ray start-up is a one-off per job: not counted
     label = {}
@@ -293,7 +303,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         label[name] = label_run(replace(cfg, out=str(work / name.replace(" ", "_"))), worker_cls)
     # Measured again after the runs; the better of the two is the baseline (others' work on
     # the cores only ever lowers a figure, and a lower baseline would flatter the ratios).
-    after = sum(decoders_flat_out(urls, args.images, pp, args.cpus))
+    after = sum(decoders_flat_out(urls, args.images, pp, args.cpus, draft))
     decoders = max(before, after)
     per_core = decoders / args.cpus
     for run in label.values():
@@ -305,6 +315,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "jpeg_bytes_mean": round(float(np.mean([len(j) for j in jpegs]))),
         "image_size": args.size,
         "resize": pp.resize_to,
+        "jpeg_draft": draft,
         "teacher": f"cnn width {args.width}, random weights",
         "cpus": args.cpus,
         "decoders_images_per_s": round(decoders, 1),
@@ -328,6 +339,13 @@ def main() -> int:
     ap.add_argument("--width", type=float, default=0.25, help="width of the stand-in cnn")
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the one-worker layout")
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument(
+        "--no-jpeg-draft",
+        dest="jpeg_draft",
+        action="store_false",
+        help="decode every JPEG in full, in the decoders and in labeling alike (ssl-kd label "
+        "--jpeg-draft false): the decode cost of torchvision's decode_jpeg path",
+    )
     ap.add_argument(
         "--free-only",
         action="store_true",

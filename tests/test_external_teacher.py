@@ -60,7 +60,12 @@ def _images(shard_dir: str) -> dict[str, bytes]:
 
 
 def _direct_probs(
-    model: torch.nn.Module, data: bytes, size: int, resize: int, keep: list[int] | None = None
+    model: torch.nn.Module,
+    data: bytes,
+    size: int,
+    resize: int,
+    keep: list[int] | None = None,
+    draft: bool = True,
 ) -> np.ndarray:
     """The teacher's softmax on one image, prepared by torchvision's own transforms."""
     prepare = v2.Compose(
@@ -71,9 +76,9 @@ def _direct_probs(
             v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
-    # The same decode (a large JPEG is read at a reduced scale, never below ``resize``); the
-    # rest is torchvision's own transforms.
-    x = prepare(decode_image(data, 3, size=resize))[None]
+    # The same decode (with ``draft``, a large JPEG is read at a reduced scale, never below
+    # ``resize``); the rest is torchvision's own transforms.
+    x = prepare(decode_image(data, 3, size=resize if draft else 0))[None]
     with torch.inference_mode():
         logits = model.eval()(x)[0]
     if keep is not None:
@@ -252,6 +257,31 @@ def test_bf16_labels_agree_with_fp32_and_are_kept_apart(
     )
     # Labels of another precision are another labeling: not mixed into one directory.
     code, _, err = run_cli([*base, "--out", str(tmp_path / "fp32"), "--precision", "bf16"], capsys)
+    assert code == 2 and "different labelings" in err
+
+
+def test_full_jpeg_decode_labels_as_torchvision_does_and_is_recorded(
+    tmp_path: Path, mixed: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = _images(mixed)
+    # The case the option exists for: JPEGs at least twice the resize target, which draft mode
+    # would read at a reduced scale.
+    jpegs = [d for d in images.values() if d[:2] == b"\xff\xd8"]
+    assert sum(1 for d in jpegs if min(decode_image(d, 3).shape[1:]) >= 2 * 32) >= 3
+    weights = _weights(tmp_path, "resnet18", seed=3)
+    base = ["label", "--teacher", "torchvision:resnet18", "--weights", str(weights)]
+    base += ["--shards", mixed, "--executor", "local", "--image-size", "28", "--resize", "32"]
+    base += ["--k", str(K)]
+    out = tmp_path / "full"
+    code, _, err = run_cli([*base, "--out", str(out), "--jpeg-draft", "false"], capsys)
+    assert code == 0, err
+    model = tvm.get_model("resnet18", weights=None, num_classes=NUM_CLASSES)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    rows, meta = _read(out)
+    _assert_match(rows, images, lambda data: _direct_probs(model, data, 28, 32, draft=False))
+    assert meta.extra["jpeg_draft"] is False
+    # Draft-mode labels are another labeling: not mixed into the same directory.
+    code, _, err = run_cli([*base, "--out", str(out)], capsys)
     assert code == 2 and "different labelings" in err
 
 

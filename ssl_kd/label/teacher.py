@@ -54,6 +54,7 @@ class Teacher:
         embeddings: bool = False,
         device: str = "auto",
         precision: str = "fp32",
+        jpeg_draft: bool = True,
     ) -> None:
         spec = TeacherSpec(spec) if isinstance(spec, str) else spec
         loaded = load_teacher(spec)
@@ -81,6 +82,7 @@ class Teacher:
         self.k = k
         self.temperature = temperature
         self.embeddings = embeddings
+        self.jpeg_draft = jpeg_draft
         self.max_batch: int | None = None  # lowered after a CUDA out-of-memory error
         self.meta = LabelMeta(
             num_classes=meta["num_classes"],
@@ -91,7 +93,11 @@ class Teacher:
             teacher_sha256=loaded.digest,
             preprocess=self.pp.to_dict(),
             embedding_dim=model.feature_dim if embeddings else 0,
-            extra={"teacher": _provenance(loaded.source), "precision": precision},
+            extra={
+                "teacher": _provenance(loaded.source),
+                "precision": precision,
+                "jpeg_draft": jpeg_draft,  # its labels differ slightly from a full decode's
+            },
         )
 
     def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -167,10 +173,13 @@ class ShardResult:
         }
 
 
-def decode_spec(pp: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodeSpec:
-    """How labeling decodes for a teacher with input ``pp`` (what decode processes run)."""
-    # JPEG draft: never below the resize target.
-    return DecodeSpec(pp.channels, max_pixels, pp.resize_to, partial(_fit, pp))
+def decode_spec(
+    pp: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS, jpeg_draft: bool = True
+) -> DecodeSpec:
+    """How labeling decodes for a teacher with input ``pp`` (what decode processes run); with
+    ``jpeg_draft``, a JPEG larger than needed is decoded at a reduced scale (never below the
+    resize target), else in full."""
+    return DecodeSpec(pp.channels, max_pixels, pp.resize_to if jpeg_draft else 0, partial(_fit, pp))
 
 
 def _fit(pp: Preprocess, img: torch.Tensor) -> torch.Tensor:
@@ -180,17 +189,15 @@ def _fit(pp: Preprocess, img: torch.Tensor) -> torch.Tensor:
 
 def _batches(
     url: str,
-    pp: Preprocess,
+    spec: DecodeSpec,
     batch_size: int,
     stats: ReadStats,
     timer: dict[str, float],
-    max_pixels: int,
     decode_workers: int = 1,
 ) -> Iterator[tuple[list[str], torch.Tensor]]:
     keys: list[str] = []
     images: list[torch.Tensor] = []
     t0 = time.perf_counter()
-    spec = decode_spec(pp, max_pixels)
     decoded: Iterator[tuple[str, torch.Tensor]]
     if decode_workers > 1:
         decoded = decode_in_order(partial(iter_shard, url), stats, spec, decode_workers)
@@ -200,7 +207,7 @@ def _batches(
             stats,
             spec.channels,
             labeled=False,
-            transform=fit_size(pp),
+            transform=spec.transform,
             max_pixels=spec.max_pixels,
             size=spec.size,
         )
@@ -235,7 +242,8 @@ def label_shard(
     start = time.perf_counter()
     all_keys: list[str] = []
     classes, probs, embs = [], [], []
-    batches = _batches(url, teacher.pp, batch_size, stats, timer, max_pixels, decode_workers)
+    spec = decode_spec(teacher.pp, max_pixels, teacher.jpeg_draft)
+    batches = _batches(url, spec, batch_size, stats, timer, decode_workers)
     for keys, images in in_background(batches):
         t0 = time.perf_counter()
         c, p, e = teacher.predict(images)
