@@ -126,6 +126,14 @@ COMMANDS: dict[str, Command] = {
             pipeline_keys=frozenset({"checkpoint", "data", "teacher", "out"}),
         ),
         Command(
+            "ensemble",
+            "combine teacher checkpoints, with test-time augmentation, into one teacher",
+            runner="ssl_kd.models.combine:run_ensemble",
+            formatter="ssl_kd.models.combine:format_summary",
+            config="ssl_kd.models.combine:EnsembleConfig",
+            config_file=False,
+        ),
+        Command(
             "label",
             "top-k pseudo-labels of shards (Ray)",
             runner="ssl_kd.label.run:run_label",
@@ -160,7 +168,8 @@ COMMANDS: dict[str, Command] = {
             formatter="ssl_kd.train.run:format_summary",
             config="ssl_kd.train.options:StudentConfig",
             runner_kwargs=("progress",),
-            pipeline_keys=_TRAIN_PATHS | {"init"},
+            # labeled_data: the run's labeled split, when the section sets labeled_share
+            pipeline_keys=_TRAIN_PATHS | {"init", "labeled_data"},
         ),
         Command(
             "finetune",

@@ -162,7 +162,9 @@ def test_a_hung_worker_fails_the_read(mixed_shard: str, monkeypatch: pytest.Monk
     with pytest.raises(TimeoutError, match="hung"):
         _read(mixed_shard, _hang)
     assert time.monotonic() - t0 < 30
-    assert len(_read(mixed_shard, None)) > 20  # a fresh pool replaced the killed one
+    # A fresh pool replaced the killed one (its start-up, seconds on a busy machine, is no hang).
+    monkeypatch.setattr(process_pool, "HUNG_AFTER_S", 600.0)
+    assert len(_read(mixed_shard, None)) > 20
 
 
 def test_an_idle_pool_is_stopped_and_started_again(

@@ -9,14 +9,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from ssl_kd.config import from_dict
 from ssl_kd.datasets.fashion_mnist import (
+    CLASSES,
     DEFAULT_SOURCE,
     FashionMnistConfig,
     import_fashion_mnist,
     split_indices,
 )
 from ssl_kd.datasets.idx import read_idx
-from ssl_kd.errors import UserError
+from ssl_kd.errors import ConfigError, UserError
 from ssl_kd.shards import ReadStats, expand_shards, iter_samples
 
 
@@ -117,3 +119,37 @@ def test_real_fashion_mnist_import(tmp_path: Path) -> None:
     assert set(info["labeled_per_class"].values()) == {100}
     assert len(info["shards"]["unlabeled"]) == 59
     assert pq.read_metadata(tmp_path / "fm" / "unlabeled_truth.parquet").num_rows == 59000
+
+
+def test_open_set_pool_keeps_the_left_out_classes_unlabeled(
+    fake_fmnist: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "open"
+    cfg = FashionMnistConfig(
+        out=str(out),
+        labeled_per_class=3,
+        source=str(fake_fmnist),
+        samples_per_shard=25,
+        open_set=[1, 8],
+    )
+    info = import_fashion_mnist(cfg)
+    task = [c for c in range(10) if c not in (1, 8)]
+    assert info["classes"] == [CLASSES[c] for c in task]
+    assert info["open_set"] == {"classes": ["Trouser", "Bag"], "unlabeled": 24}
+    # 8 task classes x 3 labeled; the pool keeps every other training image, 24 of no class.
+    assert info["counts"] == {"labeled": 24, "unlabeled": 96, "test": 24}
+    labels = read_idx(fake_fmnist / "train-labels-idx1-ubyte.gz")
+    renumber = {c: i for i, c in enumerate(task)}
+    for s in _samples(out / "labeled"):
+        original = labels[int(s["__key__"].split("-")[1])]
+        assert int(s["cls"]) == renumber[original]
+    test = _samples(out / "test")
+    assert all(0 <= int(s["cls"]) < 8 for s in test) and len(test) == 24
+    truth = pq.read_table(out / "unlabeled_truth.parquet").to_pylist()
+    for row in truth:
+        original = labels[int(row["key"].split("-")[1])]
+        assert row["label"] == renumber.get(int(original), -1)
+    with pytest.raises(ConfigError, match="repeats"):
+        from_dict(FashionMnistConfig, {"out": "x", "open_set": [1, 1]})
+    with pytest.raises(ConfigError, match="at least 2 classes"):
+        from_dict(FashionMnistConfig, {"out": "x", "open_set": list(range(9))})

@@ -109,3 +109,25 @@ def test_weights_that_do_not_fit_are_a_user_error(tmp_path) -> None:
         create_model("torchvision:resnet34", 10, weights=str(tmp_path / "r18.pth"))
     with pytest.raises(UserError, match="weights files initialise torchvision:NAME models"):
         create_model("cnn", 10, weights=str(tmp_path / "r18.pth"))
+
+
+def test_stochastic_depth_where_the_architecture_has_it() -> None:
+    from torchvision.ops import StochasticDepth
+
+    from ssl_kd.config import from_dict
+    from ssl_kd.errors import ConfigError
+    from ssl_kd.train.options import StudentConfig
+
+    model = create_model("torchvision:efficientnet_b0", 4, 3, 32, stochastic_depth=0.4)
+    rates = [m.p for m in model.modules() if isinstance(m, StochasticDepth)]
+    # torchvision scales the rate with depth, up to the one asked for (its default is 0.2)
+    assert rates and max(rates) == pytest.approx(0.4 * (len(rates) - 1) / len(rates))
+    for name in ("torchvision:resnet18", "cnn"):
+        with pytest.raises(UserError, match="has no stochastic depth"):
+            create_model(name, 4, 3, 32, stochastic_depth=0.1)
+    base = {"data": "d", "out": "o", "stochastic_depth": 0.1}
+    from_dict(StudentConfig, {**base, "arch": "torchvision:convnext_tiny"})  # accepted
+    with pytest.raises(ConfigError, match=r"stochastic_depth.*cnn_deep has no stochastic depth"):
+        from_dict(StudentConfig, {**base, "arch": "cnn_deep"})
+    with pytest.raises(ConfigError, match="init already built one"):
+        from_dict(StudentConfig, {**base, "arch": "torchvision:efficientnet_b0", "init": "x.pt"})

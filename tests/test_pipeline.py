@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from helpers import TINY, run_cli
@@ -12,8 +13,12 @@ from helpers import TINY, run_cli
 from ssl_kd import config as cfglib
 from ssl_kd.errors import ConfigError, UserError
 from ssl_kd.pipeline.config import PipelineConfig, stage_config
+from ssl_kd.pipeline.oracle import read_truth
+from ssl_kd.pipeline.plan import build_plan
+from ssl_kd.pipeline.precision import precision_curve
 from ssl_kd.pipeline.results import collect, format_markdown
 from ssl_kd.pipeline.stages import Stage, marker_path, run_stages
+from ssl_kd.shards import ReadStats, expand_shards, iter_samples
 
 
 def tiny_config(tmp_path: Path, source: Path, **over: object) -> PipelineConfig:
@@ -51,6 +56,19 @@ def test_pipeline_end_to_end_then_rerun_skips_everything(tmp_path, fake_fmnist):
     report = json.loads((root / "round1/selection/report.json").read_text())
     assert precision["images"] == report["selected"] > 0
     assert 0 <= precision["precision"] <= 1
+    # The curve at the selection's K is the selection's precision; it is a PNG and JSON too.
+    at_k = precision_curve(
+        str(root / "round1/labels"), str(root / "data/unlabeled_truth.parquet"), 2, ks=[6]
+    )
+    assert at_k["selected"] == [report["selected"]]
+    assert at_k["precision"][0] == pytest.approx(precision["precision"])
+    curve = json.loads((root / "round1/selection/precision_curve.json").read_text())
+    assert (
+        curve["k"][0] == 1
+        and curve["k"] == sorted(curve["k"])
+        and len(curve["precision"]) == len(curve["k"])
+    )
+    assert (root / "round1/selection/precision_curve.png").read_bytes()[:4] == b"\x89PNG"
 
     doc = json.loads((root / "results/results.json").read_text())
     rows = {(m["model"], m["round"]): m for m in doc["models"]}
@@ -61,6 +79,7 @@ def test_pipeline_end_to_end_then_rerun_skips_everything(tmp_path, fake_fmnist):
         ("finetuned", 1),
         ("pretrained", 2),
         ("finetuned", 2),
+        ("oracle", 1),
     }
     assert rows["baseline", 0]["seeds"] == [0, 1]
     # The table's figures are those of the evaluation files, summarised over seeds.
@@ -76,8 +95,33 @@ def test_pipeline_end_to_end_then_rerun_skips_everything(tmp_path, fake_fmnist):
     assert (root / "results/results.png").read_bytes()[:4] == b"\x89PNG"
     assert "| finetuned | 2 |" in (root / "results/results.md").read_text()
 
+    # The oracle: the round-1 shards labeled with the truth, and the student trained on them.
+    truth = read_truth(str(root / "data/unlabeled_truth.parquet"))
+
+    def samples(spec: Path) -> list[dict]:
+        return list(iter_samples(expand_shards(str(spec)), ReadStats()))
+
+    oracle, pseudo = samples(root / "round1/oracle"), samples(root / "round1/pseudo")
+    assert [s["__key__"] for s in oracle] == [s["__key__"] for s in pseudo]
+    wrong = 0
+    for o, p in zip(oracle, pseudo, strict=True):
+        soft = json.loads(o["json"])
+        true = truth[soft["source_shard"], soft["source_key"]]
+        assert int(o["cls"]) == soft["class"] == true and soft["topk_class"] == [true]
+        assert o["png"] == p["png"]
+        wrong += int(p["cls"]) != true
+    figures = json.loads((root / "stages/round1__oracle.json").read_text())["figures"]
+    assert figures == {"samples": len(pseudo), "relabeled": wrong}
+    saved = yaml.safe_load((root / "oracle/seed0/pretrain/config.yaml").read_text())
+    assert saved["loss"] == "hard" and saved["steps"] == TINY["pretrain"]["steps"]
+    lost = 100 * (rows["oracle", 1]["top1"]["mean"] - rows["finetuned", 1]["top1"]["mean"])
+    assert doc["goals"][0]["lost_to_label_errors_points"] == pytest.approx(lost)
+    assert "| oracle | 1 |" in (root / "results/results.md").read_text()
+
     again = run_pipeline(cfg, progress=False)
     assert set(_statuses(again).values()) == {"skipped"}
+    names = {s.name for s in build_plan(tiny_config(tmp_path, fake_fmnist, oracle=False)).stages}
+    assert not any("oracle" in name for name in names)
 
 
 def test_changed_key_reruns_only_what_it_affects(tmp_path, fake_fmnist):
@@ -95,9 +139,37 @@ def test_changed_key_reruns_only_what_it_affects(tmp_path, fake_fmnist):
         "eval/round1-seed0-finetuned",
         "baseline/seed0",
         "eval/baseline-seed0",
+        "oracle/seed0/finetune",
+        "eval/oracle-seed0",
     }
     summary = json.loads((Path(changed.out) / "round1/seed0/finetune/summary.json").read_text())
     assert summary["step"] == 3
+
+    # Joint training: the section's labeled_share mixes the run's labeled split into pretraining.
+    joint = tiny_config(
+        tmp_path,
+        fake_fmnist,
+        seeds=[0],
+        finetune={**TINY["finetune"], "steps": 3},
+        pretrain={**TINY["pretrain"], "labeled_share": 0.25},
+    )
+    status = _statuses(run_pipeline(joint, progress=False))
+    ran = {name for name, s in status.items() if s == "ran"}
+    assert ran == {
+        "round1/seed0/pretrain",
+        "round1/seed0/finetune",
+        "eval/round1-seed0-pretrained",
+        "eval/round1-seed0-finetuned",
+        "oracle/seed0/pretrain",  # the same recipe on the true labels: joint too
+        "oracle/seed0/finetune",
+        "eval/oracle-seed0",
+    }
+    pretrain = Path(joint.out) / "round1/seed0/pretrain"
+    assert json.loads((pretrain / "summary.json").read_text())["labeled_per_batch"] == 2
+    saved = yaml.safe_load((pretrain / "config.yaml").read_text())
+    assert saved["labeled_data"] == str(Path(joint.out) / "data/labeled")
+    with pytest.raises(ConfigError, match=r"pretrain.labeled_data.*set by the pipeline"):
+        cfglib.from_dict(PipelineConfig, {"pretrain": {"labeled_data": "x"}})
 
 
 def test_own_shards_instead_of_fashion_mnist(tmp_path, separable_shards):
@@ -297,3 +369,88 @@ def test_results_read_the_selections_the_plan_recorded(tmp_path, fake_fmnist):
     (Path(plan.selections[2].dir) / "precision.json").unlink()
     with pytest.raises(UserError, match=r"precision\.json is missing"):
         collect(str(run), [], plan.selections)
+
+
+def test_round_one_labels_from_a_teacher_ensemble_with_tta(tmp_path, fake_fmnist):
+    from ssl_kd.label.files import label_files, read_meta
+    from ssl_kd.pipeline.run import run_pipeline
+
+    ensemble = {"members": [{"seed": 1}, {"arch": "cnn", "width": 0.5}], "tta": ["flip"]}
+    cfg = tiny_config(tmp_path, fake_fmnist, seeds=[0], oracle=False, ensemble=ensemble)
+    status = _statuses(run_pipeline(cfg, progress=False))
+    assert {"teachers/member1", "teachers/member2", "teachers/ensemble"} <= set(status)
+    root = Path(cfg.out)
+    member = yaml.safe_load((root / "teachers/member2/config.yaml").read_text())
+    assert (member["arch"], member["width"]) == ("cnn", 0.5)
+    meta = read_meta(label_files(root / "round1/labels")[0])
+    assert meta.teacher_arch == "ensemble" and meta.extra["tta"] == ["flip"]
+    assert [m["width"] for m in meta.extra["members"]] == [1.0, 1.0, 0.5]
+    doc = json.loads((root / "results/results.json").read_text())
+    teacher = next(m for m in doc["models"] if m["model"] == "teacher")
+    assert teacher["arch"] == "ensemble"
+
+    for bad, expected in (
+        ({"members": [{"stepz": 3}]}, r"ensemble.members\[0\].stepz"),
+        ({"members": [{"data": "x"}]}, r"ensemble.members\[0\].data.*set by the pipeline"),
+        ({"tta": ["rotate"]}, r"ensemble.tta.*choose from flip, shift"),
+        ({"tta": ["flip"], "membrs": []}, r"ensemble.membrs"),
+    ):
+        with pytest.raises(ConfigError, match=expected):
+            tiny_config(tmp_path, fake_fmnist, ensemble=bad)
+
+
+def test_the_chain_of_students_sets_each_rounds_architecture_and_noise(tmp_path, fake_fmnist):
+    from ssl_kd.pipeline.run import run_pipeline
+
+    bigger = {"arch": "cnn_deep", "width": 0.5, "randaugment": 1, "dropout": 0.2}
+    cfg = tiny_config(
+        tmp_path, fake_fmnist, seeds=[0], rounds=2, oracle=False, students=[{}, bigger]
+    )
+    run_pipeline(cfg, progress=False)
+    root = Path(cfg.out)
+    first = yaml.safe_load((root / "round1/seed0/pretrain/config.yaml").read_text())
+    second = yaml.safe_load((root / "round2/seed0/pretrain/config.yaml").read_text())
+    assert (first["arch"], first["randaugment"]) == ("cnn", 0)
+    assert {k: second[k] for k in bigger} == bigger
+    doc = json.loads((root / "results/results.json").read_text())
+    archs = {(m["model"], m["round"]): m["arch"] for m in doc["models"]}
+    assert archs["finetuned", 2] == "cnn_deep" and archs["finetuned", 1] == "cnn"
+    # Round 2's teacher is round 1's student: its labels name it.
+    from ssl_kd.label.files import label_files, read_meta
+
+    assert read_meta(label_files(root / "round2/seed0/labels")[0]).teacher_arch == "cnn"
+
+    for students, expected in (
+        ([{}, {}, {}], "students.*3 entries for 2 round"),
+        ([{"stepz": 1}], r"students\[0\].stepz"),
+        ([{}, {"data": "x"}], r"students\[1\].data.*set by the pipeline"),
+    ):
+        with pytest.raises(ConfigError, match=expected):
+            tiny_config(tmp_path, fake_fmnist, rounds=2, students=students)
+
+
+def test_open_set_pool_counts_the_selected_images_of_no_class(tmp_path, fake_fmnist):
+    from ssl_kd.pipeline.run import run_pipeline
+
+    cfg = tiny_config(
+        tmp_path,
+        fake_fmnist,
+        seeds=[0],
+        open_set=[1, 8],
+        label={"batch_size": 32, "k": 8},
+        select={"per_class": 6, "top_p": 2, "score_floor": "otsu"},
+    )
+    run_pipeline(cfg, progress=False)
+    root = Path(cfg.out)
+    truth = read_truth(str(root / "data/unlabeled_truth.parquet"))
+    selected = pq.read_table(root / "round1/selection/selection.parquet").to_pylist()
+    no_class = sum(truth[r["shard"], r["key"]] < 0 for r in selected)
+    precision = json.loads((root / "round1/selection/precision.json").read_text())
+    assert precision["no_class"] == no_class > 0
+    report = json.loads((root / "round1/selection/report.json").read_text())
+    assert report["config"]["score_floor"] == "otsu" and "below_floor_removed" in report
+    # The oracle trains on the selected images that have a true class only.
+    figures = json.loads((root / "stages/round1__oracle.json").read_text())["figures"]
+    assert figures["samples"] == len(selected) - no_class
+    md = (root / "results/results.md").read_text()
+    assert f"| {precision['images']:,} | " in md and "of no class" in md

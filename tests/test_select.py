@@ -14,7 +14,7 @@ from ssl_kd.cli import main
 from ssl_kd.errors import UserError
 from ssl_kd.label.files import LabelMeta, build_table, write_labels
 from ssl_kd.select.run import SelectConfig, format_report, format_summary, run_select
-from ssl_kd.select.topk import SELECTORS, HeapSelector, MergeSelector, TopK
+from ssl_kd.select.topk import SCORE_BINS, SELECTORS, HeapSelector, MergeSelector, TopK, otsu_floor
 
 C, K_STORED = 6, 4
 META = LabelMeta(
@@ -335,3 +335,41 @@ def test_dedup_needs_embeddings_and_the_same_teacher(tmp_path: Path) -> None:
             replace(base, labels=str(tmp_path / "labels"), decontaminate=str(tmp_path / "eval"))
         )
     assert not (tmp_path / "sel").exists()
+
+
+def test_otsu_floor_splits_a_bimodal_histogram() -> None:
+    hist = np.zeros(SCORE_BINS, np.int64)
+    hist[50:60] = 10  # a low mode near 0.21
+    hist[230:240] = 30  # a high mode near 0.92
+    assert 60 / SCORE_BINS <= otsu_floor(hist) <= 230 / SCORE_BINS
+    assert otsu_floor(np.zeros(SCORE_BINS, np.int64)) == 0.0
+    single = np.zeros(SCORE_BINS, np.int64)
+    single[100] = 5
+    assert otsu_floor(single) == 0.0
+
+
+def test_score_floor_drops_an_open_set_pools_unsure_images(tmp_path: Path) -> None:
+    """Images of the task's classes with confident top-1s, and images of no task class whose
+    top-1 is unsure: the per-class floor keeps the first and drops the second."""
+    rng = np.random.default_rng(1)
+    n_in, n_out = 300, 150
+    top1 = np.concatenate([rng.uniform(0.8, 0.99, n_in), rng.uniform(0.25, 0.45, n_out)])
+    classes = np.stack([rng.permutation(C)[:K_STORED] for _ in range(n_in + n_out)])
+    probs = np.column_stack([top1] + [(1 - top1) / (K_STORED - 1)] * (K_STORED - 1))
+    keys = [f"in-{i:04d}" for i in range(n_in)] + [f"out-{i:04d}" for i in range(n_out)]
+    (tmp_path / "l").mkdir()
+    write_labels(build_table(META, "u-000.tar", keys, classes, probs), tmp_path / "l/u-000.parquet")
+    cfg = SelectConfig(
+        labels=str(tmp_path / "l"),
+        out=str(tmp_path / "all"),
+        per_class=1000,
+        top_p=1,
+        executor="local",
+    )
+    assert run_select(cfg)["selected"] == n_in + n_out
+    report = run_select(replace(cfg, out=str(tmp_path / "floor"), score_floor="otsu"))
+    kept = pq.read_table(tmp_path / "floor/selection.parquet")["key"].to_pylist()
+    assert sorted(kept) == sorted(keys[:n_in])
+    assert report["below_floor_removed"] == n_out
+    floors = [p["score_floor"] for p in report["per_class"]]
+    assert all(0.45 <= f <= 0.8 for f in floors), floors

@@ -1,4 +1,5 @@
-"""Student trainer: losses by hand, exact resume, fine-tuning, Ray Train (DDP, restarts)."""
+"""Student trainer: losses by hand, exact resume, fine-tuning, joint training, Ray Train (DDP,
+restarts)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from helpers import separable_images, write_labeled_shards
 
 from ssl_kd.cli import main
 from ssl_kd.errors import UserError
-from ssl_kd.models.checkpoint import load_checkpoint
+from ssl_kd.models.checkpoint import load_checkpoint, rank_states
 from ssl_kd.shards import array_samples, write_shards
-from ssl_kd.train.losses import kd_loss, student_loss, teacher_distribution
+from ssl_kd.train.losses import joint_loss, kd_loss, student_loss, teacher_distribution
 from ssl_kd.train.options import FinetuneConfig, StudentConfig
 from ssl_kd.train.run import run_student
 from ssl_kd.train.worker import FAIL_ONCE_ENV
@@ -67,6 +68,31 @@ def test_losses_against_hand_computation() -> None:
     assert smooth == pytest.approx(
         torch.nn.functional.cross_entropy(logits, label, label_smoothing=0.1).item(), 1e-6
     )
+
+
+def test_joint_loss_against_hand_computation() -> None:
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.1, 0.2, 0.3, 0.4], [1.0, -1.0, 0.5, 0.0]])
+    targets = {
+        "label": torch.tensor([0, 3]),
+        "topk_class": torch.tensor([[0, 1, 3], [3, 2, 0]]),
+        "topk_prob": torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.25, 0.125]]),
+        "true_label": torch.tensor([2]),
+    }
+    soft = student_loss("soft", temperature=2.0)
+    parts = joint_loss(soft, 1)(logits, targets)
+    pseudo_only = {k: v for k, v in targets.items() if k != "true_label"}
+    kd = soft(logits[:2], pseudo_only)["loss"].item()
+    row = [float(v) for v in logits[2]]
+    ce = -(row[2] - math.log(sum(math.exp(v) for v in row)))
+    assert parts["loss"].item() == pytest.approx((2 * kd + ce) / 3, 1e-5)  # each image weighs 1
+    assert parts["pseudo"].item() == pytest.approx(kd, 1e-5)
+    assert parts["true_ce"].item() == pytest.approx(ce, 1e-5)
+    assert set(parts) == {"loss", "pseudo", "true_ce", "kd"}
+    smooth = joint_loss(soft, 1, label_smoothing=0.2)(logits, targets)["true_ce"].item()
+    expected = torch.nn.functional.cross_entropy(
+        logits[2:], targets["true_label"], label_smoothing=0.2
+    )
+    assert smooth == pytest.approx(expected.item(), 1e-6)
 
 
 def write_pseudo_labeled(root: Path, n_per_class: int = 64, per_shard: int = 64) -> Path:
@@ -199,3 +225,57 @@ def test_ray_two_workers_equal_steps_and_restart(
     assert ckpt["step"] == 12 and len(ckpt["ranks"]) == 2
     assert np.isfinite(s["val"]["top1"])
     assert again["resumed_at"] == again["step"] == 12
+
+
+def test_joint_training_reads_both_streams_and_resumes_exactly(
+    data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def cfg(out: Path) -> StudentConfig:
+        # 16 per batch: 12 pseudo-labeled, 4 true-labeled
+        return _cfg(data, out, labeled_data=str(data["labeled"]), labeled_share=0.25)
+
+    straight = run_student(cfg(tmp_path / "a"), progress=False)
+    assert straight["step"] == 12 and straight["labeled_per_batch"] == 4
+    assert straight["val"]["top1"] > 0.5
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "pseudo", "true_ce", "kd"} <= set(lines[0])
+    # 12 steps took 4 true-labeled images each from the 96 labeled ones (24 batches an epoch).
+    stream = rank_states(load_checkpoint(tmp_path / "a" / "checkpoint.pt"))[0]["labeled"]
+    assert stream["epoch"] * 96 + stream["seen_in_epoch"] == 12 * 4
+
+    monkeypatch.setenv(FAIL_ONCE_ENV, f"{tmp_path / 'failed'}:8")  # after the step-6 checkpoint
+    with pytest.raises(RuntimeError, match="injected failure at step 8"):
+        run_student(cfg(tmp_path / "b"), progress=False)
+    resumed = run_student(cfg(tmp_path / "b"), progress=False)
+    assert resumed["resumed_at"] == 6 and resumed["step"] == 12
+    a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), atol=1e-6), name
+    # Another share is another run.
+    with pytest.raises(UserError, match="different config"):
+        run_student(replace(cfg(tmp_path / "b"), labeled_share=0.5), progress=False)
+
+
+def test_joint_training_bad_input(
+    data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    x, y = separable_images(4, C, 16, seed=3)
+    write_labeled_shards(other, "other", x, y, per_shard=64)
+    (other / "dataset.json").write_text(json.dumps({"classes": [f"k{i}" for i in range(C)]}))
+    with pytest.raises(UserError, match="same classes in the same order"):
+        run_student(_cfg(data, tmp_path / "x", labeled_data=str(other)), progress=False)
+    argv = ["pretrain", "--data", str(data["pseudo"]), "--out", str(tmp_path / "y")]
+    argv += ["--loss", "soft", "--executor", "local", "--labeled-data", str(data["labeled"])]
+    for extra, expected in (
+        (["--labeled-share", "0.95"], "labeled_share"),
+        (["--batch-size", "2", "--labeled-share", "0.9"], "leaves one part of the batch empty"),
+        (["--labeled-share", "0.25", "--labeled-data", str(tmp_path / "none")], "none"),
+    ):
+        assert main([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("ssl-kd: error:") and err.count("\n") == 1, err
+        assert expected in err, err
+    assert not (tmp_path / "y" / "checkpoint.pt").exists()

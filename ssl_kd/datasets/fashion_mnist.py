@@ -28,7 +28,7 @@ from ssl_kd import config as cfglib
 from ssl_kd import storage
 from ssl_kd.config import option
 from ssl_kd.datasets.idx import read_idx
-from ssl_kd.errors import UserError
+from ssl_kd.errors import ConfigError, UserError
 from ssl_kd.shards import ShardWriter, array_samples, shard_name
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,21 @@ class FashionMnistConfig:
     source: str | None = option(None, help=f"directory of the four idx files ({DEFAULT_SOURCE})")
     samples_per_shard: int = option(1000, help="samples per shard", min=1)
     image_format: Literal["png", "jpeg"] = option("png", help="image encoding in the shards")
+    open_set: list[int] = option(
+        [],
+        help="an open-set pool: these classes (0-9) are left out of the task (no labeled or test "
+        "image, not among the classes) but all their images stay in the unlabeled pool, with "
+        "true label -1",
+        min=0,
+        max=9,
+    )
+
+    def validate(self) -> None:
+        """Cross-field checks (called by the config loader)."""
+        if len(set(self.open_set)) != len(self.open_set):
+            raise ConfigError("open_set", f"has repeats: {self.open_set}")
+        if len(CLASSES) - len(self.open_set) < 2:
+            raise ConfigError("open_set", "must leave at least 2 classes in the task")
 
 
 def locate_source(source: str | None) -> dict[str, Path]:
@@ -157,13 +172,30 @@ def _read_source(cfg: FashionMnistConfig) -> _Source:
     if len(train_x) != len(train_y) or len(test_x) != len(test_y):
         raise UserError(f"image and label files in {files['train_images'].parent} disagree in size")
     labeled, unlabeled = split_indices(train_y, cfg.labeled_per_class, cfg.seed)
+    if cfg.open_set:  # the left-out classes' labeled picks go back to the pool
+        out_of_task = np.isin(train_y[labeled], cfg.open_set)
+        unlabeled = np.sort(np.concatenate([unlabeled, labeled[out_of_task]]))
+        unlabeled = np.random.default_rng(cfg.seed + 1).permutation(unlabeled)
+        labeled = labeled[~out_of_task]
+        task = ~np.isin(test_y, cfg.open_set)
+        test_x, test_y = test_x[task], test_y[task]
     parent = files["train_images"].parent
     return _Source(parent, train_x, train_y, test_x, test_y, labeled, unlabeled)
 
 
+def task_labels(labels: np.ndarray, open_set: list[int]) -> tuple[np.ndarray, list[str]]:
+    """Labels renumbered over the task's classes (-1: a left-out class) and the task's names."""
+    task = [c for c in range(len(CLASSES)) if c not in open_set]
+    remap = np.full(len(CLASSES), -1, np.int64)
+    remap[task] = np.arange(len(task))
+    return remap[labels], [CLASSES[c] for c in task]
+
+
 def _build(tmp: Path, cfg: FashionMnistConfig, src: _Source, progress: bool) -> dict[str, Any]:
     """Write every file of the import into ``tmp``; returns the dataset.json content."""
-    train_x, train_y, test_x, test_y = src.train_x, src.train_y, src.test_x, src.test_y
+    train_x, test_x = src.train_x, src.test_x
+    train_y, classes = task_labels(src.train_y, cfg.open_set)
+    test_y, _ = task_labels(src.test_y, cfg.open_set)
     labeled, unlabeled = src.labeled, src.unlabeled
     fmt = cfg.image_format
     train_keys = [f"train-{i:05d}" for i in range(len(train_x))]
@@ -188,15 +220,20 @@ def _build(tmp: Path, cfg: FashionMnistConfig, src: _Source, progress: bool) -> 
     pq.write_table(truth, tmp / "unlabeled_truth.parquet", compression="zstd")
     info = {
         "name": "fashion-mnist",
-        "classes": CLASSES,
+        "classes": classes,
         "counts": {"labeled": len(labeled), "unlabeled": len(unlabeled), "test": len(test_x)},
-        "labeled_per_class": {c: int((train_y[labeled] == i).sum()) for i, c in enumerate(CLASSES)},
+        "labeled_per_class": {c: int((train_y[labeled] == i).sum()) for i, c in enumerate(classes)},
         "shards": shards,
         "seed": cfg.seed,
         "image": {"format": fmt, "channels": 1, "size": int(train_x.shape[1])},
         "source": str(src.dir),
         "config": cfglib.to_dict(cfg),
     }
+    if cfg.open_set:
+        info["open_set"] = {
+            "classes": [CLASSES[c] for c in cfg.open_set],
+            "unlabeled": int((train_y[unlabeled] < 0).sum()),  # images of no task class
+        }
     (tmp / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
     cfglib.save(cfg, tmp / "config.yaml")
     return info

@@ -84,6 +84,12 @@ class LabelConfig:
     precision: Literal["fp32", "bf16", "fp16"] = option(
         "fp32", help="forward-pass precision (autocast; bf16 also on CPUs with AMX)"
     )
+    tta: list[str] = option(
+        [],
+        help="test-time augmentation: average the teacher's probabilities over the image and "
+        "these views (flip, shift)",
+        nargs="+",
+    )
     k: int = option(10, help="classes kept per image", min=1)
     temperature: float = option(1.0, help="softmax temperature of the soft labels", gt=0)
     embeddings: bool = option(False, help="also store L2-normalised float16 embeddings")
@@ -145,6 +151,7 @@ def make_teacher(cfg: LabelConfig, device: str) -> Teacher:
         device,
         cfg.precision,
         cfg.jpeg_draft,
+        cfg.tta,
     )
 
 

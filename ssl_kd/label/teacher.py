@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -28,6 +28,7 @@ from ssl_kd import atomic, storage
 from ssl_kd.device import autocast, resolve_device, use_channels_last
 from ssl_kd.errors import UserError
 from ssl_kd.label.files import LabelMeta, build_table, label_file_name, write_labels
+from ssl_kd.models.ensemble import Ensemble, check_tta, default_shift, features_and_logits
 from ssl_kd.models.external import TeacherSpec, load_teacher
 from ssl_kd.models.preprocess import Preprocess, fit_size, normalize
 from ssl_kd.shards.background import in_background
@@ -55,6 +56,7 @@ class Teacher:
         device: str = "auto",
         precision: str = "fp32",
         jpeg_draft: bool = True,
+        tta: Sequence[str] = (),
     ) -> None:
         spec = TeacherSpec(spec) if isinstance(spec, str) else spec
         loaded = load_teacher(spec)
@@ -75,7 +77,7 @@ class Teacher:
         self.pp = Preprocess.from_dict(meta["preprocess"])
         self.precision = precision
         self.channels_last = use_channels_last(self.device, precision, self.pp.image_size)
-        model = loaded.model.to(self.device).eval()
+        model = _with_tta(loaded.model, tta, self.pp, spec.teacher).to(self.device).eval()
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -97,6 +99,7 @@ class Teacher:
                 "teacher": _provenance(loaded.source),
                 "precision": precision,
                 "jpeg_draft": jpeg_draft,  # its labels differ slightly from a full decode's
+                **_ensemble_extra(model, meta),
             },
         )
 
@@ -133,8 +136,7 @@ class Teacher:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision):
             if self.embeddings:
-                feats = self.model.features(x)
-                logits = self.model.head(feats)  # eval mode: dropout is the identity
+                feats, logits = features_and_logits(self.model, x)
             else:
                 feats, logits = None, self.model(x)
         probs = torch.softmax(logits.float() / self.temperature, dim=1)
@@ -143,6 +145,35 @@ class Teacher:
         if feats is not None:
             emb = torch.nn.functional.normalize(feats.float(), dim=1).half().cpu().numpy()
         return top.indices.cpu().numpy(), top.values.cpu().numpy(), emb
+
+
+def _with_tta(model: torch.nn.Module, tta: Sequence[str], pp: Preprocess, name: str) -> Any:
+    """``model`` averaged over the ``tta`` views (an ensemble of one), or as it is."""
+    if not tta:
+        return model
+    try:
+        views = check_tta(tta)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if isinstance(model, Ensemble):
+        if model.tta:
+            raise UserError(
+                f"{name} is an ensemble with its own test-time augmentation "
+                f"({', '.join(model.tta)}); label it without --tta"
+            )
+        model.tta = views
+        return model
+    return Ensemble([model], views, default_shift(pp.image_size))
+
+
+def _ensemble_extra(model: torch.nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+    """What the label metadata records of an ensemble: its members and views."""
+    if not isinstance(model, Ensemble):
+        return {}
+    extra: dict[str, Any] = {"tta": list(model.tta)}
+    if "members" in meta:
+        extra["members"] = meta["members"]
+    return extra
 
 
 def _provenance(source: dict[str, Any]) -> dict[str, Any]:

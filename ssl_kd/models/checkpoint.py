@@ -29,6 +29,7 @@ import torch
 from ssl_kd import __version__, storage
 from ssl_kd.atomic import atomic_path
 from ssl_kd.errors import UserError
+from ssl_kd.models.ensemble import ENSEMBLE, Ensemble
 from ssl_kd.models.preprocess import Preprocess
 from ssl_kd.models.registry import Classifier, create_model
 
@@ -109,18 +110,20 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[Classifier, dict[str, Any]]:
-    """Rebuild the classifier described by ``ckpt['meta']`` and load its weights."""
+def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[Classifier | Ensemble, dict[str, Any]]:
+    """Rebuild the classifier (or ensemble) described by ``ckpt['meta']`` and load its weights."""
     meta = ckpt["meta"]
     pp = Preprocess.from_dict(meta["preprocess"])
-    model = create_model(
-        meta["arch"],
-        meta["num_classes"],
-        pp.channels,
-        pp.image_size,
-        meta["width"],
-        meta.get("dropout", 0.0),
-    )
+    n = meta["num_classes"]
+    if meta["arch"] == ENSEMBLE:
+        members = [
+            create_model(m["arch"], n, pp.channels, pp.image_size, m["width"], m["dropout"])
+            for m in meta["members"]
+        ]
+        model: Classifier | Ensemble = Ensemble(members, meta["tta"], meta["shift"])
+    else:
+        dropout = meta.get("dropout", 0.0)
+        model = create_model(meta["arch"], n, pp.channels, pp.image_size, meta["width"], dropout)
     model.load_state_dict(ckpt["model"])
     return model, meta
 

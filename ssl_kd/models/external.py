@@ -32,6 +32,7 @@ from torch import nn
 from ssl_kd import storage
 from ssl_kd.errors import UserError
 from ssl_kd.models.checkpoint import load_checkpoint, make_meta, model_from_checkpoint
+from ssl_kd.models.ensemble import Ensemble
 from ssl_kd.models.preprocess import Preprocess, imagenet_preprocess
 from ssl_kd.models.registry import (
     TORCHVISION,
@@ -77,7 +78,10 @@ class LoadedTeacher:
     @property
     def has_features(self) -> bool:
         """Whether the model gives penultimate embeddings (``features`` and ``head``)."""
-        return isinstance(self.model, Classifier)
+        model = self.model
+        if isinstance(model, Ensemble):  # the first member's features are the embedding
+            model = model.members[0]
+        return isinstance(model, Classifier)
 
 
 def source_kind(teacher: str) -> str:
@@ -265,12 +269,11 @@ def _keep(loaded: LoadedTeacher, path: str) -> LoadedTeacher:
     classes = loaded.meta["classes"]
     keep = _kept_indices(path, classes)
     model = loaded.model
-    if isinstance(model, Classifier):
-        head = nn.Linear(model.head.in_features, len(keep))
-        with torch.no_grad():
-            head.weight.copy_(model.head.weight[keep])
-            head.bias.copy_(model.head.bias[keep])
-        model.head = head
+    if isinstance(model, Ensemble):  # each member is restricted, then averaged
+        for member in model.members:
+            _keep_rows(member, keep)
+    elif isinstance(model, Classifier):
+        _keep_rows(model, keep)
     elif isinstance(model, ScriptedTeacher):
         model.keep = keep
     else:  # pragma: no cover - every loader above returns one of the two
@@ -278,6 +281,15 @@ def _keep(loaded: LoadedTeacher, path: str) -> LoadedTeacher:
     kept = [classes[i] for i in keep]
     meta = {**loaded.meta, "classes": kept, "num_classes": len(kept), "kept_classes": keep}
     return LoadedTeacher(model, meta, {**loaded.source, "kept_classes": keep}, loaded.digest)
+
+
+def _keep_rows(model: nn.Module, keep: list[int]) -> None:
+    """Replace the classifier's head by the rows of the ``keep`` classes."""
+    head = nn.Linear(model.head.in_features, len(keep))
+    with torch.no_grad():
+        head.weight.copy_(model.head.weight[keep])
+        head.bias.copy_(model.head.bias[keep])
+    model.head = head
 
 
 def _kept_indices(path: str, classes: list[str]) -> list[int]:

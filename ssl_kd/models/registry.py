@@ -117,21 +117,25 @@ def create_model(
     width: float = 1.0,
     dropout: float = 0.0,
     weights: str | None = None,
+    stochastic_depth: float | None = None,
 ) -> Classifier:
     """Build a classifier: randomly initialised, or for ``torchvision:NAME`` with ``weights``
     (a local torchvision ``state_dict``) loaded before its head is replaced by a new one of
-    ``num_classes``. Unknown names raise UserError with the choices."""
+    ``num_classes``; ``stochastic_depth`` sets the rate of architectures that have it (None:
+    their default). Unknown names raise UserError with the choices."""
     check_model_name(name)
     if num_classes < 1:
         raise UserError(f"num_classes must be >= 1, got {num_classes}")
     if name.startswith(TORCHVISION):
         if width != 1.0:
             raise UserError("width applies to the cnn_* models only; leave it at 1.0")
-        net = torchvision_net(name, in_channels, image_size, weights)
+        net = torchvision_net(name, in_channels, image_size, weights, stochastic_depth)
         backbone, head = split_head(net)
         return Classifier(backbone, head.in_features, num_classes, dropout)
     if weights is not None:
         raise UserError(f"weights files initialise torchvision:NAME models, not {name!r}")
+    if stochastic_depth is not None:
+        check_stochastic_depth(name)
     backbone, dim = _REGISTRY[name](in_channels, image_size, width)
     return Classifier(backbone, dim, num_classes, dropout)
 
@@ -158,15 +162,23 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
 
 
 def torchvision_net(
-    name: str, in_channels: int, image_size: int, weights: str | None = None
+    name: str,
+    in_channels: int,
+    image_size: int,
+    weights: str | None = None,
+    stochastic_depth: float | None = None,
 ) -> nn.Module:
     """A torchvision classifier as torchvision builds it; with ``weights`` its own head keeps
-    the number of classes of the file and the file is loaded strictly."""
+    the number of classes of the file and the file is loaded strictly; ``stochastic_depth``
+    replaces the architecture's own rate (UserError where it has none)."""
     check_model_name(name)
     bare = name.removeprefix(TORCHVISION)
     kwargs: dict = {"aux_logits": False} if bare in _AUX_LOGITS else {}
     if bare.startswith("vit_"):
         kwargs["image_size"] = image_size  # position embeddings are sized to the input
+    if stochastic_depth is not None:
+        check_stochastic_depth(name)
+        kwargs["stochastic_depth_prob"] = stochastic_depth
     sd = load_state_dict_file(weights) if weights else None
     if sd is not None:
         sd = {k: v for k, v in sd.items() if not k.startswith(("AuxLogits.", "aux1.", "aux2."))}
@@ -182,6 +194,26 @@ def torchvision_net(
     if in_channels != 3:
         net = _RepeatChannels(net, 3)
     return net
+
+
+_STOCHASTIC_DEPTH_HINT = (
+    "it applies to torchvision archs built with it (efficientnet_*, convnext_*, swin_*, maxvit_t, "
+    "...): use dropout or RandAugment as noise"
+)
+
+
+def check_stochastic_depth(name: str) -> None:
+    """UserError unless the model ``name`` is built with a stochastic depth rate."""
+    if name.startswith(TORCHVISION):
+        bare = name.removeprefix(TORCHVISION)
+        kwargs: dict = {"aux_logits": False} if bare in _AUX_LOGITS else {}
+        with torch.device("meta"):  # the architecture only: no memory, no init
+            try:
+                tvm.get_model(bare, weights=None, stochastic_depth_prob=0.0, **kwargs)
+                return
+            except TypeError:
+                pass
+    raise UserError(f"{name} has no stochastic depth; {_STOCHASTIC_DEPTH_HINT}")
 
 
 def _classes_in(bare: str, kwargs: dict, sd: dict[str, torch.Tensor], path: str) -> int:

@@ -41,6 +41,19 @@ def pipeline_keys(section: str) -> frozenset[str]:
 
 
 @dataclass(frozen=True)
+class TeacherEnsemble:
+    """An ``ensemble:`` section: the round-1 labels come from several teachers, averaged."""
+
+    members: list[dict[str, Any]] = option(
+        [],
+        help="more teachers, each trained like the teacher with these teacher keys changed "
+        "(e.g. [{seed: 1}, {seed: 2, arch: cnn}])",
+    )
+    tta: list[str] = option([], help="test-time augmentation views: flip, shift")
+    shift: int | None = option(None, help="pixels of the shift views (default: side / 14)", min=1)
+
+
+@dataclass(frozen=True)
 class ExternalTeacher:
     """A ``teacher:`` section naming a teacher to start from instead of training one."""
 
@@ -66,6 +79,13 @@ class PipelineConfig:
     )
     labeled_per_class: int = option(100, help="Fashion-MNIST: labeled images per class", min=1)
     data_seed: int = option(0, help="Fashion-MNIST: seed of the labeled/unlabeled split")
+    open_set: list[int] = option(
+        [],
+        help="Fashion-MNIST: classes left out of the task but kept in the unlabeled pool (an "
+        "open-set pool)",
+        min=0,
+        max=9,
+    )
     labeled: str | None = option(None, help="your labeled shards (instead of Fashion-MNIST)")
     unlabeled: str | None = option(None, help="your unlabeled shards (with --labeled, --test)")
     test: str | None = option(None, help="your labeled test shards (with --labeled, --unlabeled)")
@@ -78,6 +98,17 @@ class PipelineConfig:
     )
     seeds: list[int] = option([0], help="seeds of the students and baselines (mean and spread)")
     rounds: int = option(1, help="rounds; each fine-tuned student teaches the next round", min=1)
+    students: list[dict[str, Any]] = option(
+        [],
+        help="the chain of students (Noisy Student): per round, from round 1, the pretrain keys "
+        "that differ from the pretrain section (e.g. a larger arch and RandAugment in round 2, "
+        "the target arch in the last); rounds without an entry use the section as it is",
+    )
+    oracle: bool = option(
+        True,
+        help="with the truth of the unlabeled images: also train the oracle, the student on the "
+        "true labels of the same selected images (same budget), to show what label errors cost",
+    )
     executor: Literal["ray", "local"] = option(
         "ray", help="run the stages on Ray (tasks, actors, Ray Train) or in this process"
     )
@@ -97,6 +128,11 @@ class PipelineConfig:
         "architecture and the fine-tuning steps)",
     )
     evaluate: dict[str, Any] = option({}, help="ssl-kd evaluate keys")
+    ensemble: dict[str, Any] = option(
+        {},
+        help="label with several teachers and/or test-time augmentation: members (teacher keys "
+        "per extra teacher), tta, shift",
+    )
 
     def validate(self) -> None:
         """Cross-field checks and a dry build of every stage's config."""
@@ -112,6 +148,7 @@ class PipelineConfig:
             for section in SECTIONS
             if not (section == "teacher" and self.external_teacher())
         }
+        self._validate_variants()
         k, top_p = built["label"].k, built["select"].top_p
         if self.num_classes is not None and k > self.num_classes:
             raise ConfigError("label.k", f"is {k}, more than the {self.num_classes} classes")
@@ -119,6 +156,27 @@ class PipelineConfig:
             raise ConfigError(
                 "select.top_p", f"is {top_p}, more than the {k} classes kept per image (label.k)"
             )
+
+    def _validate_variants(self) -> None:
+        """The open-set pool, the chain of students and the teacher ensemble."""
+        if self.open_set and self.uses_own_data():
+            raise ConfigError("open_set", "builds a Fashion-MNIST variant; your shards are given")
+        if len(set(self.open_set)) != len(self.open_set) or len(self.open_set) > 8:
+            raise ConfigError("open_set", "needs distinct classes, at least 2 left in the task")
+        if len(self.students) > self.rounds:
+            raise ConfigError(
+                "students", f"has {len(self.students)} entries for {self.rounds} round(s)"
+            )
+        for i, student in enumerate(self.students):
+            _check_overrides(self, "pretrain", student, f"students[{i}]")
+        ensemble = self.teacher_ensemble()
+        if ensemble is not None:
+            if ensemble.members and self.external_teacher():
+                raise ConfigError(
+                    "ensemble.members", "train teachers; an external teacher is imported"
+                )
+            for i, member in enumerate(ensemble.members):
+                _check_overrides(self, "teacher", member, f"ensemble.members[{i}]")
 
     def external_teacher(self) -> ExternalTeacher | None:
         """The ``teacher:`` section as an external teacher (it names a ``source``), else None."""
@@ -129,9 +187,44 @@ class PipelineConfig:
         except ConfigError as exc:
             raise ConfigError(f"teacher.{exc.key}", str(exc).split(": ", 1)[1]) from None
 
+    def teacher_ensemble(self) -> TeacherEnsemble | None:
+        """The ``ensemble:`` section, checked, or None when it is empty."""
+        if not self.ensemble:
+            return None
+        try:
+            ens = cfglib.from_dict(TeacherEnsemble, self.ensemble)
+        except ConfigError as exc:
+            raise ConfigError(f"ensemble.{exc.key}", str(exc).split(": ", 1)[1]) from None
+        from ssl_kd.models.ensemble import check_tta
+
+        try:
+            check_tta(ens.tta)
+        except ValueError as exc:
+            raise ConfigError("ensemble.tta", str(exc)) from None
+        return ens if ens.members or ens.tta else None
+
     def uses_own_data(self) -> bool:
         """True when the user named their shards (no Fashion-MNIST import)."""
         return self.labeled is not None
+
+
+def _check_overrides(
+    cfg: PipelineConfig, section: str, overrides: dict[str, Any], where: str
+) -> None:
+    """ConfigError unless ``overrides`` are keys of ``section`` the pipeline does not set."""
+    clash = sorted(set(overrides) & pipeline_keys(section))
+    if clash:
+        raise ConfigError(f"{where}.{clash[0]}", "is set by the pipeline")
+    try:
+        stage_config(cfg, section, {**_placeholders(section), **overrides})
+    except ConfigError as exc:
+        key = exc.key.split(".", 1)[-1]
+        raise ConfigError(f"{where}.{key}", str(exc).split(": ", 1)[1]) from None
+
+
+def student_overrides(cfg: PipelineConfig, round: int) -> dict[str, Any]:
+    """The pretrain keys of round ``round``'s student that differ from the section."""
+    return dict(cfg.students[round - 1]) if round <= len(cfg.students) else {}
 
 
 def _placeholders(section: str) -> dict[str, Any]:

@@ -5,10 +5,14 @@ Layout of a run directory (``out``)::
     data/                      Fashion-MNIST as labeled / unlabeled / test shards (skipped when
                                you name your own shards)
     teacher/                   the round-1 teacher (ssl-kd train)
+    teachers/member{I}/, teachers/ensemble/   with an ensemble: the other teachers, and all
+                               of them (with TTA) as the one that labels round 1
     baseline/seed{S}/          the supervised baseline: student architecture, labels only
     round1/labels|selection|pseudo/      labels, top-K selection and materialised shards
     round{R}/seed{S}/pretrain|finetune/  the student of round R
     round{R>1}/seed{S}/labels|selection|pseudo/  later rounds: each seed's student teaches on
+    round1/oracle/             the round-1 shards labeled with the truth (when it is known)
+    oracle/seed{S}/pretrain|finetune/    the oracle: the student on those true labels
     eval/{model}/metrics.json  test metrics (fidelity to the model's teacher, size, CPU speed)
     results/                   results.json, results.md, results.png
     stages/                    one marker per stage (fingerprint, seconds, figures)
@@ -27,7 +31,13 @@ from typing import Any
 from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
 from ssl_kd.errors import UserError
-from ssl_kd.pipeline.config import PipelineConfig, pipeline_keys, stage_config, stage_runner
+from ssl_kd.pipeline.config import (
+    PipelineConfig,
+    pipeline_keys,
+    stage_config,
+    stage_runner,
+    student_overrides,
+)
 from ssl_kd.pipeline.stages import Stage
 
 
@@ -46,7 +56,7 @@ class Model:
     """A trained model the results table reports on."""
 
     slug: str  # eval/<slug>
-    role: str  # teacher, baseline, pretrained, finetuned
+    role: str  # teacher, baseline, pretrained, finetuned, oracle
     round: int
     seed: int | None
     stage: str
@@ -120,6 +130,7 @@ class PlanBuilder:
             labeled_per_class=self.cfg.labeled_per_class,
             seed=self.cfg.data_seed,
             source=self.cfg.source,
+            open_set=self.cfg.open_set,
         )
         params = {k: v for k, v in cfglib.to_dict(fm).items() if k not in ("out", "source")}
 
@@ -141,10 +152,17 @@ class PlanBuilder:
         return self._add("data", storage.join(self.root, "data"), params, run)
 
     def add_train(
-        self, name: str, section: str, directory: str, seed: int | None, data_stage: str
+        self,
+        name: str,
+        section: str,
+        directory: str,
+        seed: int | None,
+        data_stage: str,
+        overrides: dict[str, Any] | None = None,
     ) -> str:
-        """A supervised model (``ssl-kd train``): the teacher or a baseline."""
-        paths: dict[str, Any] = {"data": self.data.labeled, "out": directory}
+        """A supervised model (``ssl-kd train``): the teacher or a baseline, with the section's
+        keys and ``overrides``."""
+        paths: dict[str, Any] = {**(overrides or {}), "data": self.data.labeled, "out": directory}
         if seed is not None:
             paths["seed"] = seed
         tc = stage_config(self.cfg, section, paths)
@@ -155,6 +173,24 @@ class PlanBuilder:
             return {"steps": s["step"], "img_s": s["images_per_s"]}
 
         return self._add(name, directory, params_of(tc, section), run, (data_stage,))
+
+    def add_ensemble(
+        self, name: str, directory: str, members: list[str], deps: tuple[str, ...]
+    ) -> str:
+        """The member checkpoints and the TTA views as one teacher (``ssl-kd ensemble``)."""
+        from ssl_kd.models.checkpoint import save_checkpoint
+        from ssl_kd.models.combine import combine
+
+        ens = self.cfg.teacher_ensemble()
+        assert ens is not None
+        params = {"members": len(members), "tta": ens.tta, "shift": ens.shift}
+
+        def run() -> dict[str, Any]:
+            ckpt = combine(members, ens.tta, ens.shift)
+            save_checkpoint(storage.join(directory, "checkpoint.pt"), ckpt)
+            return {"members": len(members), "views": 1 + len(ens.tta)}
+
+        return self._add(name, directory, params, run, deps)
 
     def add_teacher_import(self, name: str, directory: str, data_stage: str) -> str:
         """An external teacher written as an ssl_kd checkpoint (no training), checked against
@@ -198,7 +234,7 @@ class PlanBuilder:
         seed: int | None,
     ) -> str:
         """The top-K selection of ``labels``, and its precision when the true labels are known."""
-        from ssl_kd.pipeline.precision import selection_precision
+        from ssl_kd.pipeline.precision import plot_curve, precision_curve, selection_precision
 
         sc = stage_config(self.cfg, "select", {"labels": labels, "out": directory})
         run_select = stage_runner("select")
@@ -220,6 +256,11 @@ class PlanBuilder:
                     storage.join(directory, "precision.json"), json.dumps(precision, indent=2)
                 )
                 figures["precision"] = precision["precision"]
+                curve = precision_curve(labels, truth, sc.top_p)
+                atomic.write_text(
+                    storage.join(directory, "precision_curve.json"), json.dumps(curve, indent=2)
+                )
+                plot_curve(curve, storage.join(directory, "precision_curve.png"), sc.per_class)
             return figures
 
         return self._add(name, directory, {**params_of(sc, "select"), "truth": truth}, run, deps)
@@ -238,6 +279,22 @@ class PlanBuilder:
 
         return self._add(name, directory, params_of(mc, "materialize"), run, deps)
 
+    def add_oracle_shards(
+        self, name: str, directory: str, pseudo: str, deps: tuple[str, ...]
+    ) -> str:
+        """The ``pseudo`` shards with every sample labeled by the truth (the oracle's data)."""
+        from ssl_kd.pipeline.oracle import oracle_shards
+
+        truth = self.data.truth
+        assert truth is not None
+
+        def run() -> dict[str, Any]:
+            counts = oracle_shards(pseudo, truth, directory)
+            figures = {"samples": counts["samples"], "relabeled": counts["relabeled"]}
+            return figures | ({"no_class": counts["no_class"]} if counts["no_class"] else {})
+
+        return self._add(name, directory, {"truth": truth}, run, deps)
+
     def add_student(
         self,
         name: str,
@@ -247,19 +304,26 @@ class PlanBuilder:
         data: str,
         init: str | None,
         deps: tuple[str, ...],
+        overrides: dict[str, Any] | None = None,
     ) -> str:
-        """A student stage (``pretrain`` or ``finetune``, which starts from ``init``)."""
-        paths: dict[str, Any] = {"data": data, "out": directory, "seed": seed}
+        """A student stage (``pretrain`` or ``finetune``, which starts from ``init``), with the
+        section's keys and ``overrides``."""
+        paths: dict[str, Any] = {"data": data, "out": directory, "seed": seed, **(overrides or {})}
         if section == "finetune":
             paths["init"] = init
+        if section == "pretrain" and "labeled_share" in self.cfg.pretrain:
+            paths["labeled_data"] = self.data.labeled  # joint training on the labeled split
         sc = stage_config(self.cfg, section, paths)
         run_student = stage_runner(section)
+        params = params_of(sc, section)
+        if "labeled_data" in paths:  # a path, so not a parameter; that it is used is one
+            params["joint"] = True
 
         def run() -> dict[str, Any]:
             s = run_student(sc, progress=self.progress)
             return {"steps": s["step"], "img_s": s["images_per_s"]}
 
-        return self._add(name, directory, params_of(sc, section), run, deps)
+        return self._add(name, directory, params, run, deps)
 
     def add_eval(self, model: Model, deps: tuple[str, ...]) -> str:
         """Test metrics of ``model``, which the results table reports."""
@@ -336,6 +400,7 @@ def _add_student_rounds(b: PlanBuilder, seed: int, round1: Pseudo, data: str) ->
             pseudo.dir,
             None,
             (pseudo.stage,),
+            student_overrides(b.cfg, r),
         )
         fin_ckpt = at(here, "finetune", "checkpoint.pt")
         fin = b.add_student(
@@ -362,6 +427,61 @@ def _add_student_rounds(b: PlanBuilder, seed: int, round1: Pseudo, data: str) ->
         pseudo = Pseudo(pseudo.stage, pseudo.dir, fin, fin_ckpt)
 
 
+def _add_teacher_ensemble(
+    b: PlanBuilder, first: str, first_ckpt: str, data: str
+) -> tuple[str, str]:
+    """The ensemble's other members, trained, and the ensemble of all; its (stage, checkpoint)."""
+    at = storage.join
+    ens = b.cfg.teacher_ensemble()
+    assert ens is not None
+    stages, ckpts = [first], [first_ckpt]
+    for i, overrides in enumerate(ens.members, 1):
+        here = at(b.root, "teachers", f"member{i}")
+        stages.append(b.add_train(f"teachers/member{i}", "teacher", here, None, data, overrides))
+        ckpts.append(at(here, "checkpoint.pt"))
+    here = at(b.root, "teachers", "ensemble")
+    stage = b.add_ensemble("teachers/ensemble", here, ckpts, tuple(stages))
+    return stage, at(here, "checkpoint.pt")
+
+
+def _add_oracle(b: PlanBuilder, seed: int, round1: Pseudo, shards: str, data: str) -> None:
+    """One seed's oracle: the student's pretraining and fine-tuning, on the true labels of the
+    round-1 selection (cross-entropy: the truth has no soft label)."""
+    at = storage.join
+    here = at(b.root, "oracle", f"seed{seed}")
+    pre = b.add_student(
+        f"oracle/seed{seed}/pretrain",
+        "pretrain",
+        at(here, "pretrain"),
+        seed,
+        at(b.root, "round1", "oracle"),
+        None,
+        (shards,),
+        {**student_overrides(b.cfg, 1), "loss": "hard"},  # round 1's student, on the truth
+    )
+    fin_ckpt = at(here, "finetune", "checkpoint.pt")
+    fin = b.add_student(
+        f"oracle/seed{seed}/finetune",
+        "finetune",
+        at(here, "finetune"),
+        seed,
+        b.data.labeled,
+        at(here, "pretrain", "checkpoint.pt"),
+        (pre, data),
+    )
+    model = Model(
+        f"oracle-seed{seed}",
+        "oracle",
+        1,
+        seed,
+        fin,
+        fin_ckpt,
+        round1.teacher,
+        round1.teacher_checkpoint,
+    )
+    b.add_eval(model, (data,))
+
+
 def build_plan(cfg: PipelineConfig, progress: bool = True) -> PlanBuilder:
     """Every stage of ``cfg``'s pipeline in run order, and the models to report."""
     root = cfg.out
@@ -374,6 +494,8 @@ def build_plan(cfg: PipelineConfig, progress: bool = True) -> PlanBuilder:
     else:
         teacher = b.add_train("teacher", "teacher", at(root, "teacher"), None, data)
     teacher_ckpt = at(root, "teacher", "checkpoint.pt")
+    if cfg.teacher_ensemble():
+        teacher, teacher_ckpt = _add_teacher_ensemble(b, teacher, teacher_ckpt, data)
     b.add_eval(Model("teacher", "teacher", 0, None, teacher, teacher_ckpt, None, None), test_dep)
     for seed in cfg.seeds:
         here = at(root, "baseline", f"seed{seed}")
@@ -387,4 +509,10 @@ def build_plan(cfg: PipelineConfig, progress: bool = True) -> PlanBuilder:
     round1 = _add_pseudo(b, at(root, "round1"), "round1", (teacher, teacher_ckpt), data, 1, None)
     for seed in cfg.seeds:
         _add_student_rounds(b, seed, round1, data)
+    if cfg.oracle and b.data.truth:
+        shards = b.add_oracle_shards(
+            "round1/oracle", at(root, "round1", "oracle"), round1.dir, (round1.stage, data)
+        )
+        for seed in cfg.seeds:
+            _add_oracle(b, seed, round1, shards, data)
     return b

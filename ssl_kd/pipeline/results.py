@@ -16,7 +16,7 @@ from ssl_kd.errors import UserError
 from ssl_kd.pipeline.plan import Model, Selection
 
 GOAL_POINTS = 3.0  # the fine-tuned student's top-1 over the baseline's, in points
-ROLES = ("teacher", "baseline", "pretrained", "finetuned")
+ROLES = ("teacher", "baseline", "pretrained", "finetuned", "oracle")
 
 
 def _metrics(m: dict[str, Any]) -> dict[str, float | None]:
@@ -89,6 +89,7 @@ def _precision(selections: Sequence[Selection]) -> list[dict[str, Any]]:
             "round": r,
             "images": values[0]["images"],
             "precision": _spread([v["precision"] for v in values]),
+            "no_class": _spread([v.get("no_class", 0) for v in values]),
         }
         for r, values in sorted(by_round.items())
     ]
@@ -107,8 +108,11 @@ def _goals(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
         prev = teacher if rnd == 1 else _row(table, "finetuned", rnd - 1)
         gain = 100 * (student["top1"]["mean"] - baseline["top1"]["mean"]) if baseline else None
         over_teacher = 100 * (student["top1"]["mean"] - prev["top1"]["mean"]) if prev else None
+        oracle = _row(table, "oracle", rnd)
+        lost = 100 * (oracle["top1"]["mean"] - student["top1"]["mean"]) if oracle else None
         goals.append(
             {
+                "lost_to_label_errors_points": lost,
                 "round": rnd,
                 "gain_over_baseline_points": gain,
                 "goal_points": GOAL_POINTS,
@@ -136,7 +140,8 @@ def _num(s: dict[str, float | None], fmt: str) -> str:
 _INTRO = (
     "Top-1 and top-5 on the test set, in %: mean ± sample std over the seeds (min–max in "
     "results.json). Agreement and KL(teacher‖student) are measured against the model's own "
-    "teacher; latency is batch 1 on this CPU."
+    "teacher; latency is batch 1 on this CPU. The oracle is the student trained the same way on "
+    "the true labels of the same selected images: the gap to it is what label errors cost."
 )
 _HEADER = (
     "| model | round | arch | seeds | top-1 | top-5 | agreement | KL | ECE | params | MACs | "
@@ -147,6 +152,7 @@ _COLORS = {
     "baseline": "tab:orange",
     "pretrained": "tab:cyan",
     "finetuned": "tab:blue",
+    "oracle": "tab:green",
 }
 
 
@@ -164,13 +170,17 @@ def format_markdown(doc: dict[str, Any], title: str, stage_table: str = "") -> s
     if doc["selection_precision"]:
         lines += [
             "",
-            "Pseudo-label precision of the selection (selected class = true label):",
+            "Pseudo-label precision of the selection (selected class = true label; of no class: "
+            "selected images whose true class is none of the task's, in an open-set pool):",
             "",
-            "| round | selected images | precision |",
-            "|---:|---:|---:|",
+            "| round | selected images | precision | of no class |",
+            "|---:|---:|---:|---:|",
         ]
         for p in doc["selection_precision"]:
-            lines.append(f"| {p['round']} | {p['images']:,} | {_pct(p['precision'])} |")
+            lines.append(
+                f"| {p['round']} | {p['images']:,} | {_pct(p['precision'])} | "
+                f"{_num(p['no_class'], ',.0f')} |"
+            )
     lines += ["", "Goals:", ""]
     for g in doc["goals"]:
         gain, over = g["gain_over_baseline_points"], g["gain_over_teacher_points"]
@@ -179,6 +189,12 @@ def format_markdown(doc: dict[str, Any], title: str, stage_table: str = "") -> s
             f"(goal +{g['goal_points']:.1f}: {'met' if g['goal_met'] else 'not met'}); "
             f"{over:+.2f} points over its teacher "
             f"({'above' if g['above_teacher'] else 'not above'})"
+            + (
+                f"; the oracle, on the true labels of the same images, is "
+                f"{g['lost_to_label_errors_points']:+.2f} points above it"
+                if g.get("lost_to_label_errors_points") is not None
+                else ""
+            )
         )
     if stage_table:
         lines += ["", "Stages of this invocation:", "", "```", stage_table, "```"]

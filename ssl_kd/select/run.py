@@ -31,7 +31,17 @@ from ssl_kd.executor import cluster_resources, map_tasks
 from ssl_kd.label.files import LabelMeta, LabelSet, fixed_list, recorded_shard_spec
 from ssl_kd.select.dedup import leaked, near_duplicates
 from ssl_kd.select.files import build_selection, write_selection
-from ssl_kd.select.topk import SELECTORS, TopK, candidates_of, image_ids, repeats, split_ids
+from ssl_kd.select.topk import (
+    SCORE_BINS,
+    SELECTORS,
+    TopK,
+    candidates_of,
+    image_ids,
+    otsu_floor,
+    repeats,
+    split_ids,
+    top1_histogram,
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,11 @@ class SelectConfig:
     top_p: int = option(10, help="P: classes per image that are candidates (<= stored k)", min=1)
     upsample: bool = option(False, help="repeat the images of short classes up to K")
     min_score: float | None = option(None, help="drop candidates scoring below this", min=0)
+    score_floor: Literal["none", "otsu"] = option(
+        "none",
+        help="a per-class floor for open-set pools: otsu drops a class's candidates scoring "
+        "below Otsu's threshold of the top-1 scores of the images whose top-1 it is",
+    )
     dedup: float | None = option(
         None, help="drop near-duplicates at cosine >= this (needs embeddings)", gt=0, max=1
     )
@@ -74,19 +89,20 @@ def partial_topk(
     one is selected.
     """
     selector = SELECTORS[method](num_classes, per_class)
+    top1 = np.zeros((num_classes, SCORE_BINS), np.int64)
     for file_index, table in _read_ahead(sorted(files), ["key", "topk_class", "topk_prob"]):
         n = table.num_rows
         if n == 0:
             continue
         in_key_order = pc.sort_indices(table.column("key")).to_numpy()
-        cls_ids, score, rank = candidates_of(
-            fixed_list(table.column("topk_class"), n)[in_key_order],
-            fixed_list(table.column("topk_prob"), n)[in_key_order],
-            top_p,
-            min_score,
-        )
+        topk_class = fixed_list(table.column("topk_class"), n)[in_key_order]
+        topk_prob = fixed_list(table.column("topk_prob"), n)[in_key_order]
+        top1 += top1_histogram(topk_class, topk_prob, num_classes)
+        cls_ids, score, rank = candidates_of(topk_class, topk_prob, top_p, min_score)
         selector.add(cls_ids, score, image_ids(file_index, rank))
-    return selector.result()
+    best = selector.result()
+    best.top1 = top1
+    return best
 
 
 def _read_ahead(files: list[tuple[int, str]], columns: list[str]) -> Iterator[tuple[int, pa.Table]]:
@@ -186,7 +202,15 @@ def run_select(cfg: SelectConfig) -> dict[str, Any]:
     removed = {
         "duplicates": np.zeros(meta.num_classes, np.int64),
         "leaked": np.zeros(meta.num_classes, np.int64),
+        "below_floor": np.zeros(meta.num_classes, np.int64),
     }
+    floors = np.zeros(meta.num_classes)
+    if cfg.score_floor == "otsu":
+        floors = np.array([otsu_floor(h) for h in best.top1])
+        above = score >= floors[cls_ids]
+        removed["below_floor"] += np.bincount(cls_ids[~above], minlength=meta.num_classes)
+        table = table.filter(pa.array(above))
+        cls_ids, score, image = cls_ids[above], score[above], image[above]
     if filtering:
         keep = _filter(cfg, table, cls_ids, score, image, reference, removed)
         table = table.filter(pa.array(keep)).drop(["embedding"])
@@ -196,7 +220,7 @@ def run_select(cfg: SelectConfig) -> dict[str, Any]:
     rank = np.arange(len(cls_ids)) - np.repeat(starts, selected)
     rep = _copies(cfg, selected)
     table = build_selection(table, cls_ids, score, rank, rep)
-    report = _report(cfg, meta.classes, best, cls_ids, score, rep, removed)
+    report = _report(cfg, meta.classes, best, cls_ids, score, rep, removed, floors)
     t_rows = time.perf_counter()
     write_selection(table, _with_sources(meta, cfg.labels), out)
     report["seconds"] = {
@@ -282,6 +306,7 @@ def _report(
     score: np.ndarray,
     rep: np.ndarray,
     removed: dict[str, np.ndarray],
+    floors: np.ndarray,
 ) -> dict[str, Any]:
     # cls_ids is sorted (class-major), so each class is one contiguous run.
     n_cls = len(classes)
@@ -304,6 +329,8 @@ def _report(
                 "mean_score": float(sums[c] / n) if n else None,
                 "duplicates_removed": int(removed["duplicates"][c]),
                 "leaked_removed": int(removed["leaked"][c]),
+                "score_floor": float(floors[c]),
+                "below_floor_removed": int(removed["below_floor"][c]),
             }
         )
     short = [p["class"] for p in per_class if p["selected"] < cfg.per_class]
@@ -315,6 +342,7 @@ def _report(
         "short_classes": short,
         "duplicates_removed": int(removed["duplicates"].sum()),
         "leaked_removed": int(removed["leaked"].sum()),
+        "below_floor_removed": int(removed["below_floor"].sum()),
         "per_class": per_class,
         "config": cfglib.to_dict(cfg),
     }

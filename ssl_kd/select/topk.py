@@ -29,6 +29,7 @@ import faiss
 import numpy as np
 
 NO_IMAGE = np.iinfo(np.int64).max
+SCORE_BINS = 256  # of the top-1 score histograms, over [0, 1]
 
 
 def image_ids(file_index: int, ranks: np.ndarray) -> np.ndarray:
@@ -48,6 +49,9 @@ class TopK:
     score: np.ndarray  # (C, K) float32, -inf where empty
     image: np.ndarray  # (C, K) int64, NO_IMAGE where empty
     candidates: np.ndarray  # (C,) int64: candidates offered (after min_score)
+    # (C, SCORE_BINS) int64: per class, the histogram of the top-1 scores of the images whose
+    # top-1 it is (what a per-class score floor is chosen from)
+    top1: np.ndarray = field(default_factory=lambda: np.zeros((0, SCORE_BINS), np.int64))
 
     @classmethod
     def empty(cls, num_classes: int, per_class: int) -> TopK:
@@ -56,6 +60,7 @@ class TopK:
             np.full((num_classes, per_class), -np.inf, np.float32),
             np.full((num_classes, per_class), NO_IMAGE, np.int64),
             np.zeros(num_classes, np.int64),
+            np.zeros((num_classes, SCORE_BINS), np.int64),
         )
 
     @property
@@ -70,11 +75,13 @@ class TopK:
     def merge(self, other: TopK) -> None:
         """Fold in another partial result (e.g. of other files): exact, order-independent."""
         # Partials returned by Ray are zero-copy, read-only views of the object store.
-        for name in ("score", "image", "candidates"):
+        for name in ("score", "image", "candidates", "top1"):
             if not getattr(self, name).flags.writeable:
                 setattr(self, name, getattr(self, name).copy())
         filled = np.isfinite(other.score)
         self.candidates += other.candidates
+        if other.top1.size:  # a selector's own result has no histogram
+            self.top1 = self.top1 + other.top1 if self.top1.size else other.top1.copy()
         self.absorb(np.nonzero(filled)[0], other.score[filled], other.image[filled])
 
     def beats_kth(self, cls_ids: np.ndarray, score: np.ndarray, image: np.ndarray) -> np.ndarray:
@@ -293,6 +300,34 @@ def candidates_of(
         ok = score >= min_score
         cls_ids, score, rows = cls_ids[ok], score[ok], rows[ok]
     return cls_ids, score, rows
+
+
+def top1_histogram(topk_class: np.ndarray, topk_prob: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, SCORE_BINS) counts of the images' top-1 scores, by their top-1 class."""
+    cls = topk_class[:, 0].astype(np.int64)
+    bins = np.minimum((topk_prob[:, 0] * SCORE_BINS).astype(np.int64), SCORE_BINS - 1)
+    counts = np.bincount(cls * SCORE_BINS + bins, minlength=num_classes * SCORE_BINS)
+    return counts.reshape(num_classes, SCORE_BINS)
+
+
+def otsu_floor(hist: np.ndarray) -> float:
+    """Otsu's threshold of one class's score histogram: the score that splits it into the two
+    groups with the largest between-group variance, in the middle of the gap when the groups
+    are apart (0.0 when it holds one value or none)."""
+    hist = hist.astype(np.float64)
+    total = hist.sum()
+    if total == 0 or np.count_nonzero(hist) < 2:
+        return 0.0
+    centers = (np.arange(len(hist)) + 0.5) / len(hist)
+    w0 = np.cumsum(hist)[:-1]  # below each cut (cut after bin i)
+    w1 = total - w0
+    s0 = np.cumsum(hist * centers)[:-1]
+    m0 = np.divide(s0, w0, out=np.zeros_like(s0), where=w0 > 0)
+    m1 = np.divide((hist * centers).sum() - s0, w1, out=np.zeros_like(s0), where=w1 > 0)
+    between = w0 * w1 * (m0 - m1) ** 2
+    # Every cut inside an empty gap between the groups scores the same: take the gap's middle.
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
+    return float((best[0] + best[-1]) / 2 + 1) / len(hist)
 
 
 def repeats(selected: int, per_class: int) -> np.ndarray:

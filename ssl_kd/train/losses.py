@@ -72,3 +72,22 @@ def student_loss(
         return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
 
     return loss_fn
+
+
+def joint_loss(pseudo: StudentLoss, labeled: int, label_smoothing: float = 0.0) -> StudentLoss:
+    """Joint training: the last ``labeled`` images of a batch carry true labels (``true_label``)
+    and are scored by cross-entropy, the others by ``pseudo``; the loss is the mean over all
+    images, so each part weighs its share of the batch. Parts: ``pseudo``, ``true_ce`` and
+    those of ``pseudo``."""
+
+    def loss_fn(logits: torch.Tensor, targets: Targets) -> dict[str, torch.Tensor]:
+        n = len(logits) - labeled
+        parts = pseudo(logits[:n], {k: v for k, v in targets.items() if k != "true_label"})
+        true_ce = F.cross_entropy(
+            logits[n:], targets["true_label"], label_smoothing=label_smoothing
+        )
+        loss = (n * parts["loss"] + labeled * true_ce) / len(logits)
+        rest = {k: v for k, v in parts.items() if k != "loss"}
+        return {"loss": loss, "pseudo": parts["loss"].detach(), "true_ce": true_ce.detach(), **rest}
+
+    return loss_fn

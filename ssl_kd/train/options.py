@@ -12,7 +12,12 @@ from typing import ClassVar, Literal
 
 from ssl_kd.config import option
 from ssl_kd.errors import ConfigError, UserError
-from ssl_kd.models.registry import SMALL_IMAGE, TORCHVISION, check_model_name
+from ssl_kd.models.registry import (
+    SMALL_IMAGE,
+    TORCHVISION,
+    check_model_name,
+    check_stochastic_depth,
+)
 from ssl_kd.shards.decode import DEFAULT_MAX_PIXELS
 
 Recipe = Literal["small", "real"]
@@ -35,6 +40,13 @@ class TrainOptions:
     )
     width: float = option(1.0, help="width multiplier of cnn models", gt=0)
     dropout: float = option(0.0, help="dropout before the classifier head", min=0, max=0.95)
+    stochastic_depth: float | None = option(
+        None,
+        help="stochastic depth rate of torchvision archs that have it (efficientnet_*, "
+        "convnext_*, swin_*, ...; default: the architecture's own)",
+        min=0,
+        max=0.95,
+    )
     num_classes: int | None = option(None, help="number of classes (else from dataset.json)", min=1)
     class_names: str | None = option(None, help="file with one class name per line")
     channels: int | None = option(
@@ -128,6 +140,13 @@ def _check(cfg: TrainConfig | StudentConfig) -> None:
             raise ConfigError("weights", "initialises a new model; init already gives weights")
         if not cfg.arch.startswith(TORCHVISION):
             raise ConfigError("weights", f"initialises torchvision:NAME archs, not {cfg.arch!r}")
+    if cfg.stochastic_depth is not None:
+        if cfg.init:
+            raise ConfigError("stochastic_depth", "sets up a new model; init already built one")
+        try:
+            check_stochastic_depth(cfg.arch)
+        except UserError as exc:
+            raise ConfigError("stochastic_depth", str(exc)) from None
     _check_range("crop_scale", cfg.crop_scale, upper=1.0)
     _check_range("crop_ratio", cfg.crop_ratio)
 
@@ -155,6 +174,8 @@ class TrainConfig(TrainOptions):
     alpha: ClassVar[float] = 0.5
     randaugment: ClassVar[int] = 0
     randaugment_magnitude: ClassVar[int] = 9
+    labeled_data: ClassVar[str | None] = None  # joint training: pretrain's alone
+    labeled_share: ClassVar[float] = 0.0
 
     workers: int = option(1, help="Ray Train workers (DDP ranks)", min=1)
     use_gpu: bool = option(False, help="one GPU per worker (NCCL); else CPU (gloo)")
@@ -171,8 +192,8 @@ class TrainConfig(TrainOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class StudentConfig(TrainOptions):
-    """``ssl-kd pretrain``: the student on pseudo-labeled shards (from ssl-kd materialize)."""
+class StudentOptions(TrainOptions):
+    """The keys of the student's trainers, ``pretrain`` and ``finetune``."""
 
     data: str = option(help="training shards (dir, brace pattern, glob or list file)")
     init: str | None = option(None, help="start from this checkpoint's weights")
@@ -210,8 +231,45 @@ class StudentConfig(TrainOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class FinetuneConfig(StudentConfig):
+class StudentConfig(StudentOptions):
+    """``ssl-kd pretrain``: the student on pseudo-labeled shards (from ssl-kd materialize),
+    optionally with true-labeled images mixed into every batch (joint training)."""
+
+    labeled_data: str | None = option(
+        None,
+        help="joint training: true-labeled shards mixed into every batch (their classes must "
+        "be the pseudo-labels' classes)",
+    )
+    labeled_share: float = option(
+        0.25, help="with labeled_data: the share of each batch taken from it", gt=0, max=0.9
+    )
+
+    def validate(self) -> None:
+        """Cross-field checks (called by the config loader)."""
+        super().validate()
+        if self.labeled_data is not None and min(joint_split(self)) < 1:
+            raise ConfigError(
+                "labeled_share",
+                f"{self.labeled_share} of a batch of {self.batch_size} leaves one part of the "
+                "batch empty; change it or raise the batch size",
+            )
+
+
+def joint_split(cfg: Config) -> tuple[int, int]:
+    """``(pseudo-labeled, true-labeled)`` images of each batch (no true-labeled ones without
+    ``labeled_data``)."""
+    if cfg.labeled_data is None:
+        return cfg.batch_size, 0
+    labeled = round(cfg.batch_size * cfg.labeled_share)
+    return cfg.batch_size - labeled, labeled
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig(StudentOptions):
     """``ssl-kd finetune``: the pretrained student on the true labels only."""
+
+    labeled_data: ClassVar[str | None] = None  # the true labels are all it trains on
+    labeled_share: ClassVar[float] = 0.0
 
     data: str = option(help="labeled shards (the true labels)")
     init: str = option(help="pretrained student checkpoint")  # type: ignore[assignment]
@@ -222,4 +280,4 @@ class FinetuneConfig(StudentConfig):
 
 
 # Every trainer's config: the one training loop runs all three.
-Config = TrainConfig | StudentConfig
+Config = TrainConfig | StudentOptions

@@ -11,7 +11,7 @@ from typing import Any
 
 from ssl_kd import storage
 from ssl_kd.train.context import LocalContext
-from ssl_kd.train.options import StudentConfig, TrainConfig
+from ssl_kd.train.options import StudentOptions, TrainConfig
 from ssl_kd.train.worker import Config, read_inputs, train_worker
 
 
@@ -20,7 +20,7 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     return _run(cfg, progress)
 
 
-def run_student(cfg: StudentConfig, progress: bool = True) -> dict[str, Any]:
+def run_student(cfg: StudentOptions, progress: bool = True) -> dict[str, Any]:
     """Pretrain or fine-tune (or resume) the student as ``cfg`` says; returns the summary."""
     return _run(cfg, progress)
 
@@ -35,11 +35,11 @@ def _run(cfg: Config, progress: bool) -> dict[str, Any]:
     return fit(train_worker, cfg, progress)
 
 
-def format_summary(cfg: TrainConfig | StudentConfig, summary: dict[str, Any]) -> str:
+def format_summary(cfg: TrainConfig | StudentOptions, summary: dict[str, Any]) -> str:
     """The line ``ssl-kd train``, ``pretrain`` and ``finetune`` print on stdout."""
     verb = "already trained" if summary["resumed_at"] == summary["step"] else "trained"
     how = ""
-    if isinstance(cfg, StudentConfig):
+    if isinstance(cfg, StudentOptions):
         how = f" ({summary['loss']} loss, {summary['workers']} worker(s))"
     line = f"{verb} {summary['arch']}{how} for {summary['step']} steps -> {summary['checkpoint']}"
     if "val" in summary:

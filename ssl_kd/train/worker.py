@@ -50,6 +50,7 @@ from ssl_kd.models.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from ssl_kd.models.ensemble import ENSEMBLE
 from ssl_kd.models.preprocess import (
     Preprocess,
     augment,
@@ -61,9 +62,9 @@ from ssl_kd.shards.classes import dataset_info_near, resolve_classes
 from ssl_kd.shards.dataset import ShardImageDataset
 from ssl_kd.train.context import RunContext
 from ssl_kd.train.loop import LossFn, MetricsLog, StreamState, stream_batches, train_step
-from ssl_kd.train.losses import student_loss
+from ssl_kd.train.losses import joint_loss, student_loss
 from ssl_kd.train.optim import build_optimizer
-from ssl_kd.train.options import Config, Recipe
+from ssl_kd.train.options import Config, Recipe, joint_split
 from ssl_kd.train.recipes import image_transform, input_format, loader_workers
 from ssl_kd.train.schedule import lr_schedule
 
@@ -84,6 +85,7 @@ class Inputs:
     soft_k: int
     label_temperature: float
     recipe: Recipe
+    labeled_urls: list[str] = field(default_factory=list)  # joint training's true labels
 
 
 def read_inputs(cfg: Config) -> Inputs:
@@ -100,6 +102,10 @@ def read_inputs(cfg: Config) -> Inputs:
         )
     if cfg.init:
         init_meta = load_checkpoint(cfg.init)["meta"]
+        if init_meta["arch"] == ENSEMBLE:
+            raise UserError(
+                f"{cfg.init} is an ensemble; start from one of its members' checkpoints"
+            )
         pp = Preprocess.from_dict(init_meta["preprocess"])
         if not cfg.fresh_head and init_meta["num_classes"] != len(classes):
             raise UserError(
@@ -110,7 +116,28 @@ def read_inputs(cfg: Config) -> Inputs:
         pp = input_format(cfg, urls)
     soft_k = int(soft.get("k", 0)) if cfg.loss != "hard" else 0
     label_temperature = float(soft.get("temperature", 1.0))
-    return Inputs(urls, classes, pp, soft_k, label_temperature, cfg.recipe(pp.image_size))
+    recipe = cfg.recipe(pp.image_size)
+    labeled = _labeled_urls(cfg, classes)
+    return Inputs(urls, classes, pp, soft_k, label_temperature, recipe, labeled)
+
+
+def _labeled_urls(cfg: Config, classes: list[str]) -> list[str]:
+    """Joint training's true-labeled shards, checked to have the pseudo-labels' classes."""
+    if cfg.labeled_data is None:
+        return []
+    urls = expand_shards(cfg.labeled_data)
+    theirs = resolve_classes(urls, cfg.class_names, cfg.num_classes)
+    if theirs != classes:
+        raise UserError(
+            f"--labeled-data {cfg.labeled_data} has classes {_names(theirs)} and {cfg.data} "
+            f"has {_names(classes)}: joint training needs the same classes in the same order"
+        )
+    return urls
+
+
+def _names(classes: list[str]) -> str:
+    shown = ", ".join(classes[:5])
+    return f"[{shown}{', ...' if len(classes) > 5 else ''}] ({len(classes)})"
 
 
 @dataclass
@@ -132,10 +159,12 @@ class _Run:
     scaler: torch.amp.GradScaler | None  # fp16 only
     channels_last: bool
     loader_workers: int  # DataLoader worker processes (0: read in this process)
+    labeled: ShardImageDataset | None = None  # joint training's true-labeled images
     train_model: nn.Module | None = None  # DDP-wrapped after the resume
     step: int = 0
     start_step: int = 0
     stream: StreamState = field(default_factory=StreamState)
+    labeled_stream: StreamState = field(default_factory=StreamState)
 
     @property
     def pin_memory(self) -> bool:
@@ -179,12 +208,18 @@ def _setup(cfg: Config, ctx: RunContext) -> _Run:
         label_smoothing=cfg.label_smoothing,
         label_temperature=inputs.label_temperature,
     )
+    n_labeled = joint_split(cfg)[1]
+    if n_labeled:
+        loss_fn = joint_loss(loss_fn, n_labeled, cfg.label_smoothing)
     metrics = MetricsLog(storage.join(cfg.out, "metrics.jsonl")) if ctx.rank == 0 else None
     val_urls = expand_shards(cfg.val_data) if cfg.val_data else []
     dataset = _dataset(cfg, inputs, ctx, data_seed)
     workers = loader_workers(
         cfg.num_workers, inputs.recipe, len(dataset.urls), ctx.local_world_size
     )
+    labeled = None
+    if inputs.labeled_urls:  # its own order and crops: another seed than the pseudo stream's
+        labeled = _dataset(cfg, inputs, ctx, data_seed + 1, inputs.labeled_urls)
     return _Run(
         cfg,
         ctx,
@@ -201,6 +236,7 @@ def _setup(cfg: Config, ctx: RunContext) -> _Run:
         grad_scaler(device, cfg.precision),
         channels_last,
         workers,
+        labeled,
     )
 
 
@@ -213,27 +249,34 @@ def _build_model(cfg: Config, inputs: Inputs) -> tuple[nn.Module, dict[str, Any]
     else:
         arch, width, dropout = cfg.arch, cfg.width, cfg.dropout
         pp, n = inputs.pp, len(inputs.classes)
-        model = create_model(arch, n, pp.channels, pp.image_size, width, dropout, cfg.weights)
+        model = create_model(
+            arch, n, pp.channels, pp.image_size, width, dropout, cfg.weights, cfg.stochastic_depth
+        )
     meta = make_meta(arch, width, dropout, inputs.classes, inputs.pp, cfglib.to_dict(cfg))
     return model, meta
 
 
-def _dataset(cfg: Config, inputs: Inputs, ctx: RunContext, seed: int) -> ShardImageDataset:
+def _dataset(
+    cfg: Config, inputs: Inputs, ctx: RunContext, seed: int, labeled: list[str] | None = None
+) -> ShardImageDataset:
+    """This rank's training images: the config's shards, or joint training's ``labeled`` ones
+    (true labels only)."""
+    urls = labeled or inputs.urls
     # Fewer shards than ranks: every rank reads all shards and keeps every world-th sample.
-    split_shards = len(inputs.urls) >= ctx.world_size
+    split_shards = len(urls) >= ctx.world_size
     return ShardImageDataset(
-        inputs.urls[ctx.rank :: ctx.world_size] if split_shards else inputs.urls,
+        urls[ctx.rank :: ctx.world_size] if split_shards else urls,
         image_transform(cfg, inputs.pp, inputs.recipe),
         inputs.pp.channels,
         num_classes=len(inputs.classes),
         shuffle_buffer=cfg.shuffle_buffer,
         seed=seed,
-        soft_k=inputs.soft_k,
+        soft_k=0 if labeled else inputs.soft_k,
         part=(0, 1) if split_shards else (ctx.rank, ctx.world_size),
         max_pixels=cfg.max_pixels,
         decode_size=inputs.pp.resize_to,
         # Loader workers seed each image's crop by its place in their stream, per rank.
-        sample_seed=cfg.seed * 1_000_003 + ctx.rank,
+        sample_seed=cfg.seed * 1_000_003 + ctx.rank + (500_009 if labeled else 0),
     )
 
 
@@ -253,6 +296,8 @@ def _resume(run: _Run) -> None:
         ranks = rank_states(ckpt)
         if len(ranks) == ctx.world_size:
             _resume_stream(run, ranks[ctx.rank])
+            if run.labeled is not None and "labeled" in ranks[ctx.rank]:
+                run.labeled_stream = _stream_state(ranks[ctx.rank]["labeled"])
         else:  # another number of ranks: the data order restarts, the weights carry on
             log.warning("resuming %d ranks from a %d-rank checkpoint", ctx.world_size, len(ranks))
         log.info("rank %d resuming %s from step %d", ctx.rank, cfg.out, run.step)
@@ -275,14 +320,18 @@ def _saved_config(ckpt: dict[str, Any]) -> dict[str, Any]:
 def _resume_stream(run: _Run, mine: dict[str, Any]) -> None:
     """This rank's batch stream and RNG as checkpointed; ``num_workers: auto`` takes the
     checkpoint's number of loader workers, the one number that replays the stream exactly."""
-    worker_seen = [int(n) for n in mine.get("worker_seen", [])]
+    worker_seen = mine.get("worker_seen", [])
     if run.cfg.num_workers == "auto" and len(worker_seen) != run.loader_workers:
         log.info("num_workers auto: %d, as the run started with", len(worker_seen))
         run.loader_workers = len(worker_seen)
-    run.stream = StreamState(
-        int(mine["epoch"]), int(mine["seen_in_epoch"]), worker_seen, int(mine.get("turn", 0))
-    )
+    run.stream = _stream_state(mine)
     set_rng_state(mine["rng"])
+
+
+def _stream_state(saved: dict[str, Any]) -> StreamState:
+    worker_seen = [int(n) for n in saved.get("worker_seen", [])]
+    epoch, seen, turn = int(saved["epoch"]), int(saved["seen_in_epoch"]), int(saved.get("turn", 0))
+    return StreamState(epoch, seen, worker_seen, turn)
 
 
 def _train_steps(run: _Run, progress: bool) -> float:
@@ -292,15 +341,24 @@ def _train_steps(run: _Run, progress: bool) -> float:
     t0 = time.perf_counter()
     window: list[dict[str, float]] = []
     bar = run.ctx.progress(cfg.steps, run.step, enabled=progress and run.lead)
-    batches = stream_batches(
-        run.dataset, cfg.batch_size, run.stream, run.loader_workers, run.pin_memory
-    )
+    n_pseudo, n_labeled = joint_split(cfg)
+    batches = stream_batches(run.dataset, n_pseudo, run.stream, run.loader_workers, run.pin_memory)
+    labeled = None
+    if run.labeled is not None:
+        labeled = stream_batches(
+            run.labeled, n_labeled, run.labeled_stream, run.loader_workers, run.pin_memory
+        )
     while run.step < cfg.steps:
         images, labels = next(batches)
+        targets = _targets(labels, run.device, run.pin_memory)
+        if labeled is not None:  # joint training: true-labeled images last in the batch
+            true_images, true_labels = next(labeled)
+            images = torch.cat([images, true_images])
+            targets["true_label"] = true_labels.to(run.device, non_blocking=run.pin_memory)
         parts = train_step(
             run.train_model,
             normalize(_augment(run, images), pp),
-            _targets(labels, run.device, run.pin_memory),
+            targets,
             run.optimizer,
             run.schedule[run.step],
             run.loss_fn,
@@ -316,6 +374,8 @@ def _train_steps(run: _Run, progress: bool) -> float:
             window.clear()
         _evaluate_and_checkpoint(run, bar)
     batches.close()  # stops the loader workers now, not whenever the generator is collected
+    if labeled is not None:
+        labeled.close()
     bar.close()
     return time.perf_counter() - t0
 
@@ -402,14 +462,9 @@ def _evaluate(run: _Run) -> dict[str, Any]:
 
 def _checkpoint_state(run: _Run) -> dict[str, Any]:
     """The resumable state; collective (gathers every rank's stream): all ranks call it."""
-    stream = run.stream
-    mine = {
-        "epoch": stream.epoch,
-        "seen_in_epoch": stream.seen_in_epoch,
-        "worker_seen": list(stream.worker_seen),  # one count per loader worker
-        "turn": stream.turn,
-        "rng": rng_state(),
-    }
+    mine = {**_stream_dict(run.stream), "rng": rng_state()}
+    if run.labeled is not None:
+        mine["labeled"] = _stream_dict(run.labeled_stream)
     state = {
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
@@ -421,6 +476,15 @@ def _checkpoint_state(run: _Run) -> dict[str, Any]:
     if run.scaler is not None:
         state["scaler"] = run.scaler.state_dict()
     return state
+
+
+def _stream_dict(stream: StreamState) -> dict[str, Any]:
+    return {
+        "epoch": stream.epoch,
+        "seen_in_epoch": stream.seen_in_epoch,
+        "worker_seen": list(stream.worker_seen),  # one count per loader worker
+        "turn": stream.turn,
+    }
 
 
 def _finish(run: _Run, seconds: float) -> dict[str, Any]:
@@ -447,6 +511,7 @@ def _finish(run: _Run, seconds: float) -> dict[str, Any]:
         "steps_per_rank": steps_per_rank,
         "train_seconds": round(seconds, 2),
         "images_per_s": round(rate, 1) if rate is not None else None,
+        "labeled_per_batch": joint_split(cfg)[1],
         "skipped_samples": run.dataset.stats.skipped,
         "skipped_reasons": dict(run.dataset.stats.reasons),
         "checkpoint": path,
