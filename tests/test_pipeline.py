@@ -120,7 +120,7 @@ def test_pipeline_end_to_end_then_rerun_skips_everything(tmp_path, fake_fmnist):
 
     again = run_pipeline(cfg, progress=False)
     assert set(_statuses(again).values()) == {"skipped"}
-    names = {s.name for s in build_plan(tiny_config(tmp_path, fake_fmnist, oracle=False)).stages}
+    names = {s.name for s in build_plan(tiny_config(tmp_path, fake_fmnist, oracle_seeds=0)).stages}
     assert not any("oracle" in name for name in names)
 
 
@@ -376,7 +376,7 @@ def test_round_one_labels_from_a_teacher_ensemble_with_tta(tmp_path, fake_fmnist
     from ssl_kd.pipeline.run import run_pipeline
 
     ensemble = {"members": [{"seed": 1}, {"arch": "cnn", "width": 0.5}], "tta": ["flip"]}
-    cfg = tiny_config(tmp_path, fake_fmnist, seeds=[0], oracle=False, ensemble=ensemble)
+    cfg = tiny_config(tmp_path, fake_fmnist, seeds=[0], oracle_seeds=0, ensemble=ensemble)
     status = _statuses(run_pipeline(cfg, progress=False))
     assert {"teachers/member1", "teachers/member2", "teachers/ensemble"} <= set(status)
     root = Path(cfg.out)
@@ -404,7 +404,7 @@ def test_the_chain_of_students_sets_each_rounds_architecture_and_noise(tmp_path,
 
     bigger = {"arch": "cnn_deep", "width": 0.5, "randaugment": 1, "dropout": 0.2}
     cfg = tiny_config(
-        tmp_path, fake_fmnist, seeds=[0], rounds=2, oracle=False, students=[{}, bigger]
+        tmp_path, fake_fmnist, seeds=[0], rounds=2, oracle_seeds=0, students=[{}, bigger]
     )
     run_pipeline(cfg, progress=False)
     root = Path(cfg.out)

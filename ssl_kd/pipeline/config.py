@@ -104,10 +104,11 @@ class PipelineConfig:
         "that differ from the pretrain section (e.g. a larger arch and RandAugment in round 2, "
         "the target arch in the last); rounds without an entry use the section as it is",
     )
-    oracle: bool = option(
-        True,
-        help="with the truth of the unlabeled images: also train the oracle, the student on the "
-        "true labels of the same selected images (same budget), to show what label errors cost",
+    oracle_seeds: int = option(
+        1,
+        help="with the truth of the unlabeled images: train the oracle (the student on the true "
+        "labels of the same selected images, same budget) for the first N seeds; 0: none",
+        min=0,
     )
     executor: Literal["ray", "local"] = option(
         "ray", help="run the stages on Ray (tasks, actors, Ray Train) or in this process"

@@ -509,10 +509,10 @@ def build_plan(cfg: PipelineConfig, progress: bool = True) -> PlanBuilder:
     round1 = _add_pseudo(b, at(root, "round1"), "round1", (teacher, teacher_ckpt), data, 1, None)
     for seed in cfg.seeds:
         _add_student_rounds(b, seed, round1, data)
-    if cfg.oracle and b.data.truth:
+    if cfg.oracle_seeds and b.data.truth:
         shards = b.add_oracle_shards(
             "round1/oracle", at(root, "round1", "oracle"), round1.dir, (round1.stage, data)
         )
-        for seed in cfg.seeds:
+        for seed in cfg.seeds[: cfg.oracle_seeds]:
             _add_oracle(b, seed, round1, shards, data)
     return b
