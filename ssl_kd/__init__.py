@@ -8,14 +8,14 @@ upward and never in a circle (``tests/test_layers.py`` holds the tree to this or
    ``figures``, ``cluster_config``, ``stages`` (the one stage table, as import strings);
 2. data: ``shards/`` (spec expansion, tar read/write, decoding, soft-label members) and
    ``datasets/``;
-3. ``models/`` (registry, external teachers, preprocessing, the checkpoint format, size and
-   speed);
+3. ``models/`` (registry, external teachers, ensembles and test-time augmentation,
+   preprocessing, the checkpoint format, size and speed);
 4. the stages, in this order: ``label/``, ``select/``, ``materialize/``, ``evaluate/``,
    ``train/``, ``inspect/``. Each holds its config and runner (``run.py``), a pure core named for
    what it computes, and its on-disk contract (``files.py``). A stage may import an earlier
    stage's contracts and cores (training validates with ``evaluate.metrics``), never its runner;
-5. the drivers: ``pipeline/`` (the resumable plan, results, and ``estimate`` of a run at scale)
-   and ``cli``.
+5. the drivers: ``pipeline/`` (the resumable plan, the oracle's shards, precision against the
+   truth, results, and ``estimate`` of a run at scale) and ``cli``.
 """
 
 __version__ = "0.1.0"
