@@ -454,3 +454,19 @@ def test_open_set_pool_counts_the_selected_images_of_no_class(tmp_path, fake_fmn
     assert figures["samples"] == len(selected) - no_class
     md = (root / "results/results.md").read_text()
     assert f"| {precision['images']:,} | " in md and "of no class" in md
+
+
+def test_joint_row_beside_pretrain_then_fine_tune(tmp_path, fake_fmnist):
+    from ssl_kd.pipeline.run import run_pipeline
+
+    cfg = tiny_config(tmp_path, fake_fmnist, seeds=[0], oracle_seeds=0, joint_share=0.25)
+    run_pipeline(cfg, progress=False)
+    root = Path(cfg.out)
+    joint = json.loads((root / "round1/seed0/joint/summary.json").read_text())
+    assert joint["labeled_per_batch"] == 2 and joint["step"] == TINY["pretrain"]["steps"]
+    plain = json.loads((root / "round1/seed0/pretrain/summary.json").read_text())
+    assert plain["labeled_per_batch"] == 0
+    doc = json.loads((root / "results/results.json").read_text())
+    rows = [(m["model"], m["round"]) for m in doc["models"]]
+    assert rows.index(("finetuned", 1)) < rows.index(("joint", 1))
+    assert "| joint | 1 |" in (root / "results/results.md").read_text()

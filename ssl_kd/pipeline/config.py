@@ -104,6 +104,13 @@ class PipelineConfig:
         "that differ from the pretrain section (e.g. a larger arch and RandAugment in round 2, "
         "the target arch in the last); rounds without an entry use the section as it is",
     )
+    joint_share: float = option(
+        0.0,
+        help="also train each seed's round-1 student jointly, this share of every pretraining "
+        "batch from the labeled split (the results table's joint row); 0: not",
+        min=0,
+        max=0.9,
+    )
     oracle_seeds: int = option(
         1,
         help="with the truth of the unlabeled images: train the oracle (the student on the true "

@@ -10,6 +10,7 @@ Layout of a run directory (``out``)::
     baseline/seed{S}/          the supervised baseline: student architecture, labels only
     round1/labels|selection|pseudo/      labels, top-K selection and materialised shards
     round{R}/seed{S}/pretrain|finetune/  the student of round R
+    round1/seed{S}/joint/      with joint_share: the student trained jointly instead
     round{R>1}/seed{S}/labels|selection|pseudo/  later rounds: each seed's student teaches on
     round1/oracle/             the round-1 shards labeled with the truth (when it is known)
     oracle/seed{S}/pretrain|finetune/    the oracle: the student on those true labels
@@ -56,7 +57,7 @@ class Model:
     """A trained model the results table reports on."""
 
     slug: str  # eval/<slug>
-    role: str  # teacher, baseline, pretrained, finetuned, oracle
+    role: str  # teacher, baseline, pretrained, finetuned, joint, oracle
     round: int
     seed: int | None
     stage: str
@@ -311,7 +312,7 @@ class PlanBuilder:
         paths: dict[str, Any] = {"data": data, "out": directory, "seed": seed, **(overrides or {})}
         if section == "finetune":
             paths["init"] = init
-        if section == "pretrain" and "labeled_share" in self.cfg.pretrain:
+        if section == "pretrain" and "labeled_share" in {**self.cfg.pretrain, **paths}:
             paths["labeled_data"] = self.data.labeled  # joint training on the labeled split
         sc = stage_config(self.cfg, section, paths)
         run_student = stage_runner(section)
@@ -424,7 +425,38 @@ def _add_student_rounds(b: PlanBuilder, seed: int, round1: Pseudo, data: str) ->
                 pseudo.teacher_checkpoint,
             )
             b.add_eval(model, test_dep)
+        if r == 1 and b.cfg.joint_share:
+            _add_joint(b, seed, here, pseudo, data)
         pseudo = Pseudo(pseudo.stage, pseudo.dir, fin, fin_ckpt)
+
+
+def _add_joint(b: PlanBuilder, seed: int, here: str, pseudo: Pseudo, data: str) -> None:
+    """Round 1's student trained jointly on the pseudo-labeled and the labeled images (the
+    results table's ``joint`` row), beside pretrain-then-fine-tune."""
+    at = storage.join
+    overrides = {**student_overrides(b.cfg, 1), "labeled_share": b.cfg.joint_share}
+    stage = b.add_student(
+        f"round1/seed{seed}/joint",
+        "pretrain",
+        at(here, "joint"),
+        seed,
+        pseudo.dir,
+        None,
+        (pseudo.stage, data),
+        overrides,
+    )
+    ckpt = at(here, "joint", "checkpoint.pt")
+    model = Model(
+        f"round1-seed{seed}-joint",
+        "joint",
+        1,
+        seed,
+        stage,
+        ckpt,
+        pseudo.teacher,
+        pseudo.teacher_checkpoint,
+    )
+    b.add_eval(model, (data,))
 
 
 def _add_teacher_ensemble(

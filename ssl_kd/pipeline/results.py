@@ -16,7 +16,7 @@ from ssl_kd.errors import UserError
 from ssl_kd.pipeline.plan import Model, Selection
 
 GOAL_POINTS = 3.0  # the fine-tuned student's top-1 over the baseline's, in points
-ROLES = ("teacher", "baseline", "pretrained", "finetuned", "oracle")
+ROLES = ("teacher", "baseline", "pretrained", "finetuned", "joint", "oracle")
 
 
 def _metrics(m: dict[str, Any]) -> dict[str, float | None]:
@@ -141,7 +141,8 @@ _INTRO = (
     "Top-1 and top-5 on the test set, in %: mean ± sample std over the seeds (min–max in "
     "results.json). Agreement and KL(teacher‖student) are measured against the model's own "
     "teacher; latency is batch 1 on this CPU. The oracle is the student trained the same way on "
-    "the true labels of the same selected images: the gap to it is what label errors cost."
+    "the true labels of the same selected images: the gap to it is what label errors cost. The "
+    "joint student trains on pseudo-labeled and labeled images together, without fine-tuning."
 )
 _HEADER = (
     "| model | round | arch | seeds | top-1 | top-5 | agreement | KL | ECE | params | MACs | "
@@ -152,6 +153,7 @@ _COLORS = {
     "baseline": "tab:orange",
     "pretrained": "tab:cyan",
     "finetuned": "tab:blue",
+    "joint": "tab:purple",
     "oracle": "tab:green",
 }
 
