@@ -392,26 +392,8 @@ def _add_student_rounds(b: PlanBuilder, seed: int, round1: Pseudo, data: str) ->
         if r > 1:  # this seed's previous student labels the unlabeled set again
             teacher = (pseudo.teacher, pseudo.teacher_checkpoint)
             pseudo = _add_pseudo(b, here, name, teacher, data, r, seed)
-        pre_ckpt = at(here, "pretrain", "checkpoint.pt")
-        pre = b.add_student(
-            f"{name}/pretrain",
-            "pretrain",
-            at(here, "pretrain"),
-            seed,
-            pseudo.dir,
-            None,
-            (pseudo.stage,),
-            student_overrides(b.cfg, r),
-        )
-        fin_ckpt = at(here, "finetune", "checkpoint.pt")
-        fin = b.add_student(
-            f"{name}/finetune",
-            "finetune",
-            at(here, "finetune"),
-            seed,
-            b.data.labeled,
-            pre_ckpt,
-            (pre, data),
+        (pre, pre_ckpt), (fin, fin_ckpt) = _add_pretrain_finetune(
+            b, name, here, seed, (pseudo.dir, pseudo.stage), data, student_overrides(b.cfg, r)
         )
         for role, stage, ckpt in (("pretrained", pre, pre_ckpt), ("finetuned", fin, fin_ckpt)):
             model = Model(
@@ -459,6 +441,43 @@ def _add_joint(b: PlanBuilder, seed: int, here: str, pseudo: Pseudo, data: str) 
     b.add_eval(model, (data,))
 
 
+def _add_pretrain_finetune(
+    b: PlanBuilder,
+    name: str,
+    here: str,
+    seed: int,
+    shards: tuple[str, str],
+    data: str,
+    overrides: dict[str, Any],
+) -> tuple[tuple[str, str], tuple[str, str]]:
+    """A student pretrained on ``shards`` (directory, stage) with the pretrain section and
+    ``overrides``, then fine-tuned on the labeled split, under ``here``; their (stage,
+    checkpoint) pairs."""
+    at = storage.join
+    pre_ckpt = at(here, "pretrain", "checkpoint.pt")
+    pre = b.add_student(
+        f"{name}/pretrain",
+        "pretrain",
+        at(here, "pretrain"),
+        seed,
+        shards[0],
+        None,
+        (shards[1],),
+        overrides,
+    )
+    fin_ckpt = at(here, "finetune", "checkpoint.pt")
+    fin = b.add_student(
+        f"{name}/finetune",
+        "finetune",
+        at(here, "finetune"),
+        seed,
+        b.data.labeled,
+        pre_ckpt,
+        (pre, data),
+    )
+    return (pre, pre_ckpt), (fin, fin_ckpt)
+
+
 def _add_teacher_ensemble(
     b: PlanBuilder, first: str, first_ckpt: str, data: str
 ) -> tuple[str, str]:
@@ -481,25 +500,15 @@ def _add_oracle(b: PlanBuilder, seed: int, round1: Pseudo, shards: str, data: st
     round-1 selection (cross-entropy: the truth has no soft label)."""
     at = storage.join
     here = at(b.root, "oracle", f"seed{seed}")
-    pre = b.add_student(
-        f"oracle/seed{seed}/pretrain",
-        "pretrain",
-        at(here, "pretrain"),
+    overrides = {**student_overrides(b.cfg, 1), "loss": "hard"}  # round 1's student, on the truth
+    _, (fin, fin_ckpt) = _add_pretrain_finetune(
+        b,
+        f"oracle/seed{seed}",
+        here,
         seed,
-        at(b.root, "round1", "oracle"),
-        None,
-        (shards,),
-        {**student_overrides(b.cfg, 1), "loss": "hard"},  # round 1's student, on the truth
-    )
-    fin_ckpt = at(here, "finetune", "checkpoint.pt")
-    fin = b.add_student(
-        f"oracle/seed{seed}/finetune",
-        "finetune",
-        at(here, "finetune"),
-        seed,
-        b.data.labeled,
-        at(here, "pretrain", "checkpoint.pt"),
-        (pre, data),
+        (at(b.root, "round1", "oracle"), shards),
+        data,
+        overrides,
     )
     model = Model(
         f"oracle-seed{seed}",
