@@ -91,7 +91,8 @@ def _listeners(root: int) -> set[tuple[int, str, str, int]]:
 def test_a_local_ray_listens_on_loopback_only(
     separable_shards: dict[str, Path], tmp_path: Path
 ) -> None:
-    write_unlabeled_shards(tmp_path / "u", n_shards=2, per_shard=8)
+    # Enough images that the label actor lives through several samples of the sockets below.
+    write_unlabeled_shards(tmp_path / "u", n_shards=4, per_shard=256)
     label = ["-q", "label", "--executor", "ray", "--workers", "1", "--device", "cpu", "--k", "2"]
     label += ["--teacher", str(make_teacher(tmp_path / "teacher.pt"))]
     label += ["--shards", str(tmp_path / "u"), "--out", str(tmp_path / "labels")]
@@ -115,7 +116,7 @@ def test_a_local_ray_listens_on_loopback_only(
     try:
         while child.poll() is None and time.monotonic() < deadline:
             seen |= _listeners(child.pid)
-            time.sleep(0.5)
+            time.sleep(0.2)
     finally:
         if child.poll() is None:
             os.killpg(child.pid, signal.SIGKILL)
