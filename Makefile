@@ -9,7 +9,7 @@ SSL_KD := $(VENV)/bin/ssl-kd
 FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz \
                 t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
 
-.PHONY: demo same-arch ablations test test-fast lint fashion-mnist clean
+.PHONY: demo same-arch features ablations test test-fast lint fashion-mnist clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ demo: $(VENV)/.installed fashion-mnist
 same-arch: $(VENV)/.installed fashion-mnist
 	$(SSL_KD) run --config configs/fashion_mnist_same_arch.yaml --source $(FMNIST) \
 	  --out runs/same_arch
+
+# Feature distillation: the demo's students, and the same students also matching the teacher's
+# stored embeddings at three weights (about an hour on 2 cores).
+features: $(VENV)/.installed fashion-mnist
+	$(SSL_KD) run --config $(CONFIG) --source $(FMNIST) --out runs/features \
+	  --set 'feature_weights=[0.25, 1, 4]' --set oracle_seeds=0
 
 # K, P and loss ablations (about an hour on 2 cores).
 ablations: $(VENV)/.installed fashion-mnist

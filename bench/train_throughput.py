@@ -57,15 +57,15 @@ def _memory_batches(urls: list[str], batch: int, rank: int, world: int):  # type
     ds = ShardImageDataset(urls[rank::world], lambda x: x, 1, num_classes=C, soft_k=K)
     items = list(ds)
     x = torch.stack([i[0] for i in items])
-    y = torch.tensor([i[1][0] for i in items])
-    tc = torch.as_tensor(np.stack([i[1][1] for i in items]))
-    tp = torch.as_tensor(np.stack([i[1][2] for i in items]))
+    y = torch.tensor([i[1]["label"] for i in items])
+    tc = torch.as_tensor(np.stack([i[1]["topk_class"] for i in items]))
+    tp = torch.as_tensor(np.stack([i[1]["topk_prob"] for i in items]))
     g = torch.Generator().manual_seed(rank)
     while True:
         order = torch.randperm(len(x), generator=g)
         for s in range(0, len(order) - batch + 1, batch):
             idx = order[s : s + batch]
-            yield x[idx], (y[idx], tc[idx], tp[idx])
+            yield x[idx], {"label": y[idx], "topk_class": tc[idx], "topk_prob": tp[idx]}
 
 
 def worker_loop(config: dict[str, Any]) -> None:
@@ -100,8 +100,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     for step in range(config["warmup"] + config["steps"]):
         if step == config["warmup"]:
             t0 = time.perf_counter()
-        images, (y, tc, tp) = next(batches)
-        targets = {"label": y, "topk_class": tc, "topk_prob": tp}
+        images, targets = next(batches)
         train_step(model, normalize(augment(images, 2, True), PP), targets, opt, 0.05, loss_fn)
     seconds = time.perf_counter() - t0
     if rank == 0:  # Result.metrics keeps only checkpointed reports: hand the figure over a file

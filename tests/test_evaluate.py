@@ -13,6 +13,7 @@ from helpers import make_teacher
 from helpers import run_cli as _run
 from torch import nn
 
+from ssl_kd.evaluate.cka import linear_cka
 from ssl_kd.evaluate.metrics import (
     calibration,
     ece,
@@ -22,7 +23,7 @@ from ssl_kd.evaluate.metrics import (
     per_class_accuracy,
     predict,
 )
-from ssl_kd.evaluate.run import EvalConfig, run_evaluate
+from ssl_kd.evaluate.run import EvalConfig, format_summary, run_evaluate
 from ssl_kd.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from ssl_kd.models.preprocess import Preprocess, normalize
 from ssl_kd.models.stats import count_macs, cpu_speed, model_size
@@ -78,7 +79,10 @@ def test_kl_and_agreement_match_hand_computation() -> None:
         kl=torch.tensor([0.1, 0.2, 0.3, 0.4]),
         labels=torch.tensor([0, 2, 1, 1]),
     )
-    assert f == pytest.approx({"agreement": 0.75, "kl": 0.25, "teacher_top1": 0.75})
+    assert f["cka"] is None  # no features given
+    assert {k: v for k, v in f.items() if k != "cka"} == pytest.approx(
+        {"agreement": 0.75, "kl": 0.25, "teacher_top1": 0.75}
+    )
 
 
 def test_macs_params_and_size_of_a_known_model() -> None:
@@ -117,15 +121,17 @@ def _with_normalisation(path: Path, mean: float, std: float) -> Path:
     return path
 
 
-def _direct_logits(ckpt: Path, data: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """All logits and labels of a checkpoint on the data, without the evaluation code path."""
+def _direct_pass(ckpt: Path, data: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All logits, penultimate features and labels of a checkpoint on the data, without the
+    evaluation code path."""
     model, meta = model_from_checkpoint(load_checkpoint(ckpt))
     model.eval()
     pp = Preprocess.from_dict(meta["preprocess"])
     loader = eval_loader(expand_shards(str(data)), pp, meta["num_classes"], 1000)
     images, labels = next(iter(loader))
     with torch.no_grad():
-        return model(normalize(images, pp)), labels
+        x = normalize(images, pp)
+        return model(x), model.features(x), labels
 
 
 def test_fidelity_to_itself_and_to_another_teacher(
@@ -140,11 +146,12 @@ def test_fidelity_to_itself_and_to_another_teacher(
     assert itself["fidelity"]["agreement"] == 1.0
     assert itself["fidelity"]["kl"] == pytest.approx(0.0, abs=1e-9)
     assert itself["fidelity"]["teacher_top1"] == itself["top1"]
+    assert itself["fidelity"]["cka"] == pytest.approx(1.0, abs=1e-6)
     assert itself["cpu"] is None
 
     other = run_evaluate(replace(base, teacher=str(teacher)))
-    s_logits, labels = _direct_logits(student, data)
-    t_logits, _ = _direct_logits(teacher, data)
+    s_logits, s_feats, labels = _direct_pass(student, data)
+    t_logits, t_feats, _ = _direct_pass(teacher, data)
     assert len(labels) == other["n"] == 64
     kl = nn.functional.kl_div(
         s_logits.double().log_softmax(1),
@@ -159,6 +166,8 @@ def test_fidelity_to_itself_and_to_another_teacher(
     assert fid["teacher_top1"] == pytest.approx(t_pred.eq(labels).float().mean().item())
     assert other["top1"] == pytest.approx(s_pred.eq(labels).float().mean().item())
     assert fid["teacher_arch"] == "cnn" and fid["teacher_params"] > 0
+    assert 0.0 <= fid["cka"] <= 1.0 and fid["cka"] < 1.0 - 1e-6
+    assert fid["cka"] == pytest.approx(linear_cka(s_feats, t_feats), abs=1e-6)
 
     per_class = other["per_class"]
     assert [r["n"] for r in per_class] == [16, 16, 16, 16]
@@ -200,7 +209,9 @@ def test_cli_with_teacher_prints_fidelity_and_writes_json(
     assert code == 0
     lines = out.splitlines()
     assert "top-1" in lines[0] and str(out_json) in lines[0]
-    assert any(ln.startswith("teacher cnn") and "agreement" in ln for ln in lines)
+    assert any(
+        ln.startswith("teacher cnn") and "agreement" in ln and "CKA 0." in ln for ln in lines
+    )
     assert any("ECE" in ln for ln in lines) and any("MACs" in ln for ln in lines)
     assert any(ln.startswith("CPU (") for ln in lines)
     assert sum(1 for ln in lines if ln.split()[:1] in (["0"], ["1"], ["2"], ["3"])) == 4
@@ -219,7 +230,10 @@ def test_cli_with_teacher_prints_fidelity_and_writes_json(
         "config",
     ):
         assert key in r, key
-    assert {"agreement", "kl", "teacher_top1", "teacher", "teacher_macs"} <= set(r["fidelity"])
+    assert {"agreement", "kl", "teacher_top1", "cka", "teacher", "teacher_macs"} <= set(
+        r["fidelity"]
+    )
+    assert 0.0 <= r["fidelity"]["cka"] <= 1.0
     assert {"ece", "confidence_mean", "bins"} <= set(r["calibration"])
     assert {"params", "macs", "size_mb"} <= set(r["model"])
     assert r["cpu"]["latency_ms"] > 0 and r["cpu"]["images_per_s"] > 0
@@ -253,6 +267,34 @@ def test_teacher_with_another_input_format_reads_its_own_images(
     s, t = preds
     assert fidelity["agreement"] == pytest.approx(s.pred.eq(t.pred).double().mean().item())
     assert fidelity["teacher_top1"] == pytest.approx(t.pred.eq(t.labels).double().mean().item())
+
+
+def test_torchscript_teacher_gives_no_cka(
+    separable_shards: dict[str, Path], tmp_path: Path
+) -> None:
+    student = make_teacher(tmp_path / "student.pt")
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 4),
+    ).eval()
+    archive = tmp_path / "teacher.torchscript.pt"
+    torch.jit.save(torch.jit.script(net), str(archive))
+    cfg = EvalConfig(
+        checkpoint=str(student),
+        data=str(separable_shards["test"]),
+        teacher=str(archive),
+        device="cpu",
+        latency=False,
+    )
+    r = run_evaluate(cfg)
+    fid = r["fidelity"]
+    assert fid["cka"] is None and fid["teacher_arch"] == "torchscript"
+    assert 0.0 <= fid["agreement"] <= 1.0 and math.isfinite(fid["kl"])
+    assert "CKA n/a" in format_summary(cfg, r)
 
 
 def test_bf16_evaluation_matches_fp32(separable_shards: dict[str, Path], tmp_path: Path) -> None:

@@ -291,7 +291,7 @@ def test_set_overrides():
 
 
 def test_goals_and_markdown_from_known_figures(tmp_path):
-    from ssl_kd.pipeline.plan import Model
+    from ssl_kd.pipeline.builder import Model
 
     def metrics(top1: float) -> dict:
         return {
@@ -351,7 +351,8 @@ def test_cli_run_reports_and_rejects_bad_keys(tmp_path, fake_fmnist, capsys):
 
 
 def test_results_read_the_selections_the_plan_recorded(tmp_path, fake_fmnist):
-    from ssl_kd.pipeline.plan import Selection, build_plan
+    from ssl_kd.pipeline.builder import Selection
+    from ssl_kd.pipeline.plan import build_plan
 
     plan = build_plan(tiny_config(tmp_path, fake_fmnist, rounds=2), progress=False)
     run = tmp_path / "run"
@@ -470,3 +471,34 @@ def test_joint_row_beside_pretrain_then_fine_tune(tmp_path, fake_fmnist):
     rows = [(m["model"], m["round"]) for m in doc["models"]]
     assert rows.index(("finetuned", 1)) < rows.index(("joint", 1))
     assert "| joint | 1 |" in (root / "results/results.md").read_text()
+
+
+def test_feature_rows_turn_on_embeddings_and_report_cka(tmp_path, fake_fmnist):
+    from ssl_kd.label.files import label_files, read_meta
+    from ssl_kd.pipeline.run import run_pipeline
+
+    cfg = tiny_config(tmp_path, fake_fmnist, seeds=[0], oracle_seeds=0, feature_weights=[0.5])
+    assert cfg.distils_features() and cfg.feature_loss() == "cosine"
+    run_pipeline(cfg, progress=False)
+    root = Path(cfg.out)
+    assert read_meta(label_files(root / "round1/labels")[0]).embedding_dim > 0
+    info = json.loads((root / "round1/pseudo/dataset.json").read_text())
+    assert info["embedding"]["dim"] > 0
+    feat = json.loads((root / "round1/seed0/features0.5/pretrain/summary.json").read_text())
+    assert feat["feature_loss"] == "cosine" and feat["embedding_dim"] == info["embedding"]["dim"]
+    plain = json.loads((root / "round1/seed0/pretrain/summary.json").read_text())
+    assert plain["feature_loss"] == "none"  # the section's student stays as it was
+    doc = json.loads((root / "results/results.json").read_text())
+    rows = [(m["model"], m["variant"]) for m in doc["models"] if m["round"] == 1]
+    assert rows.index(("finetuned", "")) < rows.index(("finetuned", "cosine β=0.5"))
+    assert len(doc["goals"]) == 1  # the goal line is the plain student's
+    row = next(m for m in doc["models"] if m["variant"] and m["model"] == "finetuned")
+    assert 0 <= row["cka"]["mean"] <= 1
+    assert "| finetuned (cosine β=0.5) | 1 |" in (root / "results/results.md").read_text()
+
+    # Without any feature loss, labeling stores no embeddings.
+    assert not tiny_config(tmp_path, fake_fmnist).distils_features()
+    on = tiny_config(tmp_path, fake_fmnist, pretrain={**TINY["pretrain"], "feature_loss": "mse"})
+    assert on.distils_features() and on.feature_loss() == "mse"
+    with pytest.raises(ConfigError, match=r"feature_weights.*repeats"):
+        tiny_config(tmp_path, fake_fmnist, feature_weights=[1, 1])

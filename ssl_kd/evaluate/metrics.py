@@ -1,5 +1,6 @@
 """The metrics of one evaluation pass: top-1/top-5, loss, per-class accuracy, calibration and
-fidelity to a reference model (the teacher).
+fidelity to a reference model (the teacher): top-1 agreement, KL and the linear CKA of their
+penultimate features (:mod:`ssl_kd.evaluate.cka`).
 
 One pass over the data (:func:`predict`) gives per-image :class:`Predictions`; every metric is a
 pure function of them. Training's validation and ``ssl-kd evaluate`` both use :func:`evaluate`.
@@ -17,6 +18,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ssl_kd.device import autocast
+from ssl_kd.evaluate.cka import linear_cka
+from ssl_kd.models.ensemble import features_and_logits, has_features
 from ssl_kd.models.preprocess import Preprocess, fit_size, normalize
 from ssl_kd.shards.dataset import ShardImageDataset
 from ssl_kd.shards.decode import DEFAULT_MAX_PIXELS
@@ -33,7 +36,8 @@ class Reference(NamedTuple):
 
 @dataclass(frozen=True)
 class Predictions:
-    """Per-image results of one pass, on the CPU (a few numbers per image, not the logits)."""
+    """Per-image results of one pass, on the CPU (a few numbers per image, not the logits; the
+    penultimate features only when both models give them for fidelity)."""
 
     num_classes: int
     labels: torch.Tensor  # int64
@@ -43,6 +47,8 @@ class Predictions:
     loss: torch.Tensor  # float64, cross-entropy
     teacher_pred: torch.Tensor | None = None
     kl: torch.Tensor | None = None  # float64, KL(teacher || student) in nats
+    features: torch.Tensor | None = None  # float32 (n, d), the model's penultimate features
+    teacher_features: torch.Tensor | None = None  # float32 (n, d_teacher)
 
 
 def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -69,10 +75,14 @@ def predict(
     """Run ``model`` (and ``teacher``) over ``loader`` once; uint8 batches normalised per model.
 
     The models run under autocast at ``precision``; their logits are scored in fp32 or above.
+    With a teacher, both models' penultimate features are kept too when both give them.
     """
     model.eval()
     if teacher is not None:
         teacher.model.eval()
+    # Features cost n x (d + d_teacher) float32 on the CPU (10k images x 512 + 512 dims: 40 MB);
+    # CKA needs them all at once, so they are kept only when CKA can be computed.
+    with_features = teacher is not None and has_features(model) and has_features(teacher.model)
     parts: dict[str, list[torch.Tensor]] = {}
     num_classes = 0
 
@@ -85,7 +95,7 @@ def predict(
         images = images.to(device, non_blocking=True)
         labels = torch.as_tensor(labels).to(device)
         with autocast(device, precision):
-            logits = model(normalize(images, pp)).float()
+            feats, logits = _forward(model, normalize(images, pp), with_features)
         num_classes = logits.shape[1]
         probs = logits.double().softmax(dim=1)
         confidence, pred = probs.max(dim=1)
@@ -98,9 +108,14 @@ def predict(
         if teacher is not None:
             t_images = t_images.to(device, non_blocking=True)
             with autocast(device, precision):
-                t_logits = teacher.model(normalize(t_images, teacher.pp)).float()
+                t_feats, t_logits = _forward(
+                    teacher.model, normalize(t_images, teacher.pp), with_features
+                )
             keep("teacher_pred", t_logits.argmax(dim=1))
             keep("kl", kl_divergence(t_logits, logits))
+            if feats is not None and t_feats is not None:  # both or neither (with_features)
+                keep("features", feats)
+                keep("teacher_features", t_feats)
     empty = {
         "labels": torch.long,
         "pred": torch.long,
@@ -114,7 +129,20 @@ def predict(
         k: torch.cat(parts[k]) if k in parts else torch.zeros(0, dtype=dt)
         for k, dt in empty.items()
     }
+    if with_features:
+        for k in ("features", "teacher_features"):
+            cols[k] = torch.cat(parts[k]) if k in parts else torch.zeros(0, 0)
     return Predictions(num_classes=num_classes, **cols)
+
+
+def _forward(
+    model: nn.Module, x: torch.Tensor, with_features: bool
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Penultimate features (``with_features``, else None) and logits, float32, of one pass."""
+    if not with_features:
+        return None, model(x).float()
+    feats, logits = features_and_logits(model, x)
+    return feats.float(), logits.float()
 
 
 def accuracy(p: Predictions) -> dict[str, Any]:
@@ -196,16 +224,23 @@ def calibration(
 
 
 def fidelity(
-    pred: torch.Tensor, teacher_pred: torch.Tensor, kl: torch.Tensor, labels: torch.Tensor
-) -> dict[str, float]:
-    """Top-1 ``agreement`` with the teacher, mean ``kl`` (teacher || student), ``teacher_top1``."""
+    pred: torch.Tensor,
+    teacher_pred: torch.Tensor,
+    kl: torch.Tensor,
+    labels: torch.Tensor,
+    cka: float | None = None,
+) -> dict[str, float | None]:
+    """Top-1 ``agreement`` with the teacher, mean ``kl`` (teacher || student), ``teacher_top1``
+    and the features' ``cka`` as given (None when a model gives no features)."""
     n = len(labels)
     if n == 0:
-        return {"agreement": float("nan"), "kl": float("nan"), "teacher_top1": float("nan")}
+        nan = float("nan")
+        return {"agreement": nan, "kl": nan, "teacher_top1": nan, "cka": cka}
     return {
         "agreement": pred.eq(teacher_pred).sum().item() / n,
         "kl": kl.double().mean().item(),
         "teacher_top1": teacher_pred.eq(labels).sum().item() / n,
+        "cka": cka,
     }
 
 
@@ -231,7 +266,10 @@ def evaluate(
         result["calibration"] = calibration(p.confidence, p.pred.eq(p.labels))
     if teacher is not None:
         assert p.teacher_pred is not None and p.kl is not None
-        result["fidelity"] = fidelity(p.pred, p.teacher_pred, p.kl, p.labels)
+        cka = None
+        if p.features is not None and p.teacher_features is not None:
+            cka = linear_cka(p.features, p.teacher_features)
+        result["fidelity"] = fidelity(p.pred, p.teacher_pred, p.kl, p.labels, cka)
     return result
 
 

@@ -39,7 +39,7 @@ class EvalConfig:
     teacher: str | None = option(
         None,
         help="teacher checkpoint or TorchScript archive: adds top-1 agreement, "
-        "KL(teacher||student), teacher top-1",
+        "KL(teacher||student), teacher top-1 and the linear CKA of the penultimate features",
     )
     out: str | None = option(None, help="write the metrics as JSON to this file", operational=True)
     batch_size: int = option(256, help="images per forward pass", min=1)
@@ -184,6 +184,8 @@ def format_summary(cfg: EvalConfig, r: dict[str, Any]) -> str:
             f"teacher {f['teacher_arch']} ({_si(f['teacher_params'])} params, "
             f"{_si(f['teacher_macs'])} MACs): agreement {100 * f['agreement']:.2f}%  "
             f"KL(teacher||student) {f['kl']:.4f} nats  teacher top-1 {100 * f['teacher_top1']:.2f}%"
+            # A TorchScript teacher gives logits only: no features to compare.
+            + (f"  CKA {f['cka']:.4f}" if f.get("cka") is not None else "  CKA n/a")
         )
     if len(r["per_class"]) <= MAX_PRINTED_CLASSES:
         lines.append(f"{'class':>5} {'name':<20} {'n':>7} {'top-1':>8}")

@@ -2,8 +2,10 @@
 
 Every selected row is written ``repeat`` times (keys ``STEM/KEY_cCLASS``, plus ``_r1``… for
 upsampled copies), as the original image bytes under their original extension, a ``cls`` member
-(the selected class) and a ``json`` member with the soft label (``topk_class``, ``topk_prob``),
-``score``, ``rank``, ``source_shard`` and ``source_key``. The student then reads sequentially.
+(the selected class), a ``json`` member with the soft label (``topk_class``, ``topk_prob``),
+``score``, ``rank``, ``source_shard`` and ``source_key``, and, when the labels stored embeddings,
+an ``emb`` member with the teacher's embedding (format: :mod:`ssl_kd.shards.soft_label`;
+``dataset.json`` names its dimension). The student then reads sequentially.
 
 The shuffle is a two-pass external shuffle (map-side spill, as in MapReduce), so no process ever
 holds the images of the whole selection:
@@ -46,7 +48,7 @@ from ssl_kd import config as cfglib
 from ssl_kd.config import option
 from ssl_kd.errors import UserError
 from ssl_kd.executor import map_tasks
-from ssl_kd.label.files import LabelMeta
+from ssl_kd.label.files import LabelMeta, read_schema
 from ssl_kd.materialize.shuffle import (
     Plan,
     bucket_path,
@@ -55,6 +57,7 @@ from ssl_kd.materialize.shuffle import (
     reduce_output_shard,
 )
 from ssl_kd.select.files import SELECTION_COLUMNS, SELECTION_FILE, open_selection, shard_locations
+from ssl_kd.shards.soft_label import EMBEDDING
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +96,8 @@ def _read_selection(selection: str) -> tuple[pa.Table, LabelMeta]:
     if not storage.is_file(storage.join(directory, SELECTION_FILE)):
         raise UserError(f"no selection at {storage.display(selection)}: run ssl-kd select first")
     parquet, meta = open_selection(directory)
-    table = pq.read_table(parquet, columns=SELECTION_COLUMNS)
+    present = read_schema(parquet).names  # selections without embeddings lack that column
+    table = pq.read_table(parquet, columns=[c for c in SELECTION_COLUMNS if c in present])
     if table.num_rows == 0:
         raise UserError(f"the selection {parquet} is empty")
     return table, meta
@@ -295,6 +299,14 @@ def _finish(
         "seed": cfg.seed,
         "config": cfglib.to_dict(cfg),
     }
+    if "embedding" in table.column_names:
+        info["embedding"] = {
+            "dim": meta.embedding_dim,
+            "member": EMBEDDING,
+            "dtype": "float16",
+            "normalized": True,
+            "teacher_sha256": meta.teacher_sha256,
+        }
     atomic.write_text(storage.join(out, "dataset.json"), json.dumps(info, indent=2) + "\n")
     manifest = {
         "identity": identity,

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 
 from ssl_kd import atomic, storage
 from ssl_kd.errors import UserError
+from ssl_kd.label.files import fixed_list
 from ssl_kd.shards import soft_label
 from ssl_kd.shards.reader import ReadStats, image_ext, iter_shard
 from ssl_kd.shards.spec import shard_name, shard_stem
@@ -33,7 +34,8 @@ def sample_key(stem: str, key: str, cls: int, copy: int, repeat: int) -> str:
 def map_source_shard(url: str, rows: pa.Table, bucket: str) -> dict[str, Any]:
     """Spill the selected samples of one source shard into ``bucket``, read once in order.
 
-    ``rows`` are its selection rows (key, class, score, rank, repeat, topk_class, topk_prob);
+    ``rows`` are its selection rows (key, class, score, rank, repeat, topk_class, topk_prob,
+    and embedding if the selection has it: then each sample gets an ``emb`` member);
     row ``i`` copy ``c`` is entry ``sum(repeat[:i]) + c``. Returns the entries' ``offset`` and
     ``size`` in the bucket. UserError naming the first key not found in the shard.
     """
@@ -50,6 +52,9 @@ def map_source_shard(url: str, rows: pa.Table, bucket: str) -> dict[str, Any]:
     rank = rows.column("rank").to_pylist()
     topk_class = rows.column("topk_class").to_pylist()
     topk_prob = rows.column("topk_prob").to_pylist()
+    emb = None
+    if "embedding" in rows.column_names:
+        emb = fixed_list(rows.column("embedding"), rows.num_rows)
     offset = np.zeros(int(repeat.sum()), np.int64)
     size = np.zeros(int(repeat.sum()), np.int64)
     stats = ReadStats()
@@ -66,12 +71,12 @@ def map_source_shard(url: str, rows: pa.Table, bucket: str) -> dict[str, Any]:
                 members = soft_label.encode(
                     cls[i], topk_class[i], topk_prob[i], score[i], rank[i], name, sample["__key__"]
                 )
+                if emb is not None:
+                    members[soft_label.EMBEDDING] = soft_label.encode_embedding(emb[i])
                 for c in range(int(repeat[i])):
                     key = sample_key(stem, sample["__key__"], cls[i], c, int(repeat[i]))
-                    block = (
-                        tar_member(f"{key}.{ext}", sample[ext])
-                        + tar_member(f"{key}.cls", members["cls"])
-                        + tar_member(f"{key}.json", members["json"])
+                    block = tar_member(f"{key}.{ext}", sample[ext]) + b"".join(
+                        tar_member(f"{key}.{m}", data) for m, data in members.items()
                     )
                     fh.write(block)
                     offset[first[i] + c], size[first[i] + c] = written, len(block)

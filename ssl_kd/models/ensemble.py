@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ssl_kd.models.registry import Classifier
+
 ENSEMBLE = "ensemble"  # the arch name of an ensemble checkpoint
 TTA_VIEWS = ("flip", "shift")
 
@@ -91,3 +93,12 @@ def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
         return model.features(x), model(x)
     feats = model.features(x)
     return feats, model.head(feats)  # eval mode: dropout is the identity
+
+
+def has_features(model: nn.Module) -> bool:
+    """Whether ``features_and_logits`` works on ``model``: an ssl_kd classifier, or an ensemble
+    of them (its first member's features are the ensemble's). A TorchScript archive gives
+    logits only."""
+    if isinstance(model, Ensemble):
+        model = model.members[0]
+    return isinstance(model, Classifier)

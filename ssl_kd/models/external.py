@@ -32,7 +32,7 @@ from torch import nn
 from ssl_kd import storage
 from ssl_kd.errors import UserError
 from ssl_kd.models.checkpoint import load_checkpoint, make_meta, model_from_checkpoint
-from ssl_kd.models.ensemble import Ensemble
+from ssl_kd.models.ensemble import Ensemble, has_features
 from ssl_kd.models.preprocess import Preprocess, imagenet_preprocess
 from ssl_kd.models.registry import (
     TORCHVISION,
@@ -78,10 +78,7 @@ class LoadedTeacher:
     @property
     def has_features(self) -> bool:
         """Whether the model gives penultimate embeddings (``features`` and ``head``)."""
-        model = self.model
-        if isinstance(model, Ensemble):  # the first member's features are the embedding
-            model = model.members[0]
-        return isinstance(model, Classifier)
+        return has_features(self.model)
 
 
 def source_kind(teacher: str) -> str:

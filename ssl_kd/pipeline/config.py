@@ -111,6 +111,12 @@ class PipelineConfig:
         min=0,
         max=0.9,
     )
+    feature_weights: list[float] = option(
+        [],
+        help="also train each seed's round-1 student with feature distillation at each of these "
+        "weights β (pretrain.feature_loss, or cosine; the results table's features rows)",
+        gt=0,
+    )
     oracle_seeds: int = option(
         1,
         help="with the truth of the unlabeled images: train the oracle (the student on the true "
@@ -171,6 +177,8 @@ class PipelineConfig:
             raise ConfigError("open_set", "builds a Fashion-MNIST variant; your shards are given")
         if len(set(self.open_set)) != len(self.open_set) or len(self.open_set) > 8:
             raise ConfigError("open_set", "needs distinct classes, at least 2 left in the task")
+        if len(set(self.feature_weights)) != len(self.feature_weights):
+            raise ConfigError("feature_weights", f"has repeats: {self.feature_weights}")
         if len(self.students) > self.rounds:
             raise ConfigError(
                 "students", f"has {len(self.students)} entries for {self.rounds} round(s)"
@@ -185,6 +193,18 @@ class PipelineConfig:
                 )
             for i, member in enumerate(ensemble.members):
                 _check_overrides(self, "teacher", member, f"ensemble.members[{i}]")
+
+    def feature_loss(self) -> str:
+        """The feature loss of the pretrain section, or ``cosine`` where only the
+        ``feature_weights`` rows distil features."""
+        kind = self.pretrain.get("feature_loss", "none")
+        return kind if kind != "none" else "cosine"
+
+    def distils_features(self) -> bool:
+        """True when some student matches the teacher's embeddings, so labeling stores them."""
+        rounds = [{**self.pretrain, **s} for s in self.students] or [self.pretrain]
+        used = any(r.get("feature_loss", "none") != "none" for r in [self.pretrain, *rounds])
+        return used or bool(self.feature_weights)
 
     def external_teacher(self) -> ExternalTeacher | None:
         """The ``teacher:`` section as an external teacher (it names a ``source``), else None."""

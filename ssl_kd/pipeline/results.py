@@ -13,7 +13,7 @@ from typing import Any
 
 from ssl_kd import atomic, storage
 from ssl_kd.errors import UserError
-from ssl_kd.pipeline.plan import Model, Selection
+from ssl_kd.pipeline.builder import Model, Selection
 
 GOAL_POINTS = 3.0  # the fine-tuned student's top-1 over the baseline's, in points
 ROLES = ("teacher", "baseline", "pretrained", "finetuned", "joint", "oracle")
@@ -28,6 +28,7 @@ def _metrics(m: dict[str, Any]) -> dict[str, float | None]:
         "ece": m["calibration"]["ece"],
         "agreement": fid.get("agreement"),
         "kl": fid.get("kl"),
+        "cka": fid.get("cka"),  # None: a teacher without features, or metrics from before CKA
         "params": m["model"]["params"],
         "macs": m["model"]["macs"],
         "latency_ms": cpu.get("latency_ms"),
@@ -51,23 +52,26 @@ def collect(
     root: str, models: Sequence[Model], selections: Sequence[Selection] = ()
 ) -> dict[str, Any]:
     """Gather every model's test metrics and the selections' precision into one document."""
-    rows: dict[tuple[str, int], list[tuple[Model, dict[str, Any]]]] = {}
-    archs: dict[tuple[str, int], str] = {}
+    rows: dict[tuple[str, int, str], list[tuple[Model, dict[str, Any]]]] = {}
+    archs: dict[tuple[str, int, str], str] = {}
     for model in models:
         path = storage.join(root, "eval", model.slug, "metrics.json")
         metrics = json.loads(storage.read_text(path))
-        rows.setdefault((model.role, model.round), []).append((model, _metrics(metrics)))
-        archs[model.role, model.round] = str(metrics["arch"])
+        row = (model.role, model.round, model.variant)
+        rows.setdefault(row, []).append((model, _metrics(metrics)))
+        archs[row] = str(metrics["arch"])
     table = []
-    for (role, rnd), entries in sorted(
-        rows.items(), key=lambda kv: (kv[0][1], ROLES.index(kv[0][0]))
+    # A variant's rows (e.g. feature distillation at some weight) follow the plain ones.
+    for (role, rnd, variant), entries in sorted(
+        rows.items(), key=lambda kv: (kv[0][1], kv[0][2] != "", kv[0][2], ROLES.index(kv[0][0]))
     ):
         keys = entries[0][1].keys()
         table.append(
             {
                 "model": role,
+                "variant": variant,
                 "round": rnd,
-                "arch": archs[role, rnd],
+                "arch": archs[role, rnd, variant],
                 "seeds": [m.seed for m, _ in entries],
                 "per_seed": [{"seed": m.seed, **x} for m, x in entries],
                 **{k: _spread([x[k] for _, x in entries]) for k in keys},
@@ -96,14 +100,18 @@ def _precision(selections: Sequence[Selection]) -> list[dict[str, Any]]:
 
 
 def _row(table: list[dict[str, Any]], role: str, rnd: int) -> dict[str, Any] | None:
-    return next((t for t in table if t["model"] == role and t["round"] == rnd), None)
+    """The plain row (no variant) of ``role`` in round ``rnd``."""
+    return next(
+        (t for t in table if t["model"] == role and t["round"] == rnd and not t.get("variant")),
+        None,
+    )
 
 
 def _goals(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     baseline = _row(table, "baseline", 0)
     teacher = _row(table, "teacher", 0)
     goals = []
-    for student in (t for t in table if t["model"] == "finetuned"):
+    for student in (t for t in table if t["model"] == "finetuned" and not t.get("variant")):
         rnd = student["round"]
         prev = teacher if rnd == 1 else _row(table, "finetuned", rnd - 1)
         gain = 100 * (student["top1"]["mean"] - baseline["top1"]["mean"]) if baseline else None
@@ -139,13 +147,16 @@ def _num(s: dict[str, float | None], fmt: str) -> str:
 
 _INTRO = (
     "Top-1 and top-5 on the test set, in %: mean ± sample std over the seeds (min–max in "
-    "results.json). Agreement and KL(teacher‖student) are measured against the model's own "
-    "teacher; latency is batch 1 on this CPU. The oracle is the student trained the same way on "
-    "the true labels of the same selected images: the gap to it is what label errors cost. The "
-    "joint student trains on pseudo-labeled and labeled images together, without fine-tuning."
+    "results.json). Agreement, KL(teacher‖student) and the linear CKA of the penultimate "
+    "features are measured against the model's own teacher (CKA – for a teacher without "
+    "features, e.g. a TorchScript archive); latency is batch 1 on this CPU. The oracle is the "
+    "student trained the same way on the true labels of the same selected images: the gap to it "
+    "is what label errors cost. The joint student trains on pseudo-labeled and labeled images "
+    "together, without fine-tuning. A row with a feature loss and weight β (cosine β=1) is the "
+    "student that also learned the teacher's stored embeddings."
 )
 _HEADER = (
-    "| model | round | arch | seeds | top-1 | top-5 | agreement | KL | ECE | params | MACs | "
+    "| model | round | arch | seeds | top-1 | top-5 | agreement | KL | CKA | ECE | params | MACs | "
     "latency ms | img/s |"
 )
 _COLORS = {
@@ -160,12 +171,13 @@ _COLORS = {
 
 def format_markdown(doc: dict[str, Any], title: str, stage_table: str = "") -> str:
     """``results.md``: the model table, selection precision and the goals."""
-    lines = [f"# {title}", "", _INTRO, "", _HEADER, "|---|---:|---|---:" + "|---:" * 9 + "|"]
+    lines = [f"# {title}", "", _INTRO, "", _HEADER, "|---|---:|---|---:" + "|---:" * 10 + "|"]
     for t in doc["models"]:
         lines.append(
-            f"| {t['model']} | {t['round'] or '–'} | {t['arch']} | {len(t['seeds'])} | "
+            f"| {_name(t)} | {t['round'] or '–'} | {t['arch']} | {len(t['seeds'])} | "
             f"{_pct(t['top1'])} | {_pct(t['top5'])} | {_pct(t['agreement'])} | "
-            f"{_num(t['kl'], '.3f')} | {_num(t['ece'], '.3f')} | {_num(t['params'], ',.0f')} | "
+            f"{_num(t['kl'], '.3f')} | {_num(t['cka'], '.3f')} | {_num(t['ece'], '.3f')} | "
+            f"{_num(t['params'], ',.0f')} | "
             f"{_num(t['macs'], ',.0f')} | {_num(t['latency_ms'], '.2f')} | "
             f"{_num(t['images_per_s'], ',.0f')} |"
         )
@@ -203,12 +215,17 @@ def format_markdown(doc: dict[str, Any], title: str, stage_table: str = "") -> s
     return "\n".join(lines) + "\n"
 
 
+def _name(row: dict[str, Any]) -> str:
+    """The row's model, with its variant (e.g. ``finetuned (cosine β=1)``)."""
+    return row["model"] + (f" ({row['variant']})" if row.get("variant") else "")
+
+
 def plot(doc: dict[str, Any], path: str) -> str:
     """``results.png``: top-1 of every model (mean, min–max bars) and the goal line."""
     from ssl_kd.figures import new_figure, save_png  # imports matplotlib
 
     table = doc["models"]
-    names = [f"{t['model']}" + (f" r{t['round']}" if t["round"] else "") for t in table]
+    names = [_name(t) + (f" r{t['round']}" if t["round"] else "") for t in table]
     means = [100 * t["top1"]["mean"] for t in table]
     lo = [m - 100 * t["top1"]["min"] for m, t in zip(means, table, strict=True)]
     hi = [100 * t["top1"]["max"] - m for m, t in zip(means, table, strict=True)]

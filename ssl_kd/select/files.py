@@ -4,8 +4,9 @@
 ``key`` string, ``shard`` dictionary<string>, ``class`` int32, ``score`` float32 (the teacher's
 probability of ``class``), ``rank`` int32 (0 = best of its class), ``repeat`` int32 (copies to
 write; > 1 only when short classes are upsampled), and the image's soft label ``topk_class`` /
-``topk_prob`` as in the label files. zstd-compressed; its key-value metadata is the labels'
-(:class:`~ssl_kd.label.files.LabelMeta`, which records the shard spec they came from).
+``topk_prob`` as in the label files, and its ``embedding`` when the labels stored one (so that
+``ssl-kd materialize`` can carry it to the student). zstd-compressed; its key-value metadata is
+the labels' (:class:`~ssl_kd.label.files.LabelMeta`, which records the shard spec they came from).
 ``report.json`` and ``config.yaml`` sit beside it.
 """
 
@@ -36,6 +37,7 @@ SELECTION_SCHEMA: dict[str, Callable[[pa.DataType], bool] | None] = {
     "repeat": pa.types.is_integer,
     "topk_class": _IS_SOFT,
     "topk_prob": _IS_SOFT,
+    "embedding": _IS_SOFT,
 }
 SELECTION_COLUMNS = list(SELECTION_SCHEMA)
 # Columns a selection must have to be read (older files are checked no further).
@@ -45,8 +47,10 @@ _REQUIRED = ("key", "shard", "class", "score", "rank", "repeat")
 def build_selection(
     rows: pa.Table, cls: np.ndarray, score: np.ndarray, rank: np.ndarray, repeat: np.ndarray
 ) -> pa.Table:
-    """The selection table: ``rows`` (``key``, ``shard``, ``topk_class``, ``topk_prob`` of the
-    selected label rows) with each row's class, score, rank and repeat."""
+    """The selection table: ``rows`` (``key``, ``shard``, ``topk_class``, ``topk_prob`` and
+    optionally ``embedding`` of the selected label rows) with each row's class, score, rank and
+    repeat."""
+    extra = {"embedding": rows.column("embedding")} if "embedding" in rows.column_names else {}
     return pa.table(
         {
             "key": rows.column("key"),
@@ -57,6 +61,7 @@ def build_selection(
             "repeat": pa.array(repeat, pa.int32()),
             "topk_class": rows.column("topk_class"),
             "topk_prob": rows.column("topk_prob"),
+            **extra,
         }
     )
 

@@ -197,7 +197,10 @@ def run_select(cfg: SelectConfig) -> dict[str, Any]:
     if best.selected_counts().sum() == 0:
         raise UserError(f"no candidates in {cfg.labels} (empty files, or --min-score too high)")
     t_select = time.perf_counter()
-    columns = ["key", "shard", "topk_class", "topk_prob"] + (["embedding"] if filtering else [])
+    # Embeddings travel with the selection (to the student's shards) whenever they were stored.
+    columns = ["key", "shard", "topk_class", "topk_prob"] + (
+        ["embedding"] if meta.embedding_dim else []
+    )
     table, cls_ids, score, image = _rows(labels, best, columns)
     removed = {
         "duplicates": np.zeros(meta.num_classes, np.int64),
@@ -213,7 +216,7 @@ def run_select(cfg: SelectConfig) -> dict[str, Any]:
         cls_ids, score, image = cls_ids[above], score[above], image[above]
     if filtering:
         keep = _filter(cfg, table, cls_ids, score, image, reference, removed)
-        table = table.filter(pa.array(keep)).drop(["embedding"])
+        table = table.filter(pa.array(keep))
         cls_ids, score = cls_ids[keep], score[keep]
     selected = np.bincount(cls_ids, minlength=meta.num_classes)
     starts = np.concatenate([[0], np.cumsum(selected)[:-1]])

@@ -15,12 +15,17 @@ import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ssl_kd.shards import soft_label
-from ssl_kd.shards.reader import DEFAULT_MAX_PIXELS, ReadStats, decoded_samples, iter_samples
+from ssl_kd.shards.reader import (
+    DEFAULT_MAX_PIXELS,
+    ReadStats,
+    decoded_samples,
+    iter_samples,
+    read_label,
+)
 
 T = TypeVar("T")
 
@@ -45,8 +50,10 @@ def buffer_shuffle(items: Iterable[T], size: int, rng: random.Random) -> Iterato
 class ShardImageDataset(IterableDataset):
     """Yields ``(image_tensor, label)`` (or ``(key, image_tensor, label)`` with ``with_keys``).
 
-    With ``soft_k`` the label is ``(class, topk_class, topk_prob)`` read from each sample's
-    ``.json`` soft label; ``part=(i, n)`` keeps every n-th sample from the i-th (one rank's share).
+    With ``soft_k`` or ``embedding_dim`` the label is a dict of arrays: ``label`` (the class),
+    ``topk_class`` and ``topk_prob`` (the first ``soft_k`` of each sample's ``.json`` soft label)
+    and ``embedding`` (its ``.emb`` member, ``embedding_dim`` values); ``part=(i, n)`` keeps
+    every n-th sample from the i-th (one rank's share).
     ``decode_size`` is the side ``transform`` resizes to (large JPEGs decode at a reduced scale).
     With ``sample_seed``, a DataLoader worker seeds torch's RNG before each sample's transform
     from ``(sample_seed, epoch, worker, index)``: a worker's RNG is not checkpointed, so this is
@@ -65,6 +72,7 @@ class ShardImageDataset(IterableDataset):
         seed: int = 0,
         with_keys: bool = False,
         soft_k: int = 0,
+        embedding_dim: int = 0,
         part: tuple[int, int] = (0, 1),
         max_pixels: int = DEFAULT_MAX_PIXELS,
         decode_size: int = 0,
@@ -80,6 +88,7 @@ class ShardImageDataset(IterableDataset):
         self.seed = seed
         self.with_keys = with_keys
         self.soft_k = soft_k
+        self.embedding_dim = embedding_dim
         self.part = part
         self.max_pixels = max_pixels
         self.decode_size = decode_size
@@ -115,12 +124,8 @@ class ShardImageDataset(IterableDataset):
             samples = itertools.islice(samples, index, None, count)
         raw = buffer_shuffle(samples, self.shuffle_buffer, rng)
         targets = None
-        if self.soft_k:
-            k, n = self.soft_k, self.num_classes
-
-            def targets(sample: dict[str, Any]) -> tuple[int, np.ndarray, np.ndarray]:
-                return soft_label.decode(sample, n, k)
-
+        if self.soft_k or self.embedding_dim:
+            targets = _TargetReader(self.num_classes, self.soft_k, self.embedding_dim)
         decoded = decoded_samples(
             raw,
             self.stats,
@@ -135,6 +140,26 @@ class ShardImageDataset(IterableDataset):
         )
         for key, x, label in decoded:
             yield (key, x, label) if self.with_keys else (x, label)
+
+
+class _TargetReader:
+    """A pseudo-labeled sample's training targets as a dict of arrays (a picklable callable:
+    DataLoader workers receive it)."""
+
+    def __init__(self, num_classes: int | None, soft_k: int, embedding_dim: int) -> None:
+        self.num_classes = num_classes
+        self.soft_k = soft_k
+        self.embedding_dim = embedding_dim
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        if self.soft_k:
+            label, topk_class, topk_prob = soft_label.decode(sample, self.num_classes, self.soft_k)
+            out: dict[str, Any] = {"label": label, "topk_class": topk_class, "topk_prob": topk_prob}
+        else:
+            out = {"label": read_label(sample, self.num_classes)}
+        if self.embedding_dim:
+            out["embedding"] = soft_label.decode_embedding(sample, self.embedding_dim)
+        return out
 
 
 class SeededTransform:

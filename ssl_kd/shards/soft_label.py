@@ -7,9 +7,13 @@ A pseudo-labeled sample ``KEY`` holds, beside its image member (original bytes a
 - ``KEY.json``: one JSON object with ``class`` (the same integer), ``topk_class`` (the teacher's
   top-k class ids, best first), ``topk_prob`` (their probabilities), ``score`` and ``rank`` (the
   selection's score and the sample's rank in its class), ``source_shard`` and ``source_key``
-  (where the image came from).
+  (where the image came from);
+- ``KEY.emb`` (only when the labels stored embeddings): the teacher's L2-normalised penultimate
+  embedding of the image, ``d`` raw little-endian float16 values (``2·d`` bytes, no header);
+  ``dataset.json`` beside the shards gives ``d`` under ``embedding.dim``.
 
-:func:`encode` writes both members; :func:`decode` reads back what training needs.
+:func:`encode` writes the ``cls`` and ``json`` members and :func:`encode_embedding` the ``emb``
+one; :func:`decode` and :func:`decode_embedding` read back what training needs.
 """
 
 from __future__ import annotations
@@ -43,6 +47,25 @@ def encode(
         "source_key": source_key,
     }
     return {"cls": str(cls).encode(), "json": json.dumps(soft).encode()}
+
+
+EMBEDDING = "emb"  # the member's extension
+
+
+def encode_embedding(embedding: np.ndarray) -> bytes:
+    """The ``emb`` member of one sample: the embedding as raw little-endian float16."""
+    return np.asarray(embedding, dtype="<f2").tobytes()
+
+
+def decode_embedding(sample: dict[str, Any], dim: int) -> np.ndarray:
+    """The sample's stored teacher embedding as float32 ``(dim,)``; SampleError if it is
+    missing or has another size."""
+    raw = sample.get(EMBEDDING)
+    if raw is None:
+        raise SampleError("bad embedding", f"no .{EMBEDDING} member")
+    if len(raw) != 2 * dim:
+        raise SampleError("bad embedding", f"{len(raw)} bytes, expected {2 * dim} ({dim} float16)")
+    return np.frombuffer(raw, dtype="<f2").astype(np.float32)
 
 
 def decode(

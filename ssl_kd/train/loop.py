@@ -28,6 +28,7 @@ from ssl_kd import atomic, storage
 from ssl_kd.device import autocast
 from ssl_kd.errors import UserError
 from ssl_kd.shards.dataset import ShardImageDataset
+from ssl_kd.train.features import STUDENT_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +84,17 @@ def train_step(
     """One SGD step at learning rate ``lr``; returns the loss parts as floats.
 
     The forward pass runs under autocast at ``precision``; the loss is computed in fp32 from
-    the logits. ``scaler`` (fp16) scales the loss so small gradients do not underflow.
+    the logits (and, for a model that also returns projected features, from those too).
+    ``scaler`` (fp16) scales the loss so small gradients do not underflow.
     """
     for group in optimizer.param_groups:
         group["lr"] = float(lr)  # a numpy scalar would break weights_only loading
     model.train()
     with autocast(images.device, precision):
         logits = model(images)
+    if isinstance(logits, tuple):  # a FeatureDistiller: the projected features go to the loss
+        logits, projected = logits
+        labels = {**labels, STUDENT_FEATURES: projected.float()}
     parts = loss_fn(logits.float(), labels)
     loss = parts["loss"]
     if not math.isfinite(loss.item()):
@@ -156,7 +161,7 @@ def _epoch(
         generator=torch.Generator().manual_seed(state.epoch),
     )
     for images, labels in loader:
-        if not isinstance(labels, (list, tuple)):  # soft labels come as a tuple of tensors
+        if not isinstance(labels, dict):  # pseudo-labels come as a dict of tensors
             labels = torch.as_tensor(labels)
         state.seen_in_epoch += len(images)
         yield images, labels
@@ -234,7 +239,7 @@ def _worker_epoch(
         if kind == "end":
             live[w] = False
             continue
-        if not isinstance(labels, (list, tuple)):
+        if not isinstance(labels, dict):
             labels = torch.as_tensor(labels)
         state.worker_seen[w] += len(images)
         state.seen_in_epoch += len(images)

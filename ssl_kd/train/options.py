@@ -176,6 +176,9 @@ class TrainConfig(TrainOptions):
     randaugment_magnitude: ClassVar[int] = 9
     labeled_data: ClassVar[str | None] = None  # joint training: pretrain's alone
     labeled_share: ClassVar[float] = 0.0
+    feature_loss: ClassVar[str] = "none"  # feature distillation: pretrain's alone
+    feature_weight: ClassVar[float] = 0.0
+    keep_projection: ClassVar[bool] = False
 
     workers: int = option(1, help="Ray Train workers (DDP ranks)", min=1)
     use_gpu: bool = option(False, help="one GPU per worker (NCCL); else CPU (gloo)")
@@ -243,6 +246,15 @@ class StudentConfig(StudentOptions):
     labeled_share: float = option(
         0.25, help="with labeled_data: the share of each batch taken from it", gt=0, max=0.9
     )
+    feature_loss: Literal["none", "cosine", "mse"] = option(
+        "none",
+        help="also match the student's penultimate features, through a linear projection, to "
+        "the teacher embeddings stored in the shards (cosine or squared L2 distance)",
+    )
+    feature_weight: float = option(1.0, help="weight β of the feature loss", gt=0)
+    keep_projection: bool = option(
+        False, help="keep the feature projection in the final checkpoint (default: dropped)"
+    )
 
     def validate(self) -> None:
         """Cross-field checks (called by the config loader)."""
@@ -270,6 +282,9 @@ class FinetuneConfig(StudentOptions):
 
     labeled_data: ClassVar[str | None] = None  # the true labels are all it trains on
     labeled_share: ClassVar[float] = 0.0
+    feature_loss: ClassVar[str] = "none"  # nor does it see the teacher's embeddings
+    feature_weight: ClassVar[float] = 0.0
+    keep_projection: ClassVar[bool] = False
 
     data: str = option(help="labeled shards (the true labels)")
     init: str = option(help="pretrained student checkpoint")  # type: ignore[assignment]

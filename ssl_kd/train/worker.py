@@ -61,6 +61,7 @@ from ssl_kd.shards import expand_shards
 from ssl_kd.shards.classes import dataset_info_near, resolve_classes
 from ssl_kd.shards.dataset import ShardImageDataset
 from ssl_kd.train.context import RunContext
+from ssl_kd.train.features import FeatureDistiller, stored_embedding_dim, with_feature_loss
 from ssl_kd.train.loop import LossFn, MetricsLog, StreamState, stream_batches, train_step
 from ssl_kd.train.losses import joint_loss, student_loss
 from ssl_kd.train.optim import build_optimizer
@@ -86,6 +87,7 @@ class Inputs:
     label_temperature: float
     recipe: Recipe
     labeled_urls: list[str] = field(default_factory=list)  # joint training's true labels
+    embedding_dim: int = 0  # feature distillation: the stored teacher embeddings' dimension
 
 
 def read_inputs(cfg: Config) -> Inputs:
@@ -94,7 +96,8 @@ def read_inputs(cfg: Config) -> Inputs:
         raise UserError(f"weights file {storage.display(cfg.weights)} does not exist")
     urls = expand_shards(cfg.data)
     classes = resolve_classes(urls, cfg.class_names, cfg.num_classes)
-    soft = (dataset_info_near(urls) or {}).get("soft_label") or {}
+    info = dataset_info_near(urls)
+    soft = (info or {}).get("soft_label") or {}
     if cfg.loss != "hard" and not soft:
         raise UserError(
             f"--loss {cfg.loss} needs soft labels, and {cfg.data} has none: use the shards "
@@ -118,7 +121,10 @@ def read_inputs(cfg: Config) -> Inputs:
     label_temperature = float(soft.get("temperature", 1.0))
     recipe = cfg.recipe(pp.image_size)
     labeled = _labeled_urls(cfg, classes)
-    return Inputs(urls, classes, pp, soft_k, label_temperature, recipe, labeled)
+    dim = 0
+    if cfg.feature_loss != "none":
+        dim = stored_embedding_dim(cfg.feature_loss, cfg.data, urls, info)
+    return Inputs(urls, classes, pp, soft_k, label_temperature, recipe, labeled, dim)
 
 
 def _labeled_urls(cfg: Config, classes: list[str]) -> list[str]:
@@ -160,6 +166,7 @@ class _Run:
     channels_last: bool
     loader_workers: int  # DataLoader worker processes (0: read in this process)
     labeled: ShardImageDataset | None = None  # joint training's true-labeled images
+    distiller: FeatureDistiller | None = None  # feature distillation: model + projection
     train_model: nn.Module | None = None  # DDP-wrapped after the resume
     step: int = 0
     start_step: int = 0
@@ -196,7 +203,11 @@ def _setup(cfg: Config, ctx: RunContext) -> _Run:
     channels_last = use_channels_last(device, cfg.precision, inputs.pp.image_size)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
+    distiller = None
+    if inputs.embedding_dim:  # the projection trains with the student, on the same device
+        distiller = FeatureDistiller(model, inputs.embedding_dim).to(device)
+    trained = distiller or model
+    optimizer = build_optimizer(trained, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
     schedule = lr_schedule(cfg.schedule, cfg.lr, cfg.steps, cfg.warmup_steps)
     augment_seed, data_seed = cfg.stream_seeds(ctx.rank)
     if augment_seed is not None:  # a resume restores the stream from the checkpoint
@@ -211,6 +222,8 @@ def _setup(cfg: Config, ctx: RunContext) -> _Run:
     n_labeled = joint_split(cfg)[1]
     if n_labeled:
         loss_fn = joint_loss(loss_fn, n_labeled, cfg.label_smoothing)
+    if distiller is not None:
+        loss_fn = with_feature_loss(loss_fn, cfg.feature_loss, cfg.feature_weight)
     metrics = MetricsLog(storage.join(cfg.out, "metrics.jsonl")) if ctx.rank == 0 else None
     val_urls = expand_shards(cfg.val_data) if cfg.val_data else []
     dataset = _dataset(cfg, inputs, ctx, data_seed)
@@ -237,6 +250,7 @@ def _setup(cfg: Config, ctx: RunContext) -> _Run:
         channels_last,
         workers,
         labeled,
+        distiller,
     )
 
 
@@ -272,6 +286,7 @@ def _dataset(
         shuffle_buffer=cfg.shuffle_buffer,
         seed=seed,
         soft_k=0 if labeled else inputs.soft_k,
+        embedding_dim=0 if labeled else inputs.embedding_dim,
         part=(0, 1) if split_shards else (ctx.rank, ctx.world_size),
         max_pixels=cfg.max_pixels,
         decode_size=inputs.pp.resize_to,
@@ -289,6 +304,8 @@ def _resume(run: _Run) -> None:
             _saved_config(ckpt), cfglib.to_dict(cfg), cfglib.operational_keys(type(cfg)), cfg.out
         )
         run.model.load_state_dict(ckpt["model"])
+        if run.distiller is not None and "projection" in ckpt:
+            run.distiller.projection.load_state_dict(ckpt["projection"])
         run.optimizer.load_state_dict(ckpt["optimizer"])
         if run.scaler is not None and "scaler" in ckpt:
             run.scaler.load_state_dict(ckpt["scaler"])
@@ -305,7 +322,7 @@ def _resume(run: _Run) -> None:
         cfglib.save(cfg, storage.join(cfg.out, "config.yaml"))
         if run.metrics_log:
             run.metrics_log.keep_until(run.step)
-    run.train_model = ctx.wrap_model(run.model)
+    run.train_model = ctx.wrap_model(run.distiller or run.model)
 
 
 def _saved_config(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -392,13 +409,10 @@ def _augment(run: _Run, images: torch.Tensor) -> torch.Tensor:
 
 
 def _targets(labels: Any, device: torch.device, non_blocking: bool) -> dict[str, torch.Tensor]:
-    if isinstance(labels, (list, tuple)):
-        label, topk_class, topk_prob = labels
-        return {
-            "label": label.to(device, non_blocking=non_blocking),
-            "topk_class": topk_class.to(device, non_blocking=non_blocking),
-            "topk_prob": topk_prob.to(device, non_blocking=non_blocking),
-        }
+    """The loss's targets on ``device``: a batch of class ids, or the dict a pseudo-labeled
+    batch carries (soft label, stored embedding)."""
+    if isinstance(labels, dict):
+        return {k: v.to(device, non_blocking=non_blocking) for k, v in labels.items()}
     return {"label": labels.to(device, non_blocking=non_blocking)}
 
 
@@ -475,6 +489,8 @@ def _checkpoint_state(run: _Run) -> dict[str, Any]:
     }
     if run.scaler is not None:
         state["scaler"] = run.scaler.state_dict()
+    if run.distiller is not None:
+        state["projection"] = run.distiller.projection.state_dict()
     return state
 
 
@@ -495,6 +511,8 @@ def _finish(run: _Run, seconds: float) -> dict[str, Any]:
     if not run.lead:
         return {}
     path = storage.join(cfg.out, "checkpoint.pt")
+    if not cfg.keep_projection:  # it served training; the student is the plain classifier
+        final.pop("projection", None)
     if trained or not storage.is_file(path):  # a finished run's checkpoint stays untouched
         save_checkpoint(path, final)
     rate = trained * cfg.batch_size * ctx.world_size / seconds if trained else None
@@ -512,6 +530,8 @@ def _finish(run: _Run, seconds: float) -> dict[str, Any]:
         "train_seconds": round(seconds, 2),
         "images_per_s": round(rate, 1) if rate is not None else None,
         "labeled_per_batch": joint_split(cfg)[1],
+        "feature_loss": cfg.feature_loss,
+        "embedding_dim": run.inputs.embedding_dim,
         "skipped_samples": run.dataset.stats.skipped,
         "skipped_reasons": dict(run.dataset.stats.reasons),
         "checkpoint": path,
