@@ -29,6 +29,7 @@ from ssl_kd.shards import expand_shards
 from ssl_kd.shards.dataset import ShardImageDataset
 from ssl_kd.train import recipes, worker
 from ssl_kd.train.context import LocalContext
+from ssl_kd.train.inputs import read_inputs
 from ssl_kd.train.loop import StreamState, stream_batches, train_step
 from ssl_kd.train.losses import student_loss
 from ssl_kd.train.options import StudentConfig, TrainConfig
@@ -202,7 +203,7 @@ def test_weights_need_a_torchvision_arch_and_no_init(tmp_path: Path) -> None:
 
 def test_rgb_models_take_rgb_whatever_the_first_image(bands: Path, tmp_path: Path) -> None:
     def channels(**kw: object) -> int:
-        return worker.read_inputs(_real(bands, tmp_path, **kw)).pp.channels
+        return read_inputs(_real(bands, tmp_path, **kw)).pp.channels
 
     assert channels() == 1  # the shards' grayscale images
     assert channels(arch="torchvision:resnet18", width=1.0) == 3

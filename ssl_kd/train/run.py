@@ -11,8 +11,9 @@ from typing import Any
 
 from ssl_kd import storage
 from ssl_kd.train.context import LocalContext
-from ssl_kd.train.options import StudentOptions, TrainConfig
-from ssl_kd.train.worker import Config, read_inputs, train_worker
+from ssl_kd.train.inputs import read_inputs
+from ssl_kd.train.options import Config, StudentOptions, TrainConfig
+from ssl_kd.train.worker import train_worker
 
 
 def run_train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
