@@ -326,6 +326,8 @@ def test_goals_and_markdown_from_known_figures(tmp_path):
     text = format_markdown(doc, "T")
     assert "| baseline | – | cnn | 2 | 81.00 ± 1.41 |" in text
     assert "+4.00 points over the baseline (goal +3.0: met)" in text
+    [strict] = collect(tmp_path, models, goal_points=5.0)["goals"]  # a config's own goal line
+    assert strict["goal_points"] == 5.0 and not strict["goal_met"]
 
 
 def test_cli_run_reports_and_rejects_bad_keys(tmp_path, fake_fmnist, capsys):

@@ -117,6 +117,9 @@ class PipelineConfig:
         "weights β (pretrain.feature_loss, or cosine; the results table's features rows)",
         gt=0,
     )
+    goal_points: float = option(
+        3.0, help="the results' goal line: the fine-tuned student's top-1 points over the baseline"
+    )
     oracle_seeds: int = option(
         1,
         help="with the truth of the unlabeled images: train the oracle (the student on the true "

@@ -15,7 +15,7 @@ from ssl_kd import atomic, storage
 from ssl_kd.errors import UserError
 from ssl_kd.pipeline.builder import Model, Selection
 
-GOAL_POINTS = 3.0  # the fine-tuned student's top-1 over the baseline's, in points
+GOAL_POINTS = 3.0  # default: the fine-tuned student's top-1 over the baseline's, in points
 ROLES = ("teacher", "baseline", "pretrained", "finetuned", "joint", "oracle")
 
 
@@ -49,9 +49,13 @@ def _spread(values: Sequence[float | None]) -> dict[str, float | None]:
 
 
 def collect(
-    root: str, models: Sequence[Model], selections: Sequence[Selection] = ()
+    root: str,
+    models: Sequence[Model],
+    selections: Sequence[Selection] = (),
+    goal_points: float = GOAL_POINTS,
 ) -> dict[str, Any]:
-    """Gather every model's test metrics and the selections' precision into one document."""
+    """Gather every model's test metrics and the selections' precision into one document; the
+    goal lines ask for ``goal_points`` over the baseline."""
     rows: dict[tuple[str, int, str], list[tuple[Model, dict[str, Any]]]] = {}
     archs: dict[tuple[str, int, str], str] = {}
     for model in models:
@@ -77,7 +81,11 @@ def collect(
                 **{k: _spread([x[k] for _, x in entries]) for k in keys},
             }
         )
-    return {"models": table, "selection_precision": _precision(selections), "goals": _goals(table)}
+    return {
+        "models": table,
+        "selection_precision": _precision(selections),
+        "goals": _goals(table, goal_points),
+    }
 
 
 def _precision(selections: Sequence[Selection]) -> list[dict[str, Any]]:
@@ -107,7 +115,7 @@ def _row(table: list[dict[str, Any]], role: str, rnd: int) -> dict[str, Any] | N
     )
 
 
-def _goals(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _goals(table: list[dict[str, Any]], goal_points: float) -> list[dict[str, Any]]:
     baseline = _row(table, "baseline", 0)
     teacher = _row(table, "teacher", 0)
     goals = []
@@ -123,8 +131,8 @@ def _goals(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "lost_to_label_errors_points": lost,
                 "round": rnd,
                 "gain_over_baseline_points": gain,
-                "goal_points": GOAL_POINTS,
-                "goal_met": gain is not None and gain >= GOAL_POINTS,
+                "goal_points": goal_points,
+                "goal_met": gain is not None and gain >= goal_points,
                 "gain_over_teacher_points": over_teacher,
                 "above_teacher": over_teacher is not None and over_teacher > 0,
             }
@@ -242,13 +250,14 @@ def plot(doc: dict[str, Any], path: str) -> str:
         ax.text(i, m + hi[i] + 0.1, f"{m:.2f}", ha="center", va="bottom", fontsize=8)
     base = next((t for t in table if t["model"] == "baseline"), None)
     if base:
-        goal = 100 * base["top1"]["mean"] + GOAL_POINTS
+        points = doc["goals"][0]["goal_points"] if doc["goals"] else GOAL_POINTS
+        goal = 100 * base["top1"]["mean"] + points
         ax.axhline(
             goal,
             color="tab:red",
             linestyle="--",
             linewidth=1,
-            label=f"baseline + {GOAL_POINTS:.0f} points",
+            label=f"baseline + {points:g} points",
         )
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xticks(range(len(table)), names, rotation=20, ha="right", fontsize=8)
@@ -264,9 +273,10 @@ def write_results(
     selections: Sequence[Selection],
     title: str,
     stage_table: str = "",
+    goal_points: float = GOAL_POINTS,
 ) -> dict[str, Any]:
     """Write results.json, results.md and results.png under ``root/results``; returns the doc."""
-    doc = collect(root, models, selections)
+    doc = collect(root, models, selections, goal_points)
     out = storage.join(root, "results")
     atomic.write_text(storage.join(out, "results.json"), json.dumps(doc, indent=2) + "\n")
     atomic.write_text(storage.join(out, "results.md"), format_markdown(doc, title, stage_table))

@@ -33,7 +33,7 @@ def run_pipeline(
     t0 = time.perf_counter()
     results = run_stages(plan.stages, root, announce=lambda line: log.info("%s", line))
     table = format_stage_table(results)
-    doc = write_results(root, plan.models, plan.selections, title, table)
+    doc = write_results(root, plan.models, plan.selections, title, table, cfg.goal_points)
     summary = {
         "out": root,
         "seconds": round(time.perf_counter() - t0, 2),
