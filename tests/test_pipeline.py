@@ -504,3 +504,38 @@ def test_feature_rows_turn_on_embeddings_and_report_cka(tmp_path, fake_fmnist):
     assert on.distils_features() and on.feature_loss() == "mse"
     with pytest.raises(ConfigError, match=r"feature_weights.*repeats"):
         tiny_config(tmp_path, fake_fmnist, feature_weights=[1, 1])
+
+
+def test_variant_rows_follow_the_plain_ones_in_plan_order(tmp_path):
+    from ssl_kd.pipeline.builder import Model
+
+    metrics = {
+        "top1": 0.8,
+        "top5": 0.9,
+        "calibration": {"ece": 0.02},
+        "arch": "cnn",
+        "model": {"params": 10, "macs": 20},
+    }
+    models = []
+    for slug, role, variant in (
+        ("p", "pretrained", ""),
+        ("f", "finetuned", ""),
+        ("p4", "pretrained", "cosine β=4"),
+        ("f4", "finetuned", "cosine β=4"),
+        ("p16", "pretrained", "cosine β=16"),
+        ("f16", "finetuned", "cosine β=16"),
+    ):
+        (tmp_path / "eval" / slug).mkdir(parents=True)
+        (tmp_path / "eval" / slug / "metrics.json").write_text(json.dumps(metrics))
+        models.append(Model(slug, role, 1, 0, slug, "", None, None, variant))
+    doc = collect(tmp_path, models[::-1])  # the plan's order, whatever the strings say
+    rows = [(m["model"], m["variant"]) for m in doc["models"]]
+    assert rows == [
+        ("pretrained", ""),
+        ("finetuned", ""),
+        ("pretrained", "cosine β=16"),
+        ("finetuned", "cosine β=16"),
+        ("pretrained", "cosine β=4"),
+        ("finetuned", "cosine β=4"),
+    ]
+    assert "| finetuned (cosine β=16) | 1 |" in format_markdown(doc, "T")

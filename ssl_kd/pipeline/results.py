@@ -65,9 +65,12 @@ def collect(
         rows.setdefault(row, []).append((model, _metrics(metrics)))
         archs[row] = str(metrics["arch"])
     table = []
-    # A variant's rows (e.g. feature distillation at some weight) follow the plain ones.
+    # A variant's rows (e.g. feature distillation at some weight) follow the plain ones, in the
+    # order the plan made them (the weights as configured, not as strings).
+    order = {v: i for i, v in enumerate(dict.fromkeys(m.variant for m in models))}
+    order[""] = -1
     for (role, rnd, variant), entries in sorted(
-        rows.items(), key=lambda kv: (kv[0][1], kv[0][2] != "", kv[0][2], ROLES.index(kv[0][0]))
+        rows.items(), key=lambda kv: (kv[0][1], order[kv[0][2]], ROLES.index(kv[0][0]))
     ):
         keys = entries[0][1].keys()
         table.append(
@@ -205,11 +208,14 @@ def format_markdown(doc: dict[str, Any], title: str, stage_table: str = "") -> s
             )
     lines += ["", "Goals:", ""]
     for g in doc["goals"]:
-        gain, over = g["gain_over_baseline_points"], g["gain_over_teacher_points"]
+        gain, over = (
+            signed_points(g["gain_over_baseline_points"]),
+            signed_points(g["gain_over_teacher_points"]),
+        )
         lines.append(
-            f"- round {g['round']}: fine-tuned student {gain:+.2f} points over the baseline "
+            f"- round {g['round']}: fine-tuned student {gain} points over the baseline "
             f"(goal +{g['goal_points']:.1f}: {'met' if g['goal_met'] else 'not met'}); "
-            f"{over:+.2f} points over its teacher "
+            f"{over} points over its teacher "
             f"({'above' if g['above_teacher'] else 'not above'})"
             + (
                 f"; the oracle, on the true labels of the same images, is "
@@ -221,6 +227,11 @@ def format_markdown(doc: dict[str, Any], title: str, stage_table: str = "") -> s
     if stage_table:
         lines += ["", "Stages of this invocation:", "", "```", stage_table, "```"]
     return "\n".join(lines) + "\n"
+
+
+def signed_points(x: float | None) -> str:
+    """Signed points, or ``n/a`` where a row to compare with is missing."""
+    return "n/a" if x is None else f"{x:+.2f}"
 
 
 def _name(row: dict[str, Any]) -> str:

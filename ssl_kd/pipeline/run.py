@@ -11,7 +11,7 @@ from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
 from ssl_kd.pipeline.config import PipelineConfig
 from ssl_kd.pipeline.plan import build_plan
-from ssl_kd.pipeline.results import write_results
+from ssl_kd.pipeline.results import signed_points, write_results
 from ssl_kd.pipeline.stages import format_stage_table, run_stages
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,9 @@ def format_summary(cfg: PipelineConfig, s: dict[str, Any]) -> str:
     lines = [s["table"]]
     for g in s["goals"]:
         lines.append(
-            f"round {g['round']}: fine-tuned student {g['gain_over_baseline_points']:+.2f} points "
-            f"over the baseline, {g['gain_over_teacher_points']:+.2f} over its teacher"
+            f"round {g['round']}: fine-tuned student "
+            f"{signed_points(g['gain_over_baseline_points'])} points over the baseline, "
+            f"{signed_points(g['gain_over_teacher_points'])} over its teacher"
         )
     lines.append(f"results -> {s['results']}")
     return "\n".join(lines)
