@@ -205,8 +205,8 @@ class PipelineConfig:
 
     def distils_features(self) -> bool:
         """True when some student matches the teacher's embeddings, so labeling stores them."""
-        rounds = [{**self.pretrain, **s} for s in self.students] or [self.pretrain]
-        used = any(r.get("feature_loss", "none") != "none" for r in [self.pretrain, *rounds])
+        students = [self.pretrain, *({**self.pretrain, **s} for s in self.students)]
+        used = any(r.get("feature_loss", "none") != "none" for r in students)
         return used or bool(self.feature_weights)
 
     def external_teacher(self) -> ExternalTeacher | None:
