@@ -86,7 +86,8 @@ def _json(help: str) -> Flag:
     return Flag("--json", {"action": "store_true", "help": help})
 
 
-_TRAIN_PATHS = frozenset({"data", "out", "val_data"})
+# unlabeled: the run's pool, when a training section sets ssl
+_TRAIN_PATHS = frozenset({"data", "out", "val_data", "unlabeled"})
 _INSPECT = "ssl_kd.inspect.commands"
 
 GROUPS = {

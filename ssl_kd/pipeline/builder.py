@@ -13,7 +13,13 @@ from typing import Any
 from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
 from ssl_kd.errors import UserError
-from ssl_kd.pipeline.config import PipelineConfig, pipeline_keys, stage_config, stage_runner
+from ssl_kd.pipeline.config import (
+    PipelineConfig,
+    pipeline_keys,
+    stage_config,
+    stage_runner,
+    uses_pool,
+)
 from ssl_kd.pipeline.stages import Stage
 
 
@@ -140,6 +146,8 @@ class PlanBuilder:
         """A supervised model (``ssl-kd train``): the teacher or a baseline, with the section's
         keys and ``overrides``."""
         paths: dict[str, Any] = {**(overrides or {}), "data": self.data.labeled, "out": directory}
+        if uses_pool({**getattr(self.cfg, section), **paths}):  # a semi-supervised teacher
+            paths["unlabeled"] = self.data.unlabeled
         if seed is not None:
             paths["seed"] = seed
         tc = stage_config(self.cfg, section, paths)
@@ -292,6 +300,8 @@ class PlanBuilder:
             paths["init"] = init
         if section == "pretrain" and "labeled_share" in {**self.cfg.pretrain, **paths}:
             paths["labeled_data"] = self.data.labeled  # joint training on the labeled split
+        if uses_pool({**getattr(self.cfg, section), **paths}):  # consistency on the pool
+            paths["unlabeled"] = self.data.unlabeled
         sc = stage_config(self.cfg, section, paths)
         run_student = stage_runner(section)
         params = params_of(sc, section)

@@ -161,7 +161,7 @@ class PipelineConfig:
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError("seeds", f"has repeats: {self.seeds}")
         built = {
-            section: stage_config(self, section, _placeholders(section))
+            section: stage_config(self, section, _placeholders(section, getattr(self, section)))
             for section in SECTIONS
             if not (section == "teacher" and self.external_teacher())
         }
@@ -247,7 +247,8 @@ def _check_overrides(
     if clash:
         raise ConfigError(f"{where}.{clash[0]}", "is set by the pipeline")
     try:
-        stage_config(cfg, section, {**_placeholders(section), **overrides})
+        values = {**getattr(cfg, section), **overrides}
+        stage_config(cfg, section, {**_placeholders(section, values), **overrides})
     except ConfigError as exc:
         key = exc.key.split(".", 1)[-1]
         raise ConfigError(f"{where}.{key}", str(exc).split(": ", 1)[1]) from None
@@ -258,9 +259,19 @@ def student_overrides(cfg: PipelineConfig, round: int) -> dict[str, Any]:
     return dict(cfg.students[round - 1]) if round <= len(cfg.students) else {}
 
 
-def _placeholders(section: str) -> dict[str, Any]:
-    """Stand-ins for the paths and seed, for a dry build of a section's stage config."""
-    return {k: 0 if k == "seed" else "-" for k in pipeline_keys(section)}
+def _placeholders(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Stand-ins for the paths and seed, for a dry build of a section's stage config with the
+    section's ``values``."""
+    keys = pipeline_keys(section)
+    if "unlabeled" in keys and not uses_pool(values):
+        keys = keys - {"unlabeled"}
+    return {k: 0 if k == "seed" else "-" for k in keys}
+
+
+def uses_pool(values: dict[str, Any]) -> bool:
+    """Whether a training section's ``values`` learn from the unlabeled pool (``ssl``), which
+    the pipeline then passes as ``unlabeled``."""
+    return values.get("ssl", "none") != "none"
 
 
 def _stage_class(section: str) -> type:

@@ -31,6 +31,7 @@ class Inputs:
     recipe: Recipe
     labeled_urls: list[str] = field(default_factory=list)  # joint training's true labels
     embedding_dim: int = 0  # feature distillation: the stored teacher embeddings' dimension
+    pool_urls: list[str] = field(default_factory=list)  # --ssl: the unlabeled pool's shards
 
 
 def read_inputs(cfg: Config) -> Inputs:
@@ -67,7 +68,8 @@ def read_inputs(cfg: Config) -> Inputs:
     dim = 0
     if cfg.feature_loss != "none":
         dim = stored_embedding_dim(cfg.feature_loss, cfg.data, urls, info)
-    return Inputs(urls, classes, pp, soft_k, label_temperature, recipe, labeled, dim)
+    pool = expand_shards(cfg.unlabeled) if cfg.unlabeled else []
+    return Inputs(urls, classes, pp, soft_k, label_temperature, recipe, labeled, dim, pool)
 
 
 def _labeled_urls(cfg: Config, classes: list[str]) -> list[str]:

@@ -96,6 +96,47 @@ class TrainOptions:
     precision: Literal["fp32", "bf16", "fp16"] = option(
         "fp32", help="fp32, or autocast to bf16 or fp16 (fp16 with a gradient scaler)"
     )
+    strong_ops: int = option(
+        2,
+        help="strong augmentation: RandAugment-style ops per image, each at a random magnitude",
+        min=0,
+    )
+    cutout: float = option(
+        0.5,
+        help="strong augmentation: largest cutout square, a share of the side (0: none)",
+        min=0,
+        max=1,
+    )
+    ema_decay: float | None = option(
+        None,
+        help="keep an EMA of the weights, which the final checkpoint holds (default: 0.999 "
+        "with --ssl, else none; 0: none)",
+        min=0,
+        max=0.99999,
+    )
+    unlabeled: str | None = option(
+        None, help="--ssl: the unlabeled pool's shards (dir, brace pattern, glob or list file)"
+    )
+    ssl: Literal["none", "fixmatch"] = option(
+        "none",
+        help="fixmatch: also learn from the pool, each strong view's target being its weak "
+        "view's confident prediction",
+    )
+    mu: int = option(7, help="--ssl: pool images per labeled image in a step", min=1)
+    threshold: float = option(
+        0.95, help="--ssl: confidence a weak view's prediction needs to be a target", gt=0, max=1
+    )
+    threshold_mode: Literal["fixed", "adaptive"] = option(
+        "fixed",
+        help="--ssl: one threshold for all classes, or FreeMatch's self-adaptive per-class ones",
+    )
+    threshold_momentum: float = option(
+        0.999, help="--ssl adaptive: EMA momentum of the thresholds", min=0, max=0.99999
+    )
+    unsup_weight: float = option(1.0, help="--ssl: weight of the pool's loss", min=0)
+    ssl_start: int = option(
+        0, help="--ssl: supervised steps before the pool joins (a warm start in one run)", min=0
+    )
     shuffle_buffer: int = option(5000, help="samples in the shuffle buffer", min=0)
     seed: int = option(0, help="random seed (init, data order, augmentation)")
     log_every: int = option(50, help="steps between metrics lines", min=1, operational=True)
@@ -111,6 +152,12 @@ class TrainOptions:
         operational=True,
     )
     device: str = option("auto", help="auto, cpu, cuda or cuda:N", operational=True)
+
+    def ema(self) -> float:
+        """The EMA decay in force (0: no EMA)."""
+        if self.ema_decay is not None:
+            return self.ema_decay
+        return 0.999 if self.ssl != "none" else 0.0
 
     def recipe(self, image_size: int) -> Recipe:
         """The augmentation recipe for inputs of ``image_size`` px (``augment: auto``)."""
@@ -147,8 +194,23 @@ def _check(cfg: TrainConfig | StudentConfig) -> None:
             check_stochastic_depth(cfg.arch)
         except UserError as exc:
             raise ConfigError("stochastic_depth", str(exc)) from None
+    _check_ssl(cfg)
     _check_range("crop_scale", cfg.crop_scale, upper=1.0)
     _check_range("crop_ratio", cfg.crop_ratio)
+
+
+def _check_ssl(cfg: TrainConfig | StudentConfig) -> None:
+    """The --ssl keys: a pool with fixmatch and only then, steps left for it, no feature loss."""
+    if cfg.ssl != "none" and cfg.unlabeled is None:
+        raise ConfigError("unlabeled", f"--ssl {cfg.ssl} needs the pool's shards")
+    if cfg.ssl == "none" and cfg.unlabeled is not None:
+        raise ConfigError("ssl", "--unlabeled is read only with --ssl fixmatch")
+    if cfg.ssl_start >= cfg.steps and cfg.ssl != "none":
+        raise ConfigError(
+            "ssl_start", f"{cfg.ssl_start} leaves none of the {cfg.steps} steps to the pool"
+        )
+    if cfg.ssl != "none" and cfg.feature_loss != "none":
+        raise ConfigError("feature_loss", "does not combine with --ssl; train one or the other")
 
 
 def _check_range(key: str, values: list[float], upper: float | None = None) -> None:
@@ -165,9 +227,8 @@ class TrainConfig(TrainOptions):
 
     # Evaluations during training are printed on stdout (the students log them).
     evals_on_stdout: ClassVar[bool] = True
-    # The student's own keys, fixed: the teacher and the baseline are the student's loop with no
-    # init checkpoint, the hard loss and no RandAugment (not fields, so not flags either).
-    init: ClassVar[str | None] = None
+    # The student's own keys, fixed: the teacher and the baseline are the student's loop with
+    # the hard loss, a kept head and no RandAugment (not fields, so not flags either).
     fresh_head: ClassVar[bool] = False
     loss: ClassVar[Literal["hard", "soft", "mixed"]] = "hard"
     temperature: ClassVar[float] = 1.0
@@ -179,7 +240,13 @@ class TrainConfig(TrainOptions):
     feature_loss: ClassVar[str] = "none"  # feature distillation: pretrain's alone
     feature_weight: ClassVar[float] = 0.0
     keep_projection: ClassVar[bool] = False
+    strong_augment: ClassVar[bool] = False  # the pool's strong views are FixMatch's own
 
+    init: str | None = option(
+        None,
+        help="start from this checkpoint's weights (a supervised or imported teacher to adapt "
+        "to the pool with --ssl fixmatch)",
+    )
     workers: int = option(1, help="Ray Train workers (DDP ranks)", min=1)
     use_gpu: bool = option(False, help="one GPU per worker (NCCL); else CPU (gloo)")
     executor: Literal["ray", "local"] = option(
@@ -211,6 +278,11 @@ class StudentOptions(TrainOptions):
     label_smoothing: float = option(0.0, help="label smoothing of the hard part", min=0, max=0.99)
     randaugment: int = option(0, help="RandAugment ops per image (student noise; 0: off)", min=0)
     randaugment_magnitude: int = option(9, help="RandAugment magnitude", min=0, max=30)
+    strong_augment: bool = option(
+        False,
+        help="student noise, batched on the training device: --strong-ops RandAugment-style "
+        "ops and a cutout on every training image (its label was computed on the clean image)",
+    )
     steps: int = option(5000, help="optimisation steps (the training budget)", min=1)
     batch_size: int = option(128, help="images per step on each worker", min=2)
     warmup_steps: int = option(200, help="linear warm-up steps (cosine, constant)", min=0)
