@@ -338,3 +338,43 @@ def test_student_strong_augment_trains(
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["strong_augment"] is True and saved["strong_ops"] == 2
     assert math.isfinite(json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["loss"])
+
+
+def test_pipeline_adapts_the_teacher_on_the_pool_before_it_labels(
+    tmp_path: Path, fake_fmnist: Path
+) -> None:
+    from helpers import TINY
+
+    from ssl_kd.label.files import label_files, read_meta
+    from ssl_kd.pipeline.run import run_pipeline
+
+    adapt = {"ssl": "fixmatch", "steps": 3, "batch_size": 4, "mu": 2, "warmup_steps": 0}
+    data = {
+        **TINY,
+        "out": str(tmp_path / "run"),
+        "source": str(fake_fmnist),
+        "seeds": [0],
+        "oracle_seeds": 0,
+        "adapt": adapt,
+    }
+    cfg = cfglib.from_dict(PipelineConfig, data)
+    summary = run_pipeline(cfg, progress=False)
+    statuses = {s["name"]: s["status"] for s in summary["stages"]}
+    assert statuses["teacher"] == statuses["teacher_adapted"] == "ran"
+    root = Path(cfg.out)
+    adapted = yaml.safe_load((root / "teacher_adapted/config.yaml").read_text())
+    assert adapted["init"] == str(root / "teacher/checkpoint.pt")
+    assert adapted["unlabeled"] == str(root / "data/unlabeled") and adapted["ssl"] == "fixmatch"
+    # The adapted teacher labels round 1, and is the teacher row of the results.
+    from ssl_kd.storage import sha256
+
+    meta = read_meta(label_files(root / "round1/labels")[0])
+    assert meta.teacher_sha256 == sha256(root / "teacher_adapted/checkpoint.pt")
+    teacher_eval = json.loads((root / "eval/teacher/metrics.json").read_text())
+    assert teacher_eval["config"]["checkpoint"].endswith("teacher_adapted/checkpoint.pt")
+
+    # The same section on an ensemble, or an adapt key the pipeline sets, is refused.
+    with pytest.raises(ConfigError, match=r"adapt.*an ensemble"):
+        cfglib.from_dict(PipelineConfig, {**data, "ensemble": {"tta": ["flip"]}})
+    with pytest.raises(ConfigError, match=r"adapt\.init.*set by the pipeline"):
+        cfglib.from_dict(PipelineConfig, {**data, "adapt": {**adapt, "init": "x.pt"}})

@@ -142,9 +142,10 @@ class PlanBuilder:
         seed: int | None,
         data_stage: str,
         overrides: dict[str, Any] | None = None,
+        after: str = "",
     ) -> str:
-        """A supervised model (``ssl-kd train``): the teacher or a baseline, with the section's
-        keys and ``overrides``."""
+        """A model of ``ssl-kd train`` (the teacher, its adaptation, a baseline) with the
+        section's keys and ``overrides``, run after ``data_stage`` (and ``after``)."""
         paths: dict[str, Any] = {**(overrides or {}), "data": self.data.labeled, "out": directory}
         if uses_pool({**getattr(self.cfg, section), **paths}):  # a semi-supervised teacher
             paths["unlabeled"] = self.data.unlabeled
@@ -157,7 +158,7 @@ class PlanBuilder:
             s = run_train(tc, progress=self.progress)
             return {"steps": s["step"], "img_s": s["images_per_s"]}
 
-        return self._add(name, directory, params_of(tc, section), run, (data_stage,))
+        return self._add(name, directory, params_of(tc, section), run, (data_stage, after))
 
     def add_ensemble(
         self, name: str, directory: str, members: list[str], deps: tuple[str, ...]

@@ -22,6 +22,7 @@ from ssl_kd.stages import command, load
 # Each section is one stage of the command table; the seeded ones get the seed of their run.
 SECTION_STAGES = {
     "teacher": "train",
+    "adapt": "train",
     "label": "label",
     "select": "select",
     "materialize": "materialize",
@@ -37,6 +38,8 @@ SECTIONS = tuple(SECTION_STAGES)
 def pipeline_keys(section: str) -> frozenset[str]:
     """Keys the pipeline sets itself: paths between stages, and the seed of seeded stages."""
     keys = command(SECTION_STAGES[section]).pipeline_keys
+    if section == "adapt":  # it starts from the teacher's checkpoint
+        keys = keys | {"init"}
     return keys | {"seed"} if section in SEEDED else keys
 
 
@@ -134,6 +137,12 @@ class PipelineConfig:
         help="ssl-kd train keys of the teacher, or an external teacher to start from "
         "(source, weights, class_names, keep_classes, image_size, resize, mean, std)",
     )
+    adapt: dict[str, Any] = option(
+        {},
+        help="ssl-kd train keys of a second teacher stage that starts from the teacher (trained "
+        "or imported) and adapts it, e.g. {ssl: fixmatch} to learn from the unlabeled split; "
+        "it then labels. Empty: none",
+    )
     label: dict[str, Any] = option({}, help="ssl-kd label keys")
     select: dict[str, Any] = option({"per_class": 5000}, help="ssl-kd select keys")
     materialize: dict[str, Any] = option({}, help="ssl-kd materialize keys")
@@ -164,6 +173,7 @@ class PipelineConfig:
             section: stage_config(self, section, _placeholders(section, getattr(self, section)))
             for section in SECTIONS
             if not (section == "teacher" and self.external_teacher())
+            and not (section == "adapt" and not self.adapt)
         }
         self._validate_variants()
         k, top_p = built["label"].k, built["select"].top_p
@@ -190,6 +200,8 @@ class PipelineConfig:
             _check_overrides(self, "pretrain", student, f"students[{i}]")
         ensemble = self.teacher_ensemble()
         if ensemble is not None:
+            if self.adapt:
+                raise ConfigError("adapt", "adapts one teacher; an ensemble labels with several")
             if ensemble.members and self.external_teacher():
                 raise ConfigError(
                     "ensemble.members", "train teachers; an external teacher is imported"

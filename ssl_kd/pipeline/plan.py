@@ -5,6 +5,8 @@ Layout of a run directory (``out``)::
     data/                      Fashion-MNIST as labeled / unlabeled / test shards (skipped when
                                you name your own shards)
     teacher/                   the round-1 teacher (ssl-kd train)
+    teacher_adapted/           with an adapt section: the teacher after adaptation (e.g.
+                               FixMatch on the unlabeled split), which then labels round 1
     teachers/member{I}/, teachers/ensemble/   with an ensemble: the other teachers, and all
                                of them (with TTA) as the one that labels round 1
     baseline/seed{S}/          the supervised baseline: student architecture, labels only
@@ -243,6 +245,11 @@ def build_plan(cfg: PipelineConfig, progress: bool = True) -> PlanBuilder:
     else:
         teacher = b.add_train("teacher", "teacher", at(root, "teacher"), None, data)
     teacher_ckpt = at(root, "teacher", "checkpoint.pt")
+    if cfg.adapt:  # the teacher, adapted (to the unlabeled split, say) before it labels
+        here = at(root, "teacher_adapted")
+        init = {"init": teacher_ckpt}
+        teacher = b.add_train("teacher_adapted", "adapt", here, None, data, init, after=teacher)
+        teacher_ckpt = at(here, "checkpoint.pt")
     if cfg.teacher_ensemble():
         teacher, teacher_ckpt = _add_teacher_ensemble(b, teacher, teacher_ckpt, data)
     b.add_eval(Model("teacher", "teacher", 0, None, teacher, teacher_ckpt, None, None), test_dep)
