@@ -1,6 +1,7 @@
 """What a training run reads before any model exists: the shards, their classes, the input
-format, the soft labels' k and temperature, joint training's labeled shards and the stored
-teacher embeddings' dimension. Bad input raises UserError here, before any worker starts.
+format, the soft labels' k and temperature, joint training's labeled shards, the stored
+teacher embeddings' dimension and whether the samples carry weights. Bad input raises
+UserError here, before any worker starts.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Inputs:
     recipe: Recipe
     labeled_urls: list[str] = field(default_factory=list)  # joint training's true labels
     embedding_dim: int = 0  # feature distillation: the stored teacher embeddings' dimension
+    sample_weights: bool = False  # the loss reads each sample's weight
 
 
 def read_inputs(cfg: Config) -> Inputs:
@@ -67,7 +69,20 @@ def read_inputs(cfg: Config) -> Inputs:
     dim = 0
     if cfg.feature_loss != "none":
         dim = stored_embedding_dim(cfg.feature_loss, cfg.data, urls, info)
-    return Inputs(urls, classes, pp, soft_k, label_temperature, recipe, labeled, dim)
+    weighted = _check_weights(cfg, info)
+    return Inputs(urls, classes, pp, soft_k, label_temperature, recipe, labeled, dim, weighted)
+
+
+def _check_weights(cfg: Config, info: dict | None) -> bool:
+    """Whether the loss weighs samples; UserError when asked of shards that carry no weights."""
+    if not cfg.sample_weights:
+        return False
+    if not (info or {}).get("weights"):
+        raise UserError(
+            f"--sample-weights needs per-sample weights in the shards, and {cfg.data} has none: "
+            "select with --weights certainty (or certainty_balance), then materialize again"
+        )
+    return True
 
 
 def _labeled_urls(cfg: Config, classes: list[str]) -> list[str]:

@@ -179,6 +179,7 @@ class TrainConfig(TrainOptions):
     feature_loss: ClassVar[str] = "none"  # feature distillation: pretrain's alone
     feature_weight: ClassVar[float] = 0.0
     keep_projection: ClassVar[bool] = False
+    sample_weights: ClassVar[bool] = False  # the selection's per-image weights: pretrain's alone
 
     workers: int = option(1, help="Ray Train workers (DDP ranks)", min=1)
     use_gpu: bool = option(False, help="one GPU per worker (NCCL); else CPU (gloo)")
@@ -255,6 +256,11 @@ class StudentConfig(StudentOptions):
     keep_projection: bool = option(
         False, help="keep the feature projection in the final checkpoint (default: dropped)"
     )
+    sample_weights: bool = option(
+        False,
+        help="weigh each image's pseudo-label loss by the weight the selection gave it "
+        "(select --weights): weighted means Σ w·ℓ / Σ w",
+    )
 
     def validate(self) -> None:
         """Cross-field checks (called by the config loader)."""
@@ -285,6 +291,7 @@ class FinetuneConfig(StudentOptions):
     feature_loss: ClassVar[str] = "none"  # nor does it see the teacher's embeddings
     feature_weight: ClassVar[float] = 0.0
     keep_projection: ClassVar[bool] = False
+    sample_weights: ClassVar[bool] = False  # true labels weigh alike
 
     data: str = option(help="labeled shards (the true labels)")
     init: str = option(help="pretrained student checkpoint")  # type: ignore[assignment]

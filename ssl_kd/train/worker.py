@@ -145,6 +145,7 @@ def _setup(cfg: Config, ctx: RunContext) -> _Run:
         alpha=cfg.alpha,
         label_smoothing=cfg.label_smoothing,
         label_temperature=inputs.label_temperature,
+        sample_weights=inputs.sample_weights,
     )
     n_labeled = joint_split(cfg)[1]
     if n_labeled:
@@ -219,6 +220,7 @@ def _dataset(
         decode_size=inputs.pp.resize_to,
         # Loader workers seed each image's crop by its place in their stream, per rank.
         sample_seed=cfg.seed * 1_000_003 + ctx.rank + (500_009 if labeled else 0),
+        weights=inputs.sample_weights and not labeled,  # true labels carry no weight
     )
 
 
