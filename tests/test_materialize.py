@@ -9,6 +9,8 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import make_teacher, write_plain_tar, write_unlabeled_shards
@@ -23,6 +25,8 @@ from ssl_kd.select.run import SelectConfig, run_select
 from ssl_kd.shards import ReadStats, expand_shards, iter_samples
 from ssl_kd.shards.classes import resolve_classes
 from ssl_kd.shards.dataset import ShardImageDataset
+from ssl_kd.shards.skips import SampleError
+from ssl_kd.shards.soft_label import decode_weight, encode
 
 PER_SHARD = 64
 
@@ -241,6 +245,55 @@ def test_bad_inputs(pipeline: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="not a directory"):
         run_materialize(_cfg(pipeline, tmp_path / "file"), progress=False)
+
+
+def test_weights_travel_into_the_json_member(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    run_materialize(_cfg(pipeline, plain), progress=False)
+    assert "weights" not in json.loads((plain / "dataset.json").read_text())
+    assert all("weight" not in s["meta"] for s in _samples(plain))  # unweighted: as before
+
+    # The same selection with a weight per row (as select --weights writes it).
+    table = pq.read_table(pipeline["sel"] / "selection.parquet")
+    weight = (np.arange(table.num_rows) % 5 / 4).astype(np.float32)
+    at = table.column_names.index("repeat") + 1
+    (tmp_path / "sel").mkdir()
+    weighted = table.add_column(at, "weight", pa.array(weight))
+    pq.write_table(weighted, tmp_path / "sel" / "selection.parquet")
+    out = tmp_path / "out"
+    run_materialize(_cfg(pipeline, out, selection=str(tmp_path / "sel")), progress=False)
+    rows = table.to_pylist()
+    by_row = {
+        (r["shard"], r["key"], r["class"]): float(w) for r, w in zip(rows, weight, strict=True)
+    }
+    got = _samples(out)
+    assert len(got) == 300
+    for s in got:
+        m = s["meta"]
+        assert m["weight"] == by_row[m["source_shard"], m["source_key"], m["class"]]
+    info = json.loads((out / "dataset.json").read_text())
+    repeat = table.column("repeat").to_numpy()
+    assert info["weights"]["member"] == "json" and info["weights"]["max"] == 1.0
+    assert info["weights"]["mean"] == pytest.approx(np.average(weight, weights=repeat))
+    # What the reader yields, and what it skips.
+    ds = ShardImageDataset(expand_shards(str(out)), lambda x: x, 1, num_classes=4, weights=True)
+    assert sorted(float(t["weight"]) for _, t in ds) == sorted(s["meta"]["weight"] for s in got)
+    bare = ShardImageDataset(expand_shards(str(plain)), lambda x: x, 1, num_classes=4, weights=True)
+    assert list(bare) == [] and bare.stats.reasons["bad soft label"] == 300
+
+
+def test_weight_member_round_trip_and_bad_values() -> None:
+    members = encode(1, [1, 0], [0.7, 0.3], 0.7, 0, "u.tar", "k", weight=0.25)
+    assert decode_weight(members) == np.float32(0.25)
+    assert "weight" not in json.loads(encode(1, [1], [1.0], 1.0, 0, "u.tar", "k")["json"])
+    for soft, message in (
+        ({}, "no weight"),
+        ({"weight": "x"}, "not a number"),
+        ({"weight": -1.0}, "finite number >= 0"),
+        ({"weight": float("nan")}, "finite number >= 0"),
+    ):
+        with pytest.raises(SampleError, match=message):
+            decode_weight({"json": json.dumps(soft).encode()})
 
 
 def test_keys_stay_unique_for_awkward_names() -> None:

@@ -539,3 +539,15 @@ def test_variant_rows_follow_the_plain_ones_in_plan_order(tmp_path):
         ("finetuned", "cosine β=4"),
     ]
     assert "| finetuned (cosine β=16) | 1 |" in format_markdown(doc, "T")
+
+
+def test_neighbour_checks_and_sample_weights_are_checked_with_the_config(tmp_path, fake_fmnist):
+    select = {**TINY["select"], "rank_by": "propagation"}
+    with pytest.raises(ConfigError, match=r"select\.labeled_labels"):
+        tiny_config(tmp_path, fake_fmnist, select=select)
+    weighted = {**TINY["pretrain"], "sample_weights": True}
+    with pytest.raises(ConfigError, match=r"pretrain\.sample_weights.*select\.weights"):
+        tiny_config(tmp_path, fake_fmnist, pretrain=weighted)
+    select = {**select, "weights": "certainty", "labeled_labels": str(tmp_path / "lab")}
+    cfg = tiny_config(tmp_path, fake_fmnist, select=select, pretrain=weighted)
+    assert stage_config(cfg, "select", {"labels": "l", "out": "o"}).rank_by == "propagation"

@@ -16,8 +16,16 @@ from helpers import separable_images, write_labeled_shards
 from ssl_kd.cli import main
 from ssl_kd.errors import UserError
 from ssl_kd.models.checkpoint import load_checkpoint, rank_states
-from ssl_kd.shards import array_samples, write_shards
-from ssl_kd.train.losses import joint_loss, kd_loss, student_loss, teacher_distribution
+from ssl_kd.shards import array_samples, expand_shards, write_shards
+from ssl_kd.shards.dataset import ShardImageDataset
+from ssl_kd.train.loop import StreamState, stream_batches
+from ssl_kd.train.losses import (
+    hard_loss,
+    joint_loss,
+    kd_loss,
+    student_loss,
+    teacher_distribution,
+)
 from ssl_kd.train.options import FinetuneConfig, StudentConfig
 from ssl_kd.train.run import run_student
 from ssl_kd.train.worker import FAIL_ONCE_ENV
@@ -95,18 +103,75 @@ def test_joint_loss_against_hand_computation() -> None:
     assert smooth == pytest.approx(expected.item(), 1e-6)
 
 
-def write_pseudo_labeled(root: Path, n_per_class: int = 64, per_shard: int = 64) -> Path:
-    """Shards as ssl-kd materialize writes them: .cls plus a .json top-k soft label."""
+def test_weighted_losses_against_hand_computation() -> None:
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.1, 0.2, 0.3, 0.4], [1.0, -1.0, 0.5, 0.0]])
+    targets = {
+        "label": torch.tensor([0, 3, 2]),
+        "topk_class": torch.tensor([[0, 1, 3], [3, 2, 0], [2, 0, 1]]),
+        "topk_prob": torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.25, 0.125], [0.7, 0.2, 0.1]]),
+        "weight": torch.tensor([0.5, 2.0, 0.0]),
+    }
+    each_ce = [
+        -(float(logits[i, c]) - math.log(sum(math.exp(float(v)) for v in logits[i])))
+        for i, c in enumerate(targets["label"])
+    ]
+    w = [0.5, 2.0, 0.0]
+    ce = sum(wi * li for wi, li in zip(w, each_ce, strict=True)) / sum(w)
+    hard = student_loss("hard", sample_weights=True)(logits, targets)
+    assert hard["ce"].item() == pytest.approx(ce, 1e-6) and hard["loss"].item() == hard["ce"].item()
+    each_kd = [
+        kd_loss(
+            logits[i : i + 1],
+            targets["topk_class"][i : i + 1],
+            targets["topk_prob"][i : i + 1],
+            1.0,
+            2.0,
+        ).item()
+        for i in range(3)
+    ]
+    kd = sum(wi * li for wi, li in zip(w, each_kd, strict=True)) / sum(w)
+    mixed = student_loss("mixed", temperature=2.0, alpha=0.3, sample_weights=True)(logits, targets)
+    assert mixed["kd"].item() == pytest.approx(kd, 1e-5)
+    assert mixed["loss"].item() == pytest.approx(0.3 * kd + 0.7 * ce, 1e-5)
+    # All weights 1: the unweighted losses; weights off: the weight is not even read.
+    ones = {**targets, "weight": torch.ones(3)}
+    for kind in ("hard", "soft", "mixed"):
+        weighted = student_loss(kind, temperature=2.0, sample_weights=True)(logits, ones)
+        plain = student_loss(kind, temperature=2.0)(logits, ones)
+        assert torch.allclose(weighted["loss"], plain["loss"], atol=1e-6)
+    unweighted = {k: v for k, v in targets.items() if k != "weight"}
+    assert student_loss("hard")(logits, unweighted)["loss"].item() == pytest.approx(
+        sum(each_ce) / 3, 1e-6
+    )
+    # A batch of zero weights teaches nothing, and is no NaN.
+    zero = hard_loss(logits, targets["label"], weight=torch.zeros(3))
+    assert zero.item() == 0.0
+    smooth = hard_loss(logits, targets["label"], 0.1, torch.ones(3))
+    expected = torch.nn.functional.cross_entropy(logits, targets["label"], label_smoothing=0.1)
+    assert smooth.item() == pytest.approx(expected.item(), 1e-6)
+
+
+def write_pseudo_labeled(
+    root: Path, n_per_class: int = 64, per_shard: int = 64, weights: bool = False
+) -> Path:
+    """Shards as ssl-kd materialize writes them: .cls plus a .json top-k soft label (and, with
+    ``weights``, a weight per sample: 0 for every fourth one)."""
     root.mkdir(parents=True)
     images, labels = separable_images(n_per_class, C, 16, seed=5)
     keys = [f"s-{i:05d}" for i in range(len(images))]
     samples = []
-    for sample, label in zip(array_samples(images, labels, keys), labels, strict=True):
+    for i, (sample, label) in enumerate(
+        zip(array_samples(images, labels, keys), labels, strict=True)
+    ):
         others = [c for c in range(C) if c != label][: K - 1]
         soft = {"topk_class": [int(label), *others], "topk_prob": [0.8, 0.15, 0.05]}
+        if weights:
+            soft["weight"] = 0.0 if i % 4 == 0 else 0.5 + (i % 3) / 4
         samples.append({**sample, "json": json.dumps(soft).encode()})
     write_shards(iter(samples), str(root / "train-%06d.tar"), per_shard)
     info = {"classes": [f"c{i}" for i in range(C)], "soft_label": {"k": K, "temperature": 1.0}}
+    if weights:
+        info["weights"] = {"member": "json", "key": "weight"}
     (root / "dataset.json").write_text(json.dumps(info))
     return root
 
@@ -279,3 +344,30 @@ def test_joint_training_bad_input(
         assert err.startswith("ssl-kd: error:") and err.count("\n") == 1, err
         assert expected in err, err
     assert not (tmp_path / "y" / "checkpoint.pt").exists()
+
+
+def test_sample_weights(
+    data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    weighted = write_pseudo_labeled(tmp_path / "weighted", n_per_class=16, weights=True)
+    ds = ShardImageDataset(
+        expand_shards(str(weighted)), lambda x: x.float(), 1, num_classes=C, weights=True
+    )
+    batch = next(stream_batches(ds, 8, StreamState(), 0, False))[1]
+    assert batch["weight"].dtype == torch.float32 and batch["weight"].shape == (8,)
+    cfg = replace(_cfg(data, tmp_path / "w", loss="hard", sample_weights=True), data=str(weighted))
+    cfg = replace(cfg, steps=3)
+    assert run_student(cfg, progress=False)["step"] == 3
+    run_student(replace(cfg, out=str(tmp_path / "plain"), sample_weights=False), progress=False)
+    # The same batches from the same weights: only the weighting differs.
+    w, plain = (
+        json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0])["ce"]
+        for d in ("w", "plain")
+    )
+    assert w != pytest.approx(plain, rel=1e-3)
+    argv = ["pretrain", "--data", str(data["pseudo"]), "--out", str(tmp_path / "x")]
+    assert main([*argv, "--executor", "local", "--sample-weights"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ssl-kd: error:") and err.count("\n") == 1, err
+    assert "--sample-weights needs per-sample weights" in err and "--weights certainty" in err
+    assert not (tmp_path / "x" / "checkpoint.pt").exists()

@@ -3,7 +3,8 @@
 Every selected row is written ``repeat`` times (keys ``STEM/KEY_cCLASS``, plus ``_r1``… for
 upsampled copies), as the original image bytes under their original extension, a ``cls`` member
 (the selected class), a ``json`` member with the soft label (``topk_class``, ``topk_prob``),
-``score``, ``rank``, ``source_shard`` and ``source_key``, and, when the labels stored embeddings,
+``score``, ``rank``, ``source_shard``, ``source_key`` and, when the selection weighed its rows,
+``weight`` (``dataset.json`` then records ``weights``), and, when the labels stored embeddings,
 an ``emb`` member with the teacher's embedding (format: :mod:`ssl_kd.shards.soft_label`;
 ``dataset.json`` names its dimension). The student then reads sequentially.
 
@@ -307,6 +308,8 @@ def _finish(
             "normalized": True,
             "teacher_sha256": meta.teacher_sha256,
         }
+    if "weight" in table.column_names:  # the trainer's --sample-weights looks for this
+        info["weights"] = _weight_summary(table.column("weight").to_numpy(), repeat)
     atomic.write_text(storage.join(out, "dataset.json"), json.dumps(info, indent=2) + "\n")
     manifest = {
         "identity": identity,
@@ -322,6 +325,17 @@ def _finish(
     }
     atomic.write_text(storage.join(out, "materialize.json"), json.dumps(manifest, indent=2) + "\n")
     return {**manifest, "already_done": False}
+
+
+def _weight_summary(weight: np.ndarray, repeat: np.ndarray) -> dict[str, Any]:
+    """Where the samples' weights are, and their spread over the samples written."""
+    return {
+        "member": "json",
+        "key": "weight",
+        "mean": float(np.average(weight, weights=repeat)),
+        "min": float(weight.min()),
+        "max": float(weight.max()),
+    }
 
 
 def format_summary(cfg: MaterializeConfig, manifest: dict[str, Any]) -> str:

@@ -35,7 +35,8 @@ def map_source_shard(url: str, rows: pa.Table, bucket: str) -> dict[str, Any]:
     """Spill the selected samples of one source shard into ``bucket``, read once in order.
 
     ``rows`` are its selection rows (key, class, score, rank, repeat, topk_class, topk_prob,
-    and embedding if the selection has it: then each sample gets an ``emb`` member);
+    weight if the selection has it: then each sample's ``json`` carries it, and embedding if
+    the selection has it: then each sample gets an ``emb`` member);
     row ``i`` copy ``c`` is entry ``sum(repeat[:i]) + c``. Returns the entries' ``offset`` and
     ``size`` in the bucket. UserError naming the first key not found in the shard.
     """
@@ -52,6 +53,9 @@ def map_source_shard(url: str, rows: pa.Table, bucket: str) -> dict[str, Any]:
     rank = rows.column("rank").to_pylist()
     topk_class = rows.column("topk_class").to_pylist()
     topk_prob = rows.column("topk_prob").to_pylist()
+    weight = [None] * rows.num_rows  # a selection without weights writes none
+    if "weight" in rows.column_names:
+        weight = rows.column("weight").to_pylist()
     emb = None
     if "embedding" in rows.column_names:
         emb = fixed_list(rows.column("embedding"), rows.num_rows)
@@ -68,9 +72,8 @@ def map_source_shard(url: str, rows: pa.Table, bucket: str) -> dict[str, Any]:
             if ext is None:
                 raise UserError(f"sample {sample['__key__']} of {url} has no image member")
             for i in hits:
-                members = soft_label.encode(
-                    cls[i], topk_class[i], topk_prob[i], score[i], rank[i], name, sample["__key__"]
-                )
+                soft = (cls[i], topk_class[i], topk_prob[i], score[i], rank[i])
+                members = soft_label.encode(*soft, name, sample["__key__"], weight=weight[i])
                 if emb is not None:
                     members[soft_label.EMBEDDING] = soft_label.encode_embedding(emb[i])
                 for c in range(int(repeat[i])):

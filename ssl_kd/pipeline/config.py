@@ -176,6 +176,8 @@ class PipelineConfig:
             and not (section == "adapt" and not self.adapt)
         }
         self._validate_variants()
+        if built["pretrain"].sample_weights and built["select"].weights == "none":
+            raise ConfigError("pretrain.sample_weights", "needs select.weights to weigh the images")
         k, top_p = built["label"].k, built["select"].top_p
         if self.num_classes is not None and k > self.num_classes:
             raise ConfigError("label.k", f"is {k}, more than the {self.num_classes} classes")

@@ -73,8 +73,10 @@ def _relabeled(
             continue
         counts["samples"] += 1
         counts["relabeled"] += int(label != soft["class"])
+        # The selection's weight stays: the oracle trains with the student's recipe.
+        weight = soft.get("weight")
         members = soft_label.encode(
-            label, [label], [1.0], soft["score"], soft["rank"], where[0], where[1]
+            label, [label], [1.0], soft["score"], soft["rank"], where[0], where[1], weight
         )
         yield {**{k: v for k, v in sample.items() if k != "__url__"}, **members}
     if stats.skipped or stats.truncated_shards:

@@ -1,9 +1,12 @@
 """The selection directory that ``ssl-kd select`` writes and ``ssl-kd materialize`` reads.
 
 ``selection.parquet`` holds one row per selected (image, class), class-major and best first:
-``key`` string, ``shard`` dictionary<string>, ``class`` int32, ``score`` float32 (the teacher's
-probability of ``class``), ``rank`` int32 (0 = best of its class), ``repeat`` int32 (copies to
-write; > 1 only when short classes are upsampled), and the image's soft label ``topk_class`` /
+``key`` string, ``shard`` dictionary<string>, ``class`` int32, ``score`` float32 (what a class's
+rows are ranked by: the teacher's probability of ``class``, or with ``select --rank-by
+propagation|vote`` the labeled neighbours' probability of it), ``rank`` int32 (0 = best of its
+class), ``repeat`` int32 (copies to write; > 1 only when short classes are upsampled),
+``weight`` float32 (only with ``select --weights``: the row's weight in the student's loss; a
+selection without the column weighs every row 1), and the image's soft label ``topk_class`` /
 ``topk_prob`` as in the label files, and its ``embedding`` when the labels stored one (so that
 ``ssl-kd materialize`` can carry it to the student). zstd-compressed; its key-value metadata is
 the labels' (:class:`~ssl_kd.label.files.LabelMeta`, which records the shard spec they came from).
@@ -35,6 +38,7 @@ SELECTION_SCHEMA: dict[str, Callable[[pa.DataType], bool] | None] = {
     "score": pa.types.is_floating,
     "rank": pa.types.is_integer,
     "repeat": pa.types.is_integer,
+    "weight": pa.types.is_floating,
     "topk_class": _IS_SOFT,
     "topk_prob": _IS_SOFT,
     "embedding": _IS_SOFT,
@@ -45,12 +49,18 @@ _REQUIRED = ("key", "shard", "class", "score", "rank", "repeat")
 
 
 def build_selection(
-    rows: pa.Table, cls: np.ndarray, score: np.ndarray, rank: np.ndarray, repeat: np.ndarray
+    rows: pa.Table,
+    cls: np.ndarray,
+    score: np.ndarray,
+    rank: np.ndarray,
+    repeat: np.ndarray,
+    weight: np.ndarray | None = None,
 ) -> pa.Table:
     """The selection table: ``rows`` (``key``, ``shard``, ``topk_class``, ``topk_prob`` and
-    optionally ``embedding`` of the selected label rows) with each row's class, score, rank and
-    repeat."""
+    optionally ``embedding`` of the selected label rows) with each row's class, score, rank,
+    repeat and, when given, weight."""
     extra = {"embedding": rows.column("embedding")} if "embedding" in rows.column_names else {}
+    weights = {"weight": pa.array(weight, pa.float32())} if weight is not None else {}
     return pa.table(
         {
             "key": rows.column("key"),
@@ -59,6 +69,7 @@ def build_selection(
             "score": pa.array(score, pa.float32()),
             "rank": pa.array(rank, pa.int32()),
             "repeat": pa.array(repeat, pa.int32()),
+            **weights,
             "topk_class": rows.column("topk_class"),
             "topk_prob": rows.column("topk_prob"),
             **extra,

@@ -3,9 +3,10 @@
 Each image is a candidate for its top-P classes; each class keeps its K best-scored candidates
 (ties: shard, then key). One partial top-K per label file — a Ray task each, or in-process —
 merged into the exact global answer. Classes with fewer than K candidates are reported and, with
-``upsample``, their images repeated up to K. Output: ``selection.parquet`` (``key``, ``shard``,
-``class``, ``score``, ``rank``, ``repeat``, ``topk_class``, ``topk_prob``), ``report.json`` and
-``config.yaml``.
+``upsample``, their images repeated up to K. The labeled images can floor, re-rank and weigh
+the candidates (:mod:`ssl_kd.select.neighbours`). Output: ``selection.parquet`` (``key``,
+``shard``, ``class``, ``score``, ``rank``, ``repeat``, [``weight``], ``topk_class``,
+``topk_prob``), ``report.json`` and ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ import pyarrow.parquet as pq
 from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
 from ssl_kd.config import option
-from ssl_kd.errors import UserError
+from ssl_kd.errors import ConfigError, UserError
 from ssl_kd.executor import cluster_resources, map_tasks
 from ssl_kd.label.files import LabelMeta, LabelSet, fixed_list, recorded_shard_spec
+from ssl_kd.select import neighbours as nb
 from ssl_kd.select.dedup import leaked, near_duplicates
 from ssl_kd.select.files import build_selection, write_selection
 from ssl_kd.select.topk import (
@@ -72,6 +74,32 @@ class SelectConfig:
     kselect: Literal["faiss", "numpy"] = option(
         "faiss", help="per-class top-K by faiss heaps or numpy sorted merges (same result)"
     )
+    labeled_labels: str | None = option(
+        None, help="label dir of the labeled shards (same teacher, --embeddings; truth: .cls)"
+    )
+    rank_by: Literal["confidence", "propagation", "vote"] = option(
+        "confidence", help="rank by the teacher, label propagation or a kNN vote of labeled images"
+    )
+    shortlist: int | None = option(
+        None,
+        help="candidates per class, by teacher score, that rank_by re-ranks (default 2K)",
+        min=1,
+    )
+    neighbours: int = option(50, help="k of the kNN graph (propagation) and of the vote", min=1)
+    weights: Literal["none", "certainty", "certainty_balance"] = option(
+        "none", help="a per-image weight from the neighbours' certainty (and class balance)"
+    )
+    far_floor: float | None = option(
+        None,
+        help="drop candidates less like their class's labeled images than its Q-quantile one",
+        min=0,
+        max=1,
+    )
+
+    def validate(self) -> None:
+        """Cross-field checks (called by the config loader)."""
+        if nb.asked(self) and self.labeled_labels is None:
+            raise ConfigError("labeled_labels", "is needed by rank_by, weights and far_floor")
 
 
 def partial_topk(
@@ -121,7 +149,8 @@ def _read_ahead(files: list[tuple[int, str]], columns: list[str]) -> Iterator[tu
 def _partials(cfg: SelectConfig, labels: LabelSet) -> list[TopK]:
     """Partial top-Ks of groups of label files: one group in-process, a few per CPU on Ray."""
     files = list(enumerate(str(p) for p in labels.files))
-    args = (labels.meta.num_classes, cfg.per_class, cfg.top_p, cfg.min_score, cfg.kselect)
+    per_class = nb.shortlist_size(cfg.per_class, cfg.rank_by, cfg.shortlist)
+    args = (labels.meta.num_classes, per_class, cfg.top_p, cfg.min_score, cfg.kselect)
     if cfg.executor == "local":
         groups, fn = 1, partial_topk
     else:
@@ -189,6 +218,7 @@ def run_select(cfg: SelectConfig) -> dict[str, Any]:
             "relabel with ssl-kd label --embeddings"
         )
     reference = _eval_embeddings(cfg.decontaminate, meta) if cfg.decontaminate else None
+    labeled = nb.read_labeled(cfg.labeled_labels, meta, cfg.labels) if nb.asked(cfg) else None
     t0 = time.perf_counter()
     best, *rest = _partials(cfg, labels)
     for part in rest:
@@ -217,13 +247,22 @@ def run_select(cfg: SelectConfig) -> dict[str, Any]:
     if filtering:
         keep = _filter(cfg, table, cls_ids, score, image, reference, removed)
         table = table.filter(pa.array(keep))
-        cls_ids, score = cls_ids[keep], score[keep]
+        cls_ids, score, image = cls_ids[keep], score[keep], image[keep]
+    checked = None
+    if labeled is not None:  # floored, re-ranked and weighed by the labeled images
+        checked = nb.check_candidates(cfg, labeled, table, cls_ids, score, image)
+        table, cls_ids, score = checked.table, checked.cls_ids, checked.score
     selected = np.bincount(cls_ids, minlength=meta.num_classes)
     starts = np.concatenate([[0], np.cumsum(selected)[:-1]])
     rank = np.arange(len(cls_ids)) - np.repeat(starts, selected)
     rep = _copies(cfg, selected)
-    table = build_selection(table, cls_ids, score, rank, rep)
+    weight = None
+    if checked is not None:
+        weight = nb.row_weights(cfg.weights, checked, rep, meta.num_classes)
+    table = build_selection(table, cls_ids, score, rank, rep, weight)
     report = _report(cfg, meta.classes, best, cls_ids, score, rep, removed, floors)
+    if checked is not None:
+        report["neighbours"] = checked.report
     t_rows = time.perf_counter()
     write_selection(table, _with_sources(meta, cfg.labels), out)
     report["seconds"] = {

@@ -50,10 +50,11 @@ def buffer_shuffle(items: Iterable[T], size: int, rng: random.Random) -> Iterato
 class ShardImageDataset(IterableDataset):
     """Yields ``(image_tensor, label)`` (or ``(key, image_tensor, label)`` with ``with_keys``).
 
-    With ``soft_k`` or ``embedding_dim`` the label is a dict of arrays: ``label`` (the class),
-    ``topk_class`` and ``topk_prob`` (the first ``soft_k`` of each sample's ``.json`` soft label)
-    and ``embedding`` (its ``.emb`` member, ``embedding_dim`` values); ``part=(i, n)`` keeps
-    every n-th sample from the i-th (one rank's share).
+    With ``soft_k``, ``embedding_dim`` or ``weights`` the label is a dict of arrays: ``label``
+    (the class), ``topk_class`` and ``topk_prob`` (the first ``soft_k`` of each sample's
+    ``.json`` soft label), ``embedding`` (its ``.emb`` member, ``embedding_dim`` values) and
+    ``weight`` (float32, the ``weight`` of its ``.json``); ``part=(i, n)`` keeps every n-th
+    sample from the i-th (one rank's share).
     ``decode_size`` is the side ``transform`` resizes to (large JPEGs decode at a reduced scale).
     With ``sample_seed``, a DataLoader worker seeds torch's RNG before each sample's transform
     from ``(sample_seed, epoch, worker, index)``: a worker's RNG is not checkpointed, so this is
@@ -77,6 +78,7 @@ class ShardImageDataset(IterableDataset):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         decode_size: int = 0,
         sample_seed: int | None = None,
+        weights: bool = False,
     ) -> None:
         super().__init__()
         self.urls = list(urls)
@@ -93,6 +95,7 @@ class ShardImageDataset(IterableDataset):
         self.max_pixels = max_pixels
         self.decode_size = decode_size
         self.sample_seed = sample_seed
+        self.weights = weights
         self.epoch = 0
         self.skip: int | Sequence[int] = 0
         self.stats = ReadStats()
@@ -124,8 +127,8 @@ class ShardImageDataset(IterableDataset):
             samples = itertools.islice(samples, index, None, count)
         raw = buffer_shuffle(samples, self.shuffle_buffer, rng)
         targets = None
-        if self.soft_k or self.embedding_dim:
-            targets = _TargetReader(self.num_classes, self.soft_k, self.embedding_dim)
+        if self.soft_k or self.embedding_dim or self.weights:
+            targets = _TargetReader(self.num_classes, self.soft_k, self.embedding_dim, self.weights)
         decoded = decoded_samples(
             raw,
             self.stats,
@@ -146,10 +149,13 @@ class _TargetReader:
     """A pseudo-labeled sample's training targets as a dict of arrays (a picklable callable:
     DataLoader workers receive it)."""
 
-    def __init__(self, num_classes: int | None, soft_k: int, embedding_dim: int) -> None:
+    def __init__(
+        self, num_classes: int | None, soft_k: int, embedding_dim: int, weights: bool = False
+    ) -> None:
         self.num_classes = num_classes
         self.soft_k = soft_k
         self.embedding_dim = embedding_dim
+        self.weights = weights
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         if self.soft_k:
@@ -159,6 +165,8 @@ class _TargetReader:
             out = {"label": read_label(sample, self.num_classes)}
         if self.embedding_dim:
             out["embedding"] = soft_label.decode_embedding(sample, self.embedding_dim)
+        if self.weights:
+            out["weight"] = soft_label.decode_weight(sample)
         return out
 
 

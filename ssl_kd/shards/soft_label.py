@@ -7,18 +7,22 @@ A pseudo-labeled sample ``KEY`` holds, beside its image member (original bytes a
 - ``KEY.json``: one JSON object with ``class`` (the same integer), ``topk_class`` (the teacher's
   top-k class ids, best first), ``topk_prob`` (their probabilities), ``score`` and ``rank`` (the
   selection's score and the sample's rank in its class), ``source_shard`` and ``source_key``
-  (where the image came from);
+  (where the image came from), and ``weight`` (only when the selection weighed its rows,
+  ``select --weights``: the sample's weight in the student's loss, a float >= 0; ``dataset.json``
+  then says so under ``weights``);
 - ``KEY.emb`` (only when the labels stored embeddings): the teacher's L2-normalised penultimate
   embedding of the image, ``d`` raw little-endian float16 values (``2·d`` bytes, no header);
   ``dataset.json`` beside the shards gives ``d`` under ``embedding.dim``.
 
 :func:`encode` writes the ``cls`` and ``json`` members and :func:`encode_embedding` the ``emb``
-one; :func:`decode` and :func:`decode_embedding` read back what training needs.
+one; :func:`decode`, :func:`decode_weight` and :func:`decode_embedding` read back what training
+needs.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -35,9 +39,11 @@ def encode(
     rank: int,
     source_shard: str,
     source_key: str,
+    weight: float | None = None,
 ) -> dict[str, bytes]:
-    """The ``cls`` and ``json`` members (extension → bytes) of one pseudo-labeled sample."""
-    soft = {
+    """The ``cls`` and ``json`` members (extension → bytes) of one pseudo-labeled sample; the
+    json has a ``weight`` only when one is given."""
+    soft: dict[str, Any] = {
         "class": cls,
         "topk_class": topk_class,
         "topk_prob": [float(p) for p in topk_prob],
@@ -46,6 +52,8 @@ def encode(
         "source_shard": source_shard,
         "source_key": source_key,
     }
+    if weight is not None:
+        soft["weight"] = float(weight)
     return {"cls": str(cls).encode(), "json": json.dumps(soft).encode()}
 
 
@@ -91,3 +99,20 @@ def decode(
         return label, np.array(classes, np.int64), np.array(probs, np.float32)
     except (ValueError, TypeError) as exc:
         raise SampleError("bad soft label", plain(exc)) from None
+
+
+def decode_weight(sample: dict[str, Any]) -> np.float32:
+    """The sample's ``weight`` (from its ``json`` member); SampleError if it is missing, not a
+    number, negative or not finite."""
+    raw = sample.get("json")
+    if raw is None:
+        raise SampleError("bad soft label", "no .json member")
+    try:
+        weight = json.loads(raw)["weight"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SampleError("bad soft label", f"no weight ({plain(exc)})") from None
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise SampleError("bad soft label", f"weight {weight!r} is not a number")
+    if not math.isfinite(weight) or weight < 0:
+        raise SampleError("bad soft label", f"weight {weight} is not a finite number >= 0")
+    return np.float32(weight)

@@ -1,6 +1,7 @@
 """What a training run reads before any model exists: the shards, their classes, the input
-format, the soft labels' k and temperature, joint training's labeled shards and the stored
-teacher embeddings' dimension. Bad input raises UserError here, before any worker starts.
+format, the soft labels' k and temperature, joint training's labeled shards, the stored
+teacher embeddings' dimension and whether the samples carry weights. Bad input raises
+UserError here, before any worker starts.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Inputs:
     labeled_urls: list[str] = field(default_factory=list)  # joint training's true labels
     embedding_dim: int = 0  # feature distillation: the stored teacher embeddings' dimension
     pool_urls: list[str] = field(default_factory=list)  # --ssl: the unlabeled pool's shards
+    sample_weights: bool = False  # the loss reads each sample's weight
 
 
 def read_inputs(cfg: Config) -> Inputs:
@@ -69,7 +71,22 @@ def read_inputs(cfg: Config) -> Inputs:
     if cfg.feature_loss != "none":
         dim = stored_embedding_dim(cfg.feature_loss, cfg.data, urls, info)
     pool = expand_shards(cfg.unlabeled) if cfg.unlabeled else []
-    return Inputs(urls, classes, pp, soft_k, label_temperature, recipe, labeled, dim, pool)
+    weighted = _check_weights(cfg, info)
+    return Inputs(
+        urls, classes, pp, soft_k, label_temperature, recipe, labeled, dim, pool, weighted
+    )
+
+
+def _check_weights(cfg: Config, info: dict | None) -> bool:
+    """Whether the loss weighs samples; UserError when asked of shards that carry no weights."""
+    if not cfg.sample_weights:
+        return False
+    if not (info or {}).get("weights"):
+        raise UserError(
+            f"--sample-weights needs per-sample weights in the shards, and {cfg.data} has none: "
+            "select with --weights certainty (or certainty_balance), then materialize again"
+        )
+    return True
 
 
 def _labeled_urls(cfg: Config, classes: list[str]) -> list[str]:

@@ -241,6 +241,7 @@ class TrainConfig(TrainOptions):
     feature_weight: ClassVar[float] = 0.0
     keep_projection: ClassVar[bool] = False
     strong_augment: ClassVar[bool] = False  # the pool's strong views are FixMatch's own
+    sample_weights: ClassVar[bool] = False  # the selection's per-image weights: pretrain's alone
 
     init: str | None = option(
         None,
@@ -327,6 +328,11 @@ class StudentConfig(StudentOptions):
     keep_projection: bool = option(
         False, help="keep the feature projection in the final checkpoint (default: dropped)"
     )
+    sample_weights: bool = option(
+        False,
+        help="weigh each image's pseudo-label loss by the weight the selection gave it "
+        "(select --weights): weighted means Σ w·ℓ / Σ w",
+    )
 
     def validate(self) -> None:
         """Cross-field checks (called by the config loader)."""
@@ -357,6 +363,7 @@ class FinetuneConfig(StudentOptions):
     feature_loss: ClassVar[str] = "none"  # nor does it see the teacher's embeddings
     feature_weight: ClassVar[float] = 0.0
     keep_projection: ClassVar[bool] = False
+    sample_weights: ClassVar[bool] = False  # true labels weigh alike
 
     data: str = option(help="labeled shards (the true labels)")
     init: str = option(help="pretrained student checkpoint")  # type: ignore[assignment]

@@ -105,6 +105,7 @@ def _setup(cfg: Config, ctx: RunContext) -> TrainRun:
         alpha=cfg.alpha,
         label_smoothing=cfg.label_smoothing,
         label_temperature=inputs.label_temperature,
+        sample_weights=inputs.sample_weights,
     )
     n_labeled = joint_split(cfg)[1]
     if n_labeled:
@@ -198,6 +199,7 @@ def _dataset(
         decode_size=inputs.pp.resize_to,
         # Loader workers seed each image's crop by its place in their stream, per rank.
         sample_seed=cfg.seed * 1_000_003 + ctx.rank + _STREAM_SEEDS[stream],
+        weights=inputs.sample_weights and stream == "train",  # true labels carry no weight
     )
 
 
