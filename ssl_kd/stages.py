@@ -151,7 +151,7 @@ COMMANDS: dict[str, Command] = {
             runner="ssl_kd.select.run:run_select",
             formatter="ssl_kd.select.run:format_summary",
             config="ssl_kd.select.run:SelectConfig",
-            pipeline_keys=frozenset({"labels", "out"}),
+            pipeline_keys=frozenset({"labels", "out", "labeled_labels"}),
         ),
         Command(
             "materialize",

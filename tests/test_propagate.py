@@ -388,3 +388,44 @@ def test_bad_input_is_one_error_line(
     with pytest.raises(UserError, match="relabel with ssl-kd label --embeddings"):
         run_select(replace(cfg, labels=str(plain / "pool_labels"), far_floor=0.1))
     assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_labels_the_labeled_split_when_the_selection_asks_neighbours(
+    tmp_path: Path, fake_fmnist: Path
+) -> None:
+    from helpers import TINY
+
+    from ssl_kd.pipeline.config import PipelineConfig
+    from ssl_kd.pipeline.run import run_pipeline
+
+    data = {
+        **TINY,
+        "out": str(tmp_path / "run"),
+        "source": str(fake_fmnist),
+        "seeds": [0],
+        "oracle_seeds": 0,
+        "select": {**TINY["select"], "rank_by": "vote", "weights": "certainty", "neighbours": 3},
+        "pretrain": {**TINY["pretrain"], "sample_weights": True},
+    }
+    cfg = cfglib.from_dict(PipelineConfig, data)
+    summary = run_pipeline(cfg, progress=False)
+    statuses = {s["name"]: s["status"] for s in summary["stages"]}
+    assert statuses["round1/labeled_labels"] == "ran"
+    root = Path(cfg.out)
+    labeled = pq.read_table(next((root / "round1/labeled_labels").glob("*.parquet")))
+    assert "embedding" in labeled.column_names
+    pool = pq.read_table(next((root / "round1/labels").glob("*.parquet")))
+    assert "embedding" in pool.column_names
+    selection = pq.read_table(root / "round1/selection/selection.parquet")
+    weights = selection.column("weight").to_numpy()
+    assert len(weights) and np.all((weights >= 0) & (weights <= 1))
+    info = json.loads((root / "round1/pseudo/dataset.json").read_text())
+    assert info["weights"]
+    # Without neighbours, no labeled split is labeled and no embedding is stored.
+    plain = cfglib.from_dict(
+        PipelineConfig, {**TINY, "source": str(fake_fmnist), "out": str(tmp_path / "plain")}
+    )
+    from ssl_kd.pipeline.plan import build_plan
+
+    names = [s.name for s in build_plan(plain, progress=False).stages]
+    assert "round1/labeled_labels" not in names

@@ -193,10 +193,15 @@ class PlanBuilder:
 
         return self._add(name, directory, params, run, (data_stage,))
 
-    def add_label(self, name: str, directory: str, teacher: str, deps: tuple[str, ...]) -> str:
-        """Pseudo-labels of the unlabeled split by the ``teacher`` checkpoint."""
-        paths = {"teacher": teacher, "shards": self.data.unlabeled, "out": directory}
-        if self.cfg.distils_features():  # the students match the teacher's embeddings
+    def add_label(
+        self, name: str, directory: str, teacher: str, deps: tuple[str, ...], split: str = ""
+    ) -> str:
+        """Pseudo-labels of the unlabeled split (or of ``split``'s shards) by the ``teacher``
+        checkpoint."""
+        paths = {"teacher": teacher, "shards": split or self.data.unlabeled, "out": directory}
+        # The students match the teacher's embeddings, or the selection asks the labeled
+        # images' neighbours.
+        if self.cfg.distils_features() or self.selects_by_neighbours():
             paths["embeddings"] = True
         lc = stage_config(self.cfg, "label", paths)
         run_label = stage_runner("label")
@@ -212,6 +217,14 @@ class PlanBuilder:
 
         return self._add(name, directory, params_of(lc, "label"), run, deps)
 
+    def selects_by_neighbours(self) -> bool:
+        """Whether the selection ranks, weighs or filters by the labeled images' neighbours
+        (so labeling stores embeddings, and the labeled split is labeled too)."""
+        from ssl_kd.select.neighbours import asked
+
+        dry = {"labels": "-", "out": "-", "labeled_labels": "-"}
+        return asked(stage_config(self.cfg, "select", dry))
+
     def add_select(
         self,
         name: str,
@@ -220,11 +233,14 @@ class PlanBuilder:
         deps: tuple[str, ...],
         round: int,
         seed: int | None,
+        labeled_labels: str | None = None,
     ) -> str:
-        """The top-K selection of ``labels``, and its precision when the true labels are known."""
+        """The top-K selection of ``labels`` (with the labeled images' own labels, when the
+        selection asks their neighbours), and its precision when the true labels are known."""
         from ssl_kd.pipeline.precision import plot_curve, precision_curve, selection_precision
 
-        sc = stage_config(self.cfg, "select", {"labels": labels, "out": directory})
+        paths = {"labels": labels, "out": directory, "labeled_labels": labeled_labels}
+        sc = stage_config(self.cfg, "select", paths)
         run_select = stage_runner("select")
         truth = self.data.truth
         if truth:

@@ -11,6 +11,8 @@ Layout of a run directory (``out``)::
                                of them (with TTA) as the one that labels round 1
     baseline/seed{S}/          the supervised baseline: student architecture, labels only
     round1/labels|selection|pseudo/      labels, top-K selection and materialised shards
+    round1/labeled_labels/     when the selection asks neighbours (select.rank_by, weights,
+                               far_floor): the labeled split labeled too, with embeddings
     round{R}/seed{S}/pretrain|finetune/  the student of round R
     round1/seed{S}/joint/      with joint_share: the student trained jointly instead
     round1/seed{S}/features{β}/pretrain|finetune/  with feature_weights: the student that also
@@ -58,8 +60,26 @@ def _add_pseudo(
     """Labels, selection and materialised shards under ``here`` from ``teacher`` (stage, ckpt)."""
     at = storage.join
     labels = b.add_label(f"{name}/labels", at(here, "labels"), teacher[1], (data, teacher[0]))
+    deps, labeled_labels = (labels,), None
+    if b.selects_by_neighbours():  # the labeled images, with their embeddings, as anchors
+        labeled_labels = at(here, "labeled_labels")
+        deps += (
+            b.add_label(
+                f"{name}/labeled_labels",
+                labeled_labels,
+                teacher[1],
+                (data, teacher[0]),
+                split=b.data.labeled,
+            ),
+        )
     selection = b.add_select(
-        f"{name}/selection", at(here, "selection"), at(here, "labels"), (labels,), round, seed
+        f"{name}/selection",
+        at(here, "selection"),
+        at(here, "labels"),
+        deps,
+        round,
+        seed,
+        labeled_labels,
     )
     pseudo = b.add_materialize(
         f"{name}/pseudo", at(here, "pseudo"), at(here, "selection"), (selection, data)
