@@ -284,7 +284,8 @@ def test_set_overrides():
     data = cfglib.apply_overrides(PipelineConfig, {"select": {"per_class": 5}}, sets)
     expected = {"select": {"per_class": 5, "top_p": 3}, "rounds": 2, "pretrain": {"loss": "soft"}}
     assert data == expected
-    with pytest.raises(UserError, match="unknown section 'pretrian'; choose one of teacher, adapt, label"):
+    message = "unknown section 'pretrian'; choose one of teacher, adapt, label"
+    with pytest.raises(UserError, match=message):
         cfglib.apply_overrides(PipelineConfig, {}, ["pretrian.steps=3"])
     with pytest.raises(UserError, match="KEY=VALUE"):
         cfglib.apply_overrides(PipelineConfig, {}, ["steps"])
