@@ -378,3 +378,34 @@ def test_pipeline_adapts_the_teacher_on_the_pool_before_it_labels(
         cfglib.from_dict(PipelineConfig, {**data, "ensemble": {"tta": ["flip"]}})
     with pytest.raises(ConfigError, match=r"adapt\.init.*set by the pipeline"):
         cfglib.from_dict(PipelineConfig, {**data, "adapt": {**adapt, "init": "x.pt"}})
+
+
+@pytest.mark.slow
+def test_ray_two_workers(ssl_shards: dict[str, Path], tmp_path: Path) -> None:
+    """FixMatch on Ray Train: 2 DDP ranks (gloo), each with its own pool stream, the adaptive
+    thresholds updated from the batches of both (their statistics all-reduced)."""
+    import ray
+
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        cfg = _ssl_cfg(
+            ssl_shards,
+            tmp_path / "ray",
+            steps=8,
+            ckpt_every=4,
+            threshold_mode="adaptive",
+            executor="ray",
+            workers=2,
+            max_failures=0,
+        )
+        summary = run_train(cfg, progress=False)
+    finally:
+        ray.shutdown()
+    assert summary["steps_per_rank"] == [8, 8] and summary["ssl"] == "fixmatch"
+    ckpt = load_checkpoint(tmp_path / "ray" / "checkpoint.pt")
+    pools = [rank["pool"] for rank in ckpt["ranks"]]
+    assert all(p["seen_in_epoch"] or p["epoch"] for p in pools)
+    assert ckpt["thresholds"]["level"] > 0.25  # moved from 1/C by both ranks' batches
+    lines = [json.loads(x) for x in (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("mask", 0) > 0 for r in lines)
