@@ -543,12 +543,14 @@ def test_variant_rows_follow_the_plain_ones_in_plan_order(tmp_path):
 
 
 def test_neighbour_checks_and_sample_weights_are_checked_with_the_config(tmp_path, fake_fmnist):
+    # The pipeline labels the labeled split itself and passes it as labeled_labels.
     select = {**TINY["select"], "rank_by": "propagation"}
-    with pytest.raises(ConfigError, match=r"select\.labeled_labels"):
-        tiny_config(tmp_path, fake_fmnist, select=select)
+    with pytest.raises(ConfigError, match=r"select\.labeled_labels.*set by the pipeline"):
+        tiny_config(tmp_path, fake_fmnist, select={**select, "labeled_labels": "x"})
     weighted = {**TINY["pretrain"], "sample_weights": True}
     with pytest.raises(ConfigError, match=r"pretrain\.sample_weights.*select\.weights"):
         tiny_config(tmp_path, fake_fmnist, pretrain=weighted)
-    select = {**select, "weights": "certainty", "labeled_labels": str(tmp_path / "lab")}
+    select = {**select, "weights": "certainty"}
     cfg = tiny_config(tmp_path, fake_fmnist, select=select, pretrain=weighted)
-    assert stage_config(cfg, "select", {"labels": "l", "out": "o"}).rank_by == "propagation"
+    paths = {"labels": "l", "out": "o", "labeled_labels": "ll"}
+    assert stage_config(cfg, "select", paths).rank_by == "propagation"
