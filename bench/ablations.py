@@ -89,6 +89,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 REUSED = (
     "data",
     "teacher",
+    "teacher_adapted",  # with an adapt section: the teacher that labels
     "round1/labels",
     "baseline/seed0",
     "eval/teacher",
