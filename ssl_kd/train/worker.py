@@ -7,17 +7,14 @@ Where it runs is a :class:`~ssl_kd.train.context.RunContext`: in-process (one ra
 Train worker (``TorchTrainer``, DDP over gloo on CPU or NCCL on GPU).
 
 The teacher and the baseline (:class:`~ssl_kd.train.options.TrainConfig`) are this loop with the
-hard loss, no init checkpoint and no RandAugment; the configs differ only in their keys and in
-how a rank seeds its augmentation and data order (``cfg.stream_seeds``).
+hard loss; the configs differ in their keys and in how a rank seeds its augmentation and data
+order (``cfg.stream_seeds``). With ``ssl`` any of them also learns from an unlabeled pool
+(:mod:`ssl_kd.train.consistency`). Recipes and input format: :mod:`ssl_kd.train.recipes`.
 
-The augmentation recipes and the input format are :mod:`ssl_kd.train.recipes`'s.
-
-Outputs in ``out``: ``config.yaml``, ``metrics.jsonl`` (rank 0), ``checkpoint.pt`` (the final
-weights, loadable like every checkpoint here) and ``summary.json``. Resumable state (optimizer,
-step, per-rank stream positions and RNG states; see :mod:`ssl_kd.models.checkpoint`) is
-checkpointed every ``ckpt_every`` steps: to ``out/checkpoint.pt`` locally, through
-``ray.train.report`` under ``out/ray`` on Ray, where ``FailureConfig(max_failures)`` restarts
-resume from it and rerunning the same command resumes.
+Outputs in ``out``: ``config.yaml``, ``metrics.jsonl`` (rank 0), ``checkpoint.pt`` and
+``summary.json``. Resumable state (:mod:`ssl_kd.train.run_state`) is checkpointed every
+``ckpt_every`` steps: to ``out/checkpoint.pt`` locally, through ``ray.train.report`` under
+``out/ray`` on Ray, where ``FailureConfig(max_failures)`` restarts resume from it.
 """
 
 from __future__ import annotations
