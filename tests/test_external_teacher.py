@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import make_teacher, run_cli, write_mixed_shards
+from safetensors.torch import save_file
 from torchvision import models as tvm
 from torchvision.transforms import v2
 
@@ -196,6 +197,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     short = str(_class_file(tmp_path, ["a", "b"], "short.txt"))
     keep = str(_class_file(tmp_path, ["kind9"], "keep.txt"))
     ckpt = str(make_teacher(tmp_path / "own.pt", channels=3))
+    save_file({"fc.weight": torch.zeros(2, 2)}, str(tmp_path / "bare.safetensors"))
     tv = ["--teacher", "torchvision:resnet18"]
     return {
         "missing weights": ([*tv, "--weights", str(tmp_path / "nope.pth")], "does not exist"),
@@ -215,6 +217,10 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         ),
         "kept class": ([*tv, "--weights", weights, "--keep-classes", keep], "'kind9'"),
         "flags on own checkpoint": (["--teacher", ckpt, "--resize", "40"], "--resize apply"),
+        "bare safetensors": (
+            ["--teacher", str(tmp_path / "bare.safetensors")],
+            "safetensors state_dict, not an ssl_kd checkpoint",
+        ),
         "mean length": ([*tv, "--weights", weights, "--mean", "0.5", "0.5"], "--mean has 2"),
     }
 
@@ -340,11 +346,14 @@ def test_imported_teachers_load_like_their_source(tmp_path: Path) -> None:
     torch.jit.save(torch.jit.script(net), str(archive))
     weights = tmp_path / "w.pth"
     torch.save(net.state_dict(), weights)
+    safetensors = tmp_path / "w.safetensors"
+    save_file(net.state_dict(), str(safetensors))
     keep = _class_file(tmp_path, ["3", "0"], "keep.txt")
     x = torch.randn(2, 3, 64, 64)
     for spec, script in (
         (TeacherSpec(str(archive), keep_classes=str(keep), image_size=64), str(archive)),
         (TeacherSpec("torchvision:resnet18", str(weights), keep_classes=str(keep)), None),
+        (TeacherSpec("torchvision:resnet18", str(safetensors), keep_classes=str(keep)), None),
     ):
         loaded = load_teacher(spec)
         path = tmp_path / "imported.pt"

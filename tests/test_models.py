@@ -111,6 +111,51 @@ def test_weights_that_do_not_fit_are_a_user_error(tmp_path) -> None:
         create_model("cnn", 10, weights=str(tmp_path / "r18.pth"))
 
 
+def test_safetensors_weights_load_as_the_torch_file(tmp_path) -> None:
+    from safetensors.torch import save_file
+    from torchvision import models as tvm
+
+    torch.manual_seed(0)
+    sd = tvm.resnet18().state_dict()
+    torch.save(sd, tmp_path / "r18.pth")
+    save_file(sd, str(tmp_path / "r18.safetensors"))
+    # The format is read from the content: a safetensors file named .pth loads as one.
+    (tmp_path / "renamed.pth").write_bytes((tmp_path / "r18.safetensors").read_bytes())
+    built = [
+        create_model("torchvision:resnet18", 10, 3, 64, weights=str(tmp_path / name))
+        for name in ("r18.pth", "r18.safetensors", "renamed.pth")
+    ]
+    want = built[0].backbone.state_dict()
+    for model in built[1:]:
+        got = model.backbone.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_weights_files_of_neither_format_are_one_line(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from ssl_kd.models.checkpoint import load_checkpoint
+
+    save_file({"w": torch.zeros(4, 4)}, str(tmp_path / "ok.safetensors"))
+    data = (tmp_path / "ok.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-10])  # header intact, tensor data short
+    (tmp_path / "garbage.pth").write_bytes(b"PK\x03\x04 not a zip, not a pickle\n" * 20)
+    cases = {
+        "cut.safetensors": "a damaged safetensors file",
+        "garbage.pth": "neither safetensors nor a torch.save file",
+    }
+    for name, expected in cases.items():
+        with pytest.raises(UserError) as err:
+            create_model("torchvision:resnet18", 10, weights=str(tmp_path / name))
+        assert "\n" not in str(err.value) and expected in str(err.value), name
+        assert "not a readable state_dict file" in str(err.value)
+    # A safetensors file holds tensors only: as --init or a teacher checkpoint it is refused
+    # with the way to use it.
+    with pytest.raises(UserError, match="safetensors state_dict, not an ssl_kd checkpoint") as err:
+        load_checkpoint(tmp_path / "ok.safetensors")
+    assert "\n" not in str(err.value) and "--weights" in str(err.value)
+
+
 def test_stochastic_depth_where_the_architecture_has_it() -> None:
     from torchvision.ops import StochasticDepth
 

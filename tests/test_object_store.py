@@ -335,3 +335,18 @@ def test_whole_pipeline_into_a_bucket(
     again = run_pipeline(cfg, progress=False)
     assert {s["status"] for s in again["stages"]} == {"skipped"}
     assert os.listdir(tmp_path) == ["fmnist"]  # the source only: nothing written locally
+
+
+def test_weights_files_are_read_from_the_bucket(s3: str, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from ssl_kd.models.weights_file import load_state_dict_file
+
+    sd = {"w": torch.arange(6.0).view(2, 3), "b": torch.ones(2)}
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    torch.save(sd, tmp_path / "w.pth")
+    for name in ("w.safetensors", "w.pth"):  # each format, told apart by content
+        storage.upload(tmp_path / name, f"{s3}/weights/{name}")
+        got = load_state_dict_file(f"{s3}/weights/{name}")
+        assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd), name

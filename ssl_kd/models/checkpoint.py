@@ -32,6 +32,7 @@ from ssl_kd.errors import UserError
 from ssl_kd.models.ensemble import ENSEMBLE, Ensemble
 from ssl_kd.models.preprocess import Preprocess
 from ssl_kd.models.registry import Classifier, create_model
+from ssl_kd.models.weights_file import read_weights
 
 FORMAT_VERSION = 1
 
@@ -89,22 +90,19 @@ def save_checkpoint(path: str | os.PathLike[str], ckpt: dict[str, Any]) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load with ``weights_only=True`` onto the CPU; bad paths or files raise UserError."""
+    """Load with ``weights_only=True`` onto the CPU; bad paths or files (a safetensors file
+    included: it holds no metadata) raise UserError."""
     p = storage.display(path)
     if not storage.is_file(path):
         if storage.is_dir(path):
             raise UserError(f"checkpoint {p} is a directory: pass the file ({p}/checkpoint.pt)")
         raise UserError(f"checkpoint {p} does not exist")
-    try:
-        if storage.is_remote(path):
-            ckpt = torch.load(
-                io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True
-            )
-        else:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{p} is not a readable ssl_kd checkpoint ({first})") from None
+    ckpt, kind = read_weights(os.fspath(path), "ssl_kd checkpoint")
+    if kind == "safetensors":  # tensors only: an architecture's weights, without ssl_kd's meta
+        raise UserError(
+            f"{p} is a safetensors state_dict, not an ssl_kd checkpoint: name its architecture "
+            "(--arch or --teacher torchvision:NAME) and pass the file as --weights"
+        )
     if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
         raise UserError(f"{p} is not an ssl_kd checkpoint (no 'model' and 'meta' entries)")
     return ckpt

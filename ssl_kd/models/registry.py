@@ -10,13 +10,14 @@ Two families of names:
 - ``torchvision:NAME`` for every classification model of ``torchvision.models``, built as
   torchvision defines it (no download, ever): its final linear layer becomes the head, and an
   optional local weights file (a torchvision ``state_dict``) initialises it first.
+
+Weights files are safetensors or ``torch.save`` files (:mod:`ssl_kd.models.weights_file`).
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
-import io
 from collections.abc import Callable
 
 import torch
@@ -25,6 +26,7 @@ from torchvision import models as tvm
 
 from ssl_kd import storage
 from ssl_kd.errors import UserError
+from ssl_kd.models.weights_file import load_state_dict_file, mismatch_message
 
 ModelFactory = Callable[[int, int, float], tuple[nn.Module, int]]
 _REGISTRY: dict[str, ModelFactory] = {}
@@ -140,27 +142,6 @@ def create_model(
     return Classifier(backbone, dim, num_classes, dropout)
 
 
-def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    """A ``state_dict`` file read with ``weights_only=True``; UserError for anything else."""
-    shown = storage.display(path)
-    if not storage.is_file(path):
-        raise UserError(f"weights file {shown} does not exist")
-    try:
-        source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
-        sd = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{shown} is not a readable state_dict file ({first[:200]})") from None
-    if isinstance(sd, dict) and "model" in sd and "meta" in sd:
-        raise UserError(
-            f"{shown} is an ssl_kd checkpoint, not a torchvision state_dict: pass it as the "
-            "teacher or --init instead"
-        )
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError(f"{shown} is not a state_dict (a mapping of parameter names to tensors)")
-    return sd
-
-
 def torchvision_net(
     name: str,
     in_channels: int,
@@ -189,7 +170,8 @@ def torchvision_net(
             net.load_state_dict(sd)
         except RuntimeError as exc:
             raise UserError(
-                f"weights {storage.display(weights or '')} do not fit {name}: {_mismatch(str(exc))}"
+                f"weights {storage.display(weights or '')} do not fit {name}: "
+                f"{mismatch_message(str(exc))}"
             ) from None
     if in_channels != 3:
         net = _RepeatChannels(net, 3)
@@ -228,13 +210,6 @@ def _classes_in(bare: str, kwargs: dict, sd: dict[str, torch.Tensor], path: str)
             f"(it holds {', '.join(list(sd)[:3])}, ...)"
         )
     return int(sd[key].shape[0])
-
-
-def _mismatch(message: str) -> str:
-    """The first lines of torch's load_state_dict error, on one line."""
-    lines = [ln.strip() for ln in message.splitlines()[1:] if ln.strip()]
-    text = " ".join(lines[:2]) or message.strip().splitlines()[0]
-    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def _last_linear(net: nn.Module) -> tuple[str, nn.Linear]:
