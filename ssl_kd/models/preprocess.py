@@ -23,10 +23,18 @@ IMAGENET_RESIZE = 256
 IMAGENET_SIZE = 224
 
 
+# How images reach ``resize`` before the centre crop (timm's ``crop_mode``): the shorter side
+# (``center``), both sides, the aspect ratio lost (``squash``), or the longer side, the rest
+# padded with the mean colour (``border``).
+CROP_MODES = ("center", "squash", "border")
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """Input format of a model: channels (1 or 3), square size, per-channel normalisation, and
-    the shorter side images are resized to before the centre crop (``resize``; 0: ``image_size``).
+    the side images are resized to before the centre crop (``resize``; 0: ``image_size``), with
+    ``interpolation`` (antialiased) and ``crop_mode`` (:data:`CROP_MODES`).
 
     ``mean`` and ``std`` hold one value per channel, or one value for all channels.
     """
@@ -36,8 +44,19 @@ class Preprocess:
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     resize: int = 0
+    interpolation: str = "bilinear"
+    crop_mode: str = "center"
 
     def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise UserError(
+                f"interpolation {self.interpolation!r} is not supported; use one of "
+                f"{', '.join(INTERPOLATIONS)}"
+            )
+        if self.crop_mode not in CROP_MODES:
+            raise UserError(
+                f"crop mode {self.crop_mode!r} is not supported; use one of {', '.join(CROP_MODES)}"
+            )
         for name in ("mean", "std"):
             value = getattr(self, name)
             values = tuple(float(v) for v in (value if isinstance(value, Sequence) else [value]))
@@ -57,18 +76,25 @@ class Preprocess:
 
     @property
     def resize_to(self) -> int:
-        """The shorter side before the centre crop."""
+        """The side (shorter, both or longer, by ``crop_mode``) before the centre crop."""
         return self.resize or self.image_size
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form for checkpoints and Parquet metadata."""
-        return {
+        """JSON-able form for checkpoints and Parquet metadata; ``interpolation`` and
+        ``crop_mode`` appear only when not the defaults, so files written before they existed
+        describe the same transform."""
+        out: dict[str, Any] = {
             "channels": self.channels,
             "image_size": self.image_size,
             "mean": list(self.mean),
             "std": list(self.std),
             "resize": self.resize,
         }
+        if self.interpolation != "bilinear":
+            out["interpolation"] = self.interpolation
+        if self.crop_mode != "center":
+            out["crop_mode"] = self.crop_mode
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocess:
@@ -96,38 +122,61 @@ def imagenet_preprocess(
 
 
 def fit_size(pp: Preprocess) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Per-image transform of a decoded uint8 (C, H, W) tensor: resize the shorter side to
-    ``pp.resize_to`` (bilinear, antialiased) and centre-crop ``image_size``, skipping what is
-    already the right size.
+    """Per-image transform of a decoded uint8 (C, H, W) tensor: resize to ``pp.resize_to`` as
+    ``pp.crop_mode`` says (``pp.interpolation``, antialiased) and centre-crop ``image_size``,
+    skipping what is already the right size; the evaluation transform of timm and torchvision.
 
     Augmentation and normalisation run later on whole batches (:func:`augment`,
     :func:`normalize`), on the training device: per-image transforms cost more than a small
     model's forward pass on a 2-core machine.
     """
-    size, side = pp.image_size, pp.resize_to
+    size, side, mode = pp.image_size, pp.resize_to, pp.crop_mode
+    how = TF.InterpolationMode(pp.interpolation)
+    # timm pads a ``border`` image with the mean colour, which normalises to 0.
+    fill = [round(255 * m) for m in pp.mean]
 
     def fit(img: torch.Tensor) -> torch.Tensor:
         h, w = img.shape[-2:]
         if (h, w) == (size, size) and side == size:
             return img
-        if min(h, w) != side:
-            img = TF.resize(img, [side], antialias=True)
+        if mode == "center" and min(h, w) != side:
+            img = TF.resize(img, [side], interpolation=how, antialias=True)
+        elif mode == "squash" and (h, w) != (side, side):
+            img = TF.resize(img, [side, side], interpolation=how, antialias=True)
+        elif mode == "border" and max(h, w) != side:
+            ratio = max(h, w) / side  # timm's ResizeKeepRatio(longest=1)
+            img = TF.resize(img, [round(h / ratio), round(w / ratio)], how, antialias=True)
         if img.shape[-2:] != (size, size):
-            img = TF.center_crop(img, [size, size])
+            img = _crop_or_pad(img, size, fill)
         return img
 
     return fit
 
 
+def _crop_or_pad(img: torch.Tensor, size: int, fill: list[int]) -> torch.Tensor:
+    """The centre ``size`` x ``size`` of ``img``, padded with ``fill`` where it is smaller."""
+    h, w = img.shape[-2:]
+    if h < size or w < size:
+        canvas = torch.tensor(fill, dtype=img.dtype).view(-1, 1, 1)
+        canvas = canvas.expand(img.shape[0], max(h, size), max(w, size)).clone()
+        top, left = max(size - h, 0) // 2, max(size - w, 0) // 2
+        canvas[:, top : top + h, left : left + w] = img
+        img = canvas
+    return TF.center_crop(img, [size, size])
+
+
 def random_resized_crop(
-    size: int, scale: Sequence[float], ratio: Sequence[float]
+    size: int, scale: Sequence[float], ratio: Sequence[float], interpolation: str = "bilinear"
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Per-image training transform for real images: a random crop of ``scale`` of the area
-    and ``ratio`` aspect, resized to ``size`` (bilinear, antialiased), as torchvision's
+    and ``ratio`` aspect, resized to ``size`` (antialiased), as torchvision's
     ``RandomResizedCrop``; draws from the torch RNG of the process that runs it."""
     from torchvision.transforms import v2
 
-    return v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), antialias=True)
+    how = TF.InterpolationMode(interpolation)
+    return v2.RandomResizedCrop(
+        size, scale=tuple(scale), ratio=tuple(ratio), interpolation=how, antialias=True
+    )
 
 
 def normalize(images: torch.Tensor, pp: Preprocess) -> torch.Tensor:

@@ -58,7 +58,8 @@ def image_transform(
     """The per-image part of the recipe: the small one's fit to size, or the real one's
     random-resized crop; then RandAugment when asked for."""
     if recipe == "real":
-        first = random_resized_crop(pp.image_size, cfg.crop_scale, cfg.crop_ratio)
+        scale, ratio = cfg.crop_scale, cfg.crop_ratio
+        first = random_resized_crop(pp.image_size, scale, ratio, pp.interpolation)
     else:
         first = fit_size(pp)
     if not cfg.randaugment:
