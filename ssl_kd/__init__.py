@@ -8,8 +8,8 @@ upward and never in a circle (``tests/test_layers.py`` holds the tree to this or
    ``figures``, ``cluster_config``, ``stages`` (the one stage table, as import strings);
 2. data: ``shards/`` (spec expansion, tar read/write, decoding, soft-label members) and
    ``datasets/``;
-3. ``models/`` (registry, external teachers, ensembles and test-time augmentation,
-   preprocessing, the checkpoint format, size and speed);
+3. ``models/`` (registry, timm models, weights files, external teachers, ensembles and
+   test-time augmentation, preprocessing, the checkpoint format, size and speed);
 4. the stages, in this order: ``label/``, ``select/``, ``materialize/``, ``evaluate/``,
    ``train/``, ``inspect/``. Each holds its config and runner (``run.py``), a pure core named for
    what it computes, and its on-disk contract (``files.py``). A stage may import an earlier

@@ -107,7 +107,7 @@ def test_weights_that_do_not_fit_are_a_user_error(tmp_path) -> None:
     torch.save(tvm.resnet18().state_dict(), tmp_path / "r18.pth")
     with pytest.raises(UserError, match="do not fit torchvision:resnet34"):
         create_model("torchvision:resnet34", 10, weights=str(tmp_path / "r18.pth"))
-    with pytest.raises(UserError, match="weights files initialise torchvision:NAME models"):
+    with pytest.raises(UserError, match="weights files initialise torchvision:NAME and timm"):
         create_model("cnn", 10, weights=str(tmp_path / "r18.pth"))
 
 

@@ -53,15 +53,17 @@ class LabelConfig:
     """``ssl-kd label``."""
 
     teacher: str = option(
-        help="teacher: an ssl_kd checkpoint, a TorchScript archive, or torchvision:NAME "
-        "(with --weights)"
+        help="teacher: an ssl_kd checkpoint, a TorchScript archive, or torchvision:NAME or "
+        "timm:NAME[.TAG] (with --weights)"
     )
     shards: str = option(help="unlabeled shards (dir, brace pattern, glob or list file)")
     out: str = option(
         help="directory of label files (one Parquet file per shard)", operational=True
     )
     weights: str | None = option(
-        None, help="torchvision:NAME teachers: the state_dict file (nothing is downloaded)"
+        None,
+        help="torchvision:NAME and timm:NAME teachers: the state_dict file, safetensors or torch "
+        "(nothing is downloaded)",
     )
     class_names: str | None = option(
         None, help="external teachers: one class name per line, in the teacher's order"
@@ -70,16 +72,23 @@ class LabelConfig:
         None, help="label with these classes only (names or indices, one per line); renormalised"
     )
     image_size: int | None = option(
-        None, help="external teachers: centre-crop side (default 224)", min=8
+        None, help="external teachers: centre-crop side (default 224, timm: its config's)", min=8
     )
     resize: int | None = option(
-        None, help="external teachers: shorter side before the crop (default 256 for 224)", min=8
+        None,
+        help="external teachers: shorter side before the crop (default 256 for 224, timm: "
+        "from its config's crop_pct)",
+        min=8,
     )
     mean: list[float] | None = option(
-        None, help="external teachers: per-channel mean (default ImageNet's)", nargs="+"
+        None,
+        help="external teachers: per-channel mean (default ImageNet's, timm: its config's)",
+        nargs="+",
     )
     std: list[float] | None = option(
-        None, help="external teachers: per-channel std (default ImageNet's)", nargs="+"
+        None,
+        help="external teachers: per-channel std (default ImageNet's, timm: its config's)",
+        nargs="+",
     )
     precision: Literal["fp32", "bf16", "fp16"] = option(
         "fp32", help="forward-pass precision (autocast; bf16 also on CPUs with AMX)"

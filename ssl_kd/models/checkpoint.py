@@ -101,7 +101,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if kind == "safetensors":  # tensors only: an architecture's weights, without ssl_kd's meta
         raise UserError(
             f"{p} is a safetensors state_dict, not an ssl_kd checkpoint: name its architecture "
-            "(--arch or --teacher torchvision:NAME) and pass the file as --weights"
+            "(--arch or --teacher torchvision:NAME or timm:NAME) and pass the file as --weights"
         )
     if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
         raise UserError(f"{p} is not an ssl_kd checkpoint (no 'model' and 'meta' entries)")

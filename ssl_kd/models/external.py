@@ -1,5 +1,5 @@
-"""Teachers from outside ssl_kd: a torchvision classifier with a local weights file, or a
-TorchScript archive — loaded with their own classes and preprocessing, never downloaded.
+"""Teachers from outside ssl_kd: a torchvision or timm classifier with a local weights file, or
+a TorchScript archive — loaded with their own classes and preprocessing, never downloaded.
 
 :class:`TeacherSpec` is what a user names (``--teacher``, ``--weights``, ``--class-names``,
 ``--keep-classes`` and the preprocessing flags); :func:`load_teacher` turns it into a model and
@@ -7,8 +7,13 @@ the checkpoint-style metadata every later stage reads (arch, classes, preprocess
 the teacher came from (``source``, ``name``, the weights' sha256, the kept classes).
 
 - ``torchvision:NAME`` + ``--weights FILE``: the architecture as torchvision builds it, the file a
-  ``state_dict`` as torchvision distributes them (read with ``weights_only=True``); its final
-  linear layer is the head, its input the embedding.
+  ``state_dict`` as torchvision distributes them (safetensors, or read with
+  ``weights_only=True``); its final linear layer is the head, its input the embedding;
+  torchvision's ImageNet evaluation transform unless the flags say otherwise.
+- ``timm:NAME[.TAG]`` + ``--weights FILE``: the same for a timm model and its own state dict
+  (``model.safetensors``, ``pytorch_model.bin``); the preprocessing is timm's data config of
+  the model (input size, crop_pct and crop mode, interpolation, mean, std), each part
+  overridable by the flags, and the config is recorded with the teacher's provenance.
 - a TorchScript archive (``torch.jit.save``): a module mapping a float image batch to logits; it
   gives no embeddings.
 - an ssl_kd checkpoint: as always; the preprocessing flags do not apply (it carries its own).
@@ -41,8 +46,11 @@ from ssl_kd.models.registry import (
     split_head,
     torchvision_net,
 )
+from ssl_kd.models.timm_models import TIMM, timm_classifier, timm_preprocess
 
-SOURCES = ("ssl_kd", "torchvision", "torchscript")
+SOURCES = ("ssl_kd", "torchvision", "timm", "torchscript")
+# The sources named by an architecture, whose weights come from --weights.
+_NAMED = {"torchvision": TORCHVISION, "timm": TIMM}
 
 
 @dataclass(frozen=True)
@@ -82,9 +90,10 @@ class LoadedTeacher:
 
 
 def source_kind(teacher: str) -> str:
-    """``torchvision``, ``torchscript`` or ``ssl_kd`` (a checkpoint)."""
-    if teacher.startswith(TORCHVISION):
-        return "torchvision"
+    """``torchvision``, ``timm``, ``torchscript`` or ``ssl_kd`` (a checkpoint)."""
+    for kind, prefix in _NAMED.items():
+        if teacher.startswith(prefix):
+            return kind
     if storage.is_file(teacher) and _is_torchscript(teacher):
         return "torchscript"
     return "ssl_kd"
@@ -106,21 +115,24 @@ def load_teacher(spec: TeacherSpec) -> LoadedTeacher:
     if kind == "ssl_kd":
         loaded = _from_checkpoint(spec)
     else:
-        if kind == "torchvision":
+        if kind in _NAMED:
             check_model_name(spec.teacher)
-        if kind == "torchvision" and not spec.weights:
+        if kind in _NAMED and not spec.weights:
             raise UserError(
-                f"--teacher {spec.teacher} needs --weights FILE (a state_dict as torchvision "
-                "distributes them; nothing is downloaded)"
+                f"--teacher {spec.teacher} needs --weights FILE (a state_dict as {kind} "
+                "distributes them, safetensors or torch; nothing is downloaded)"
             )
         if kind == "torchscript" and spec.weights:
             raise UserError(
-                "--weights applies to torchvision:NAME teachers; a TorchScript "
+                "--weights applies to torchvision:NAME and timm:NAME teachers; a TorchScript "
                 "archive holds its own weights"
             )
-        pp = imagenet_preprocess(spec.image_size, spec.resize, spec.mean, spec.std)
-        build = _torchvision if kind == "torchvision" else _torchscript
-        loaded = build(spec, pp)
+        if kind == "timm":
+            loaded = _timm(spec)
+        else:
+            pp = imagenet_preprocess(spec.image_size, spec.resize, spec.mean, spec.std)
+            build = _torchvision if kind == "torchvision" else _torchscript
+            loaded = build(spec, pp)
     if spec.keep_classes:
         loaded = _keep(loaded, spec.keep_classes)
     return loaded
@@ -129,8 +141,8 @@ def load_teacher(spec: TeacherSpec) -> LoadedTeacher:
 def _from_checkpoint(spec: TeacherSpec) -> LoadedTeacher:
     if spec.weights:
         raise UserError(
-            f"--weights applies to torchvision:NAME teachers; {spec.teacher} is an ssl_kd "
-            "checkpoint (or not a file)"
+            f"--weights applies to torchvision:NAME and timm:NAME teachers; {spec.teacher} is "
+            "an ssl_kd checkpoint (or not a file)"
         )
     if spec.preprocess_flags:
         flags = ", ".join("--" + n.replace("_", "-") for n in spec.preprocess_flags)
@@ -168,8 +180,8 @@ def teacher_checkpoint(
 ) -> dict[str, Any]:
     """An external teacher as an ssl_kd checkpoint, so every stage loads it like its own.
 
-    A torchvision teacher's weights are copied in (its head already cut to the kept classes);
-    a TorchScript teacher is referenced by path and sha256 (its code cannot live in a
+    A torchvision or timm teacher's weights are copied in (its head already cut to the kept
+    classes); a TorchScript teacher is referenced by path and sha256 (its code cannot live in a
     ``weights_only`` file).
     """
     meta = {**loaded.meta, "config": config, "teacher_source": loaded.source}
@@ -184,15 +196,40 @@ def _torchvision(spec: TeacherSpec, pp: Preprocess) -> LoadedTeacher:
     assert spec.weights is not None
     net = torchvision_net(spec.teacher, pp.channels, pp.image_size, spec.weights)
     backbone, head = split_head(net)
+    return _classifier(spec, backbone, head, pp, "torchvision")
+
+
+def _timm(spec: TeacherSpec) -> LoadedTeacher:
+    """A timm teacher, preprocessing as its data config says unless the flags override it."""
+    assert spec.weights is not None
+    backbone, head = timm_classifier(
+        spec.teacher, image_size=spec.image_size, weights=spec.weights, need_head=True
+    )
+    flags = (spec.image_size, spec.resize, spec.mean, spec.std)
+    pp, data_config = timm_preprocess(spec.teacher, backbone, *flags)
+    return _classifier(spec, backbone, head, pp, "timm", {"data_config": data_config})
+
+
+def _classifier(
+    spec: TeacherSpec,
+    backbone: nn.Module,
+    head: nn.Linear,
+    pp: Preprocess,
+    kind: str,
+    extra: dict[str, Any] | None = None,
+) -> LoadedTeacher:
+    """A teacher of a named architecture: ``head(backbone(x))``, and where it came from."""
+    assert spec.weights is not None
     model = Classifier(backbone, head.in_features, head.out_features)
     model.head = head
     classes = _class_names(spec.class_names, head.out_features)
     digest = storage.sha256(spec.weights)
     source = {
-        "source": "torchvision",
+        "source": kind,
         "name": spec.teacher,
         "weights": storage.name(spec.weights),
         "weights_sha256": digest,
+        **(extra or {}),
     }
     meta = _meta(spec.teacher, classes, pp, source)
     return LoadedTeacher(model.eval(), meta, source, digest)

@@ -3,13 +3,15 @@
 Every model is a :class:`Classifier`: a ``backbone`` mapping images to a feature vector and a
 linear ``head``. Labeling takes embeddings from ``features``; fine-tuning may swap the head.
 
-Two families of names:
+Three families of names:
 
 - our own, registered with :func:`register_model`: the small ``cnn`` nets and ResNets whose stem
   is adapted to 28-32 px images;
 - ``torchvision:NAME`` for every classification model of ``torchvision.models``, built as
   torchvision defines it (no download, ever): its final linear layer becomes the head, and an
-  optional local weights file (a torchvision ``state_dict``) initialises it first.
+  optional local weights file (a torchvision ``state_dict``) initialises it first;
+- ``timm:NAME`` (or ``timm:NAME.TAG``) for every timm model with a linear classifier, when timm
+  is installed (:mod:`ssl_kd.models.timm_models`), the same way.
 
 Weights files are safetensors or ``torch.save`` files (:mod:`ssl_kd.models.weights_file`).
 """
@@ -26,6 +28,8 @@ from torchvision import models as tvm
 
 from ssl_kd import storage
 from ssl_kd.errors import UserError
+from ssl_kd.models import timm_models
+from ssl_kd.models.timm_models import TIMM
 from ssl_kd.models.weights_file import load_state_dict_file, mismatch_message
 
 ModelFactory = Callable[[int, int, float], tuple[nn.Module, int]]
@@ -76,8 +80,9 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
 
 def list_models() -> list[str]:
     """Every architecture name: our own, then ``torchvision:NAME`` for each torchvision
-    classifier."""
-    return sorted(_REGISTRY) + [TORCHVISION + n for n in torchvision_names()]
+    classifier, then ``timm:NAME`` for each timm model when timm is installed."""
+    timm = [TIMM + n for n in timm_models.timm_names()] if timm_models.installed() else []
+    return sorted(_REGISTRY) + [TORCHVISION + n for n in torchvision_names()] + timm
 
 
 @functools.cache
@@ -89,6 +94,9 @@ def torchvision_names() -> tuple[str, ...]:
 def check_model_name(name: str) -> None:
     """UserError naming the closest known names unless ``name`` is an architecture."""
     if name in _REGISTRY:
+        return
+    if name.startswith(TIMM):
+        timm_models.check_timm_name(name)
         return
     if name.startswith(TORCHVISION):
         bare = name.removeprefix(TORCHVISION)
@@ -102,13 +110,20 @@ def check_model_name(name: str) -> None:
             "(`ssl-kd models` lists them)"
         )
     close = difflib.get_close_matches(name, list_models(), n=4)
-    if name in torchvision_names():
-        close = [TORCHVISION + name]
-    hint = f"did you mean {', '.join(close)}? " if close else ""
+    exact = [p + name for p, names in _families() if name in names]
+    hint = f"did you mean {', '.join(exact or close)}? " if exact or close else ""
     raise UserError(
-        f"unknown model '{name}'; {hint}choose one of: {', '.join(sorted(_REGISTRY))} or "
-        "torchvision:NAME (`ssl-kd models` lists them)"
+        f"unknown model '{name}'; {hint}choose one of: {', '.join(sorted(_REGISTRY))}, "
+        "torchvision:NAME or timm:NAME (`ssl-kd models` lists them)"
     )
+
+
+def _families() -> list[tuple[str, tuple[str, ...]]]:
+    """``(prefix, names)`` of the model families from other libraries that are installed."""
+    found = [(TORCHVISION, torchvision_names())]
+    if timm_models.installed():
+        found.append((TIMM, timm_models.timm_names()))
+    return found
 
 
 def create_model(
@@ -121,21 +136,33 @@ def create_model(
     weights: str | None = None,
     stochastic_depth: float | None = None,
 ) -> Classifier:
-    """Build a classifier: randomly initialised, or for ``torchvision:NAME`` with ``weights``
-    (a local torchvision ``state_dict``) loaded before its head is replaced by a new one of
-    ``num_classes``; ``stochastic_depth`` sets the rate of architectures that have it (None:
-    their default). Unknown names raise UserError with the choices."""
+    """Build a classifier: randomly initialised, or for ``torchvision:NAME`` and ``timm:NAME``
+    with ``weights`` (a local ``state_dict`` file) loaded before its head is replaced by a new
+    one of ``num_classes``; ``stochastic_depth`` sets the rate of architectures that have it
+    (None: their default). Unknown names raise UserError with the choices."""
     check_model_name(name)
     if num_classes < 1:
         raise UserError(f"num_classes must be >= 1, got {num_classes}")
+    if name.startswith((TORCHVISION, TIMM)) and width != 1.0:
+        raise UserError("width applies to the cnn_* models only; leave it at 1.0")
     if name.startswith(TORCHVISION):
-        if width != 1.0:
-            raise UserError("width applies to the cnn_* models only; leave it at 1.0")
         net = torchvision_net(name, in_channels, image_size, weights, stochastic_depth)
         backbone, head = split_head(net)
         return Classifier(backbone, head.in_features, num_classes, dropout)
+    if name.startswith(TIMM):
+        if stochastic_depth is not None:
+            check_stochastic_depth(name)
+        backbone, head = timm_models.timm_classifier(
+            name, num_classes, in_channels, image_size, weights, stochastic_depth
+        )
+        model = Classifier(backbone, head.in_features, num_classes, dropout)
+        if weights is None:  # timm's own head, initialised as timm does for this model
+            model.head = head
+        return model
     if weights is not None:
-        raise UserError(f"weights files initialise torchvision:NAME models, not {name!r}")
+        raise UserError(
+            f"weights files initialise torchvision:NAME and timm:NAME models, not {name!r}"
+        )
     if stochastic_depth is not None:
         check_stochastic_depth(name)
     backbone, dim = _REGISTRY[name](in_channels, image_size, width)
@@ -180,12 +207,14 @@ def torchvision_net(
 
 _STOCHASTIC_DEPTH_HINT = (
     "it applies to torchvision archs built with it (efficientnet_*, convnext_*, swin_*, maxvit_t, "
-    "...): use dropout or RandAugment as noise"
+    "...) and timm models with a drop_path_rate: use dropout or RandAugment as noise"
 )
 
 
 def check_stochastic_depth(name: str) -> None:
     """UserError unless the model ``name`` is built with a stochastic depth rate."""
+    if name.startswith(TIMM) and timm_models.has_stochastic_depth(name):
+        return
     if name.startswith(TORCHVISION):
         bare = name.removeprefix(TORCHVISION)
         kwargs: dict = {"aux_logits": False} if bare in _AUX_LOGITS else {}

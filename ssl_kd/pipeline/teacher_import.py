@@ -1,7 +1,7 @@
 """A teacher to start from: ``ssl-kd run``'s ``teacher:`` section naming a ``source`` (a
-torchvision classifier and its weights, a TorchScript archive, an ssl_kd checkpoint) is written
-as the run's ``teacher/checkpoint.pt`` instead of trained, once it is checked against the
-labeled data's classes.
+torchvision or timm classifier and its weights, a TorchScript archive, an ssl_kd checkpoint) is
+written as the run's ``teacher/checkpoint.pt`` instead of trained, once it is checked against
+the labeled data's classes.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from ssl_kd.models.registry import (
     check_model_name,
     check_stochastic_depth,
 )
+from ssl_kd.models.timm_models import TIMM
 from ssl_kd.shards.decode import DEFAULT_MAX_PIXELS
 
 Recipe = Literal["small", "real"]
@@ -36,7 +37,9 @@ class TrainOptions:
     )
     arch: str = option("cnn", help="model architecture (see `ssl-kd models`)")
     weights: str | None = option(
-        None, help="torchvision state_dict initialising a torchvision:NAME arch (new head)"
+        None,
+        help="state_dict (safetensors or torch) initialising a torchvision:NAME or timm:NAME "
+        "arch (new head)",
     )
     width: float = option(1.0, help="width multiplier of cnn models", gt=0)
     dropout: float = option(0.0, help="dropout before the classifier head", min=0, max=0.95)
@@ -51,8 +54,8 @@ class TrainOptions:
     class_names: str | None = option(None, help="file with one class name per line")
     channels: int | None = option(
         None,
-        help="input channels, 1 or 3 (default: 3 for torchvision:NAME or a mean of 3 values, "
-        "else the first image's)",
+        help="input channels, 1 or 3 (default: 3 for torchvision:NAME, timm:NAME or a mean of 3 "
+        "values, else the first image's)",
     )
     image_size: int | None = option(None, help="input side in pixels (else from the images)", min=8)
     mean: list[float] = option([0.5], help="normalisation mean: one, or one per channel", nargs="+")
@@ -185,8 +188,10 @@ def _check(cfg: TrainConfig | StudentConfig) -> None:
     if cfg.weights is not None:
         if cfg.init:
             raise ConfigError("weights", "initialises a new model; init already gives weights")
-        if not cfg.arch.startswith(TORCHVISION):
-            raise ConfigError("weights", f"initialises torchvision:NAME archs, not {cfg.arch!r}")
+        if not cfg.arch.startswith((TORCHVISION, TIMM)):
+            raise ConfigError(
+                "weights", f"initialises torchvision:NAME and timm:NAME archs, not {cfg.arch!r}"
+            )
     if cfg.stochastic_depth is not None:
         if cfg.init:
             raise ConfigError("stochastic_depth", "sets up a new model; init already built one")

@@ -17,6 +17,7 @@ import torch
 from ssl_kd.device import usable_cpus
 from ssl_kd.models.preprocess import Preprocess, fit_size, infer_preprocess, random_resized_crop
 from ssl_kd.models.registry import TORCHVISION
+from ssl_kd.models.timm_models import TIMM
 from ssl_kd.train.options import Config, Recipe
 
 # num_workers auto: more decoding processes per rank than this rarely pay for their memory.
@@ -29,7 +30,7 @@ def input_format(cfg: Config, urls: list[str]) -> Preprocess:
     """The config's input format; the real recipe evaluates at torchvision's resize ratio."""
     channels = cfg.channels
     if channels is None and (
-        cfg.arch.startswith(TORCHVISION) or 3 in (len(cfg.mean), len(cfg.std))
+        cfg.arch.startswith((TORCHVISION, TIMM)) or 3 in (len(cfg.mean), len(cfg.std))
     ):
         channels = 3  # an RGB model, whatever the mode of the first image of the shards
     pp = infer_preprocess(urls, channels, cfg.image_size, cfg.mean, cfg.std)
