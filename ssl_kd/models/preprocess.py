@@ -21,12 +21,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET_RESIZE = 256
 IMAGENET_SIZE = 224
+# How the shorter side is resized: torchvision's evaluation transform is bilinear, CLIP's bicubic.
+INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 @dataclass(frozen=True)
 class Preprocess:
     """Input format of a model: channels (1 or 3), square size, per-channel normalisation, and
-    the shorter side images are resized to before the centre crop (``resize``; 0: ``image_size``).
+    the shorter side images are resized to before the centre crop (``resize``; 0: ``image_size``)
+    and how (``interpolation``, antialiased).
 
     ``mean`` and ``std`` hold one value per channel, or one value for all channels.
     """
@@ -36,6 +39,7 @@ class Preprocess:
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     resize: int = 0
+    interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
         for name in ("mean", "std"):
@@ -54,6 +58,11 @@ class Preprocess:
                 f"--resize {self.resize} is smaller than --image-size {self.image_size}; the "
                 "centre crop must fit in the resized image"
             )
+        if self.interpolation not in INTERPOLATIONS:
+            raise UserError(
+                f"interpolation {self.interpolation!r} is unknown; choose one of "
+                f"{', '.join(INTERPOLATIONS)}"
+            )
 
     @property
     def resize_to(self) -> int:
@@ -61,14 +70,18 @@ class Preprocess:
         return self.resize or self.image_size
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form for checkpoints and Parquet metadata."""
-        return {
+        """JSON-able form for checkpoints and Parquet metadata (``interpolation`` only where it
+        is not bilinear, so files written before it existed compare equal)."""
+        out = {
             "channels": self.channels,
             "image_size": self.image_size,
             "mean": list(self.mean),
             "std": list(self.std),
             "resize": self.resize,
         }
+        if self.interpolation != "bilinear":
+            out["interpolation"] = self.interpolation
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocess:
@@ -97,21 +110,22 @@ def imagenet_preprocess(
 
 def fit_size(pp: Preprocess) -> Callable[[torch.Tensor], torch.Tensor]:
     """Per-image transform of a decoded uint8 (C, H, W) tensor: resize the shorter side to
-    ``pp.resize_to`` (bilinear, antialiased) and centre-crop ``image_size``, skipping what is
-    already the right size.
+    ``pp.resize_to`` (``pp.interpolation``, antialiased) and centre-crop ``image_size``, skipping
+    what is already the right size.
 
     Augmentation and normalisation run later on whole batches (:func:`augment`,
     :func:`normalize`), on the training device: per-image transforms cost more than a small
     model's forward pass on a 2-core machine.
     """
     size, side = pp.image_size, pp.resize_to
+    mode = TF.InterpolationMode(pp.interpolation)
 
     def fit(img: torch.Tensor) -> torch.Tensor:
         h, w = img.shape[-2:]
         if (h, w) == (size, size) and side == size:
             return img
         if min(h, w) != side:
-            img = TF.resize(img, [side], antialias=True)
+            img = TF.resize(img, [side], interpolation=mode, antialias=True)
         if img.shape[-2:] != (size, size):
             img = TF.center_crop(img, [size, size])
         return img
