@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 class Teacher:
     """A teacher loaded once for inference; ``predict`` maps uint8 batches to top-k labels.
 
-    The teacher is an ssl_kd checkpoint, a torchvision classifier with a weights file, or a
-    TorchScript archive (:class:`~ssl_kd.models.external.TeacherSpec`). On CUDA a batch that
+    The teacher is an ssl_kd checkpoint, a torchvision classifier with a weights file, a
+    TorchScript archive, an exported program or a zero-shot CLIP model
+    (:class:`~ssl_kd.models.external.TeacherSpec`). On CUDA a batch that
     runs out of memory is split in halves and retried, and the smaller size is kept.
     """
 
@@ -71,7 +72,8 @@ class Teacher:
         if embeddings and not loaded.has_features:
             raise UserError(
                 "--embeddings needs a teacher whose penultimate features are known (an ssl_kd "
-                "checkpoint or torchvision:NAME); a TorchScript archive gives logits only"
+                "checkpoint, torchvision:NAME or open_clip:ARCH); a TorchScript archive or an "
+                "exported program gives logits only"
             )
         self.device = resolve_device(device)
         self.pp = Preprocess.from_dict(meta["preprocess"])

@@ -61,15 +61,18 @@ class ExternalTeacher:
     """A ``teacher:`` section naming a teacher to start from instead of training one."""
 
     source: str = option(
-        help="torchvision:NAME (with weights), a TorchScript archive or an ssl_kd checkpoint"
+        help="torchvision:NAME (with weights), a TorchScript archive, an exported program "
+        "(torch.export), open_clip:ARCH (zero-shot CLIP, with weights and class_names) or an "
+        "ssl_kd checkpoint"
     )
-    weights: str | None = option(None, help="torchvision:NAME: the state_dict file")
+    weights: str | None = option(None, help="torchvision:NAME, open_clip:ARCH: the state_dict")
     class_names: str | None = option(None, help="one class name per line, the teacher's order")
     keep_classes: str | None = option(None, help="the task's classes (names or indices)")
     image_size: int | None = option(None, help="centre-crop side (default 224)", min=8)
     resize: int | None = option(None, help="shorter side before the crop", min=8)
     mean: list[float] | None = option(None, help="per-channel mean (default ImageNet's)")
     std: list[float] | None = option(None, help="per-channel std (default ImageNet's)")
+    prompts: str | None = option(None, help="open_clip:ARCH: prompt templates, one per line")
 
 
 @dataclass(frozen=True, kw_only=True)
