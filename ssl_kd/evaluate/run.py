@@ -38,7 +38,7 @@ class EvalConfig:
     data: str = option(help="labeled shards (dir, brace pattern, glob or list file)")
     teacher: str | None = option(
         None,
-        help="teacher checkpoint or TorchScript archive: adds top-1 agreement, "
+        help="teacher checkpoint, TorchScript archive or exported program: adds top-1 agreement, "
         "KL(teacher||student), teacher top-1 and the linear CKA of the penultimate features",
     )
     out: str | None = option(None, help="write the metrics as JSON to this file", operational=True)

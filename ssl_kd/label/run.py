@@ -35,7 +35,7 @@ from ssl_kd.label.files import (
     record_source,
 )
 from ssl_kd.label.teacher import Teacher, decode_spec, label_shard_to_dir
-from ssl_kd.models.external import TeacherSpec
+from ssl_kd.models.external import teacher_spec
 from ssl_kd.shards import expand_shards, shard_name
 from ssl_kd.shards.decode import DEFAULT_MAX_PIXELS
 from ssl_kd.shards.decode_pool import start_pool
@@ -53,8 +53,9 @@ class LabelConfig:
     """``ssl-kd label``."""
 
     teacher: str = option(
-        help="teacher: an ssl_kd checkpoint, a TorchScript archive, or torchvision:NAME or "
-        "timm:NAME[.TAG] (with --weights)"
+        help="teacher: an ssl_kd checkpoint, a TorchScript archive, an exported program "
+        "(torch.export), torchvision:NAME or timm:NAME[.TAG] (with --weights) or open_clip:ARCH "
+        "(zero-shot CLIP, with --weights and --class-names)"
     )
     shards: str = option(help="unlabeled shards (dir, brace pattern, glob or list file)")
     out: str = option(
@@ -62,11 +63,14 @@ class LabelConfig:
     )
     weights: str | None = option(
         None,
-        help="torchvision:NAME and timm:NAME teachers: the state_dict file, safetensors or torch "
-        "(nothing is downloaded)",
+        help="torchvision:NAME, timm:NAME and open_clip:ARCH teachers: the state_dict file, "
+        "safetensors or torch (nothing is downloaded)",
     )
     class_names: str | None = option(
         None, help="external teachers: one class name per line, in the teacher's order"
+    )
+    prompts: str | None = option(
+        None, help="open_clip:ARCH teachers: prompt templates, one per line with {} for the class"
     )
     keep_classes: str | None = option(
         None, help="label with these classes only (names or indices, one per line); renormalised"
@@ -136,24 +140,10 @@ class LabelConfig:
     device: str = option("auto", help="auto, cpu, cuda or cuda:N", operational=True)
 
 
-def teacher_spec(cfg: LabelConfig) -> TeacherSpec:
-    """The teacher ``cfg`` names, with its class list and preprocessing flags."""
-    return TeacherSpec(
-        cfg.teacher,
-        weights=cfg.weights,
-        class_names=cfg.class_names,
-        keep_classes=cfg.keep_classes,
-        image_size=cfg.image_size,
-        resize=cfg.resize,
-        mean=cfg.mean,
-        std=cfg.std,
-    )
-
-
 def make_teacher(cfg: LabelConfig, device: str) -> Teacher:
     """The teacher of ``cfg``, loaded for inference on ``device``."""
     return Teacher(
-        teacher_spec(cfg),
+        teacher_spec(cfg.teacher, cfg),
         cfg.k,
         cfg.temperature,
         cfg.embeddings,

@@ -43,7 +43,8 @@ class Teacher:
     """A teacher loaded once for inference; ``predict`` maps uint8 batches to top-k labels.
 
     The teacher is an ssl_kd checkpoint, a torchvision or timm classifier with a weights file,
-    or a TorchScript archive (:class:`~ssl_kd.models.external.TeacherSpec`). On CUDA a batch that
+    a TorchScript archive, an exported program or a zero-shot CLIP model
+    (:class:`~ssl_kd.models.external.TeacherSpec`). On CUDA a batch that
     runs out of memory is split in halves and retried, and the smaller size is kept.
     """
 
@@ -71,8 +72,8 @@ class Teacher:
         if embeddings and not loaded.has_features:
             raise UserError(
                 "--embeddings needs a teacher whose penultimate features are known (an ssl_kd "
-                "checkpoint, torchvision:NAME or timm:NAME); a TorchScript archive gives logits "
-                "only"
+                "checkpoint, torchvision:NAME, timm:NAME or open_clip:ARCH); a TorchScript "
+                "archive or an exported program gives logits only"
             )
         self.device = resolve_device(device)
         self.pp = Preprocess.from_dict(meta["preprocess"])

@@ -71,8 +71,8 @@ def combine(
             raise UserError(f"member checkpoint {storage.display(path)} does not exist")
         ckpt = load_checkpoint(path)
         meta = ckpt["meta"]
-        if meta["arch"] == ENSEMBLE or meta.get("source") == "torchscript":
-            kind = "an ensemble" if meta["arch"] == ENSEMBLE else "a TorchScript teacher"
+        if meta["arch"] == ENSEMBLE or meta.get("source") in _IMPORTED_ONLY:
+            kind = "an ensemble" if meta["arch"] == ENSEMBLE else _IMPORTED_ONLY[meta["source"]]
             raise UserError(f"{path} is {kind}; members are single ssl_kd checkpoints")
         _check_fits(metas[0] if metas else None, meta, paths[0], path)
         model, _ = model_from_checkpoint(ckpt)
@@ -92,6 +92,12 @@ def combine(
 
 
 _MEMBER_KEYS = ("arch", "width", "dropout", "file", "sha256")
+# Imported teachers that create_model cannot rebuild: archives referenced by path, CLIP towers.
+_IMPORTED_ONLY = {
+    "torchscript": "a TorchScript teacher",
+    "exported": "an exported program",
+    "open_clip": "a zero-shot CLIP teacher",
+}
 
 
 def _check_fits(first: dict[str, Any] | None, meta: dict[str, Any], p0: str, path: str) -> None:

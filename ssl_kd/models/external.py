@@ -1,5 +1,6 @@
-"""Teachers from outside ssl_kd: a torchvision or timm classifier with a local weights file, or
-a TorchScript archive — loaded with their own classes and preprocessing, never downloaded.
+"""Teachers from outside ssl_kd: a torchvision or timm classifier with a local weights file, a
+TorchScript archive, an exported program or a zero-shot CLIP model — loaded with their own
+classes and preprocessing, never downloaded.
 
 :class:`TeacherSpec` is what a user names (``--teacher``, ``--weights``, ``--class-names``,
 ``--keep-classes`` and the preprocessing flags); :func:`load_teacher` turns it into a model and
@@ -16,6 +17,10 @@ the teacher came from (``source``, ``name``, the weights' sha256, the kept class
   overridable by the flags, and the config is recorded with the teacher's provenance.
 - a TorchScript archive (``torch.jit.save``): a module mapping a float image batch to logits; it
   gives no embeddings.
+- an exported program (``torch.export.save``, :mod:`ssl_kd.models.exported`): the same, and
+  what PyTorch now recommends over TorchScript. Both kinds of archive are told apart by content.
+- ``open_clip:ARCH`` + ``--weights FILE`` + ``--class-names FILE`` (``--prompts FILE``): a
+  zero-shot CLIP classifier (:mod:`ssl_kd.models.zero_shot`); it gives embeddings.
 - an ssl_kd checkpoint: as always; the preprocessing flags do not apply (it carries its own).
 
 ``--keep-classes`` keeps a subset of the teacher's classes: their logits only, so the softmax
@@ -28,7 +33,7 @@ import io
 import warnings
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -37,7 +42,9 @@ from torch import nn
 from ssl_kd import storage
 from ssl_kd.errors import UserError
 from ssl_kd.models.checkpoint import load_checkpoint, make_meta, model_from_checkpoint
+from ssl_kd.models.class_lists import class_names, keep_rows, kept_indices
 from ssl_kd.models.ensemble import Ensemble, has_features
+from ssl_kd.models.exported import ExportedTeacher, is_exported_program, load_program
 from ssl_kd.models.preprocess import Preprocess, imagenet_preprocess
 from ssl_kd.models.registry import (
     TORCHVISION,
@@ -47,10 +54,15 @@ from ssl_kd.models.registry import (
     torchvision_net,
 )
 from ssl_kd.models.timm_models import TIMM, timm_classifier, timm_preprocess
+from ssl_kd.models.zero_shot import OPEN_CLIP, read_templates, rebuild, zero_shot_classifier
 
-SOURCES = ("ssl_kd", "torchvision", "timm", "torchscript")
+SOURCES = ("ssl_kd", "torchvision", "timm", "torchscript", "exported", "open_clip")
 # The sources named by an architecture, whose weights come from --weights.
 _NAMED = {"torchvision": TORCHVISION, "timm": TIMM}
+# Archives hold code, which a weights_only checkpoint cannot: an import references them by path
+# and sha256 (``archive``, ``archive_sha256``; ``script``, ``script_sha256`` before exported
+# programs).
+REFERENCED = ("torchscript", "exported")
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,7 @@ class TeacherSpec:
     resize: int | None = None
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
+    prompts: str | None = None
 
     @property
     def preprocess_flags(self) -> dict[str, Any]:
@@ -89,31 +102,47 @@ class LoadedTeacher:
         return has_features(self.model)
 
 
+def teacher_spec(teacher: str, options: Any) -> TeacherSpec:
+    """The spec of ``teacher`` with the other fields read from ``options`` (a label config or a
+    run config's ``teacher:`` section: the same names)."""
+    names = [f.name for f in fields(TeacherSpec) if f.name != "teacher"]
+    return TeacherSpec(teacher, **{n: getattr(options, n, None) for n in names})
+
+
 def source_kind(teacher: str) -> str:
-    """``torchvision``, ``timm``, ``torchscript`` or ``ssl_kd`` (a checkpoint)."""
+    """One of :data:`SOURCES`: by prefix for names, by content for files."""
     for kind, prefix in _NAMED.items():
         if teacher.startswith(prefix):
             return kind
-    if storage.is_file(teacher) and _is_torchscript(teacher):
-        return "torchscript"
+    if teacher.startswith(OPEN_CLIP):
+        return "open_clip"
+    if storage.is_file(teacher):
+        return _archive_kind(teacher) or "ssl_kd"
     return "ssl_kd"
 
 
-def _is_torchscript(path: str) -> bool:
-    """TorchScript archives are zip files with a ``code/`` directory (torch.save's have none)."""
+def _archive_kind(path: str) -> str | None:
+    """TorchScript archives are zip files with a ``code/`` directory, exported programs have
+    their own layout (:func:`is_exported_program`); torch.save's zip files have neither."""
     try:
         source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
         with zipfile.ZipFile(source) as z:
-            return any("/code/" in n for n in z.namelist())
+            if any("/code/" in n for n in z.namelist()):
+                return "torchscript"
+            return "exported" if is_exported_program(z) else None
     except (zipfile.BadZipFile, OSError, ValueError):
-        return False
+        return None
 
 
 def load_teacher(spec: TeacherSpec) -> LoadedTeacher:
     """Load the teacher ``spec`` names; every kind of bad input is one UserError."""
     kind = source_kind(spec.teacher)
+    if spec.prompts and kind != "open_clip":
+        raise UserError("--prompts applies to open_clip:ARCH teachers (zero-shot CLIP)")
     if kind == "ssl_kd":
         loaded = _from_checkpoint(spec)
+    elif kind == "open_clip":
+        loaded = _open_clip(spec)
     else:
         if kind in _NAMED:
             check_model_name(spec.teacher)
@@ -122,17 +151,19 @@ def load_teacher(spec: TeacherSpec) -> LoadedTeacher:
                 f"--teacher {spec.teacher} needs --weights FILE (a state_dict as {kind} "
                 "distributes them, safetensors or torch; nothing is downloaded)"
             )
-        if kind == "torchscript" and spec.weights:
+        if kind in REFERENCED and spec.weights:
+            what = "a TorchScript archive" if kind == "torchscript" else "an exported program"
             raise UserError(
-                "--weights applies to torchvision:NAME and timm:NAME teachers; a TorchScript "
-                "archive holds its own weights"
+                f"--weights applies to torchvision:NAME, timm:NAME and open_clip:ARCH "
+                f"teachers; {what} holds its own weights"
             )
         if kind == "timm":
             loaded = _timm(spec)
+        elif kind == "exported":
+            loaded = _exported(spec)
         else:
             pp = imagenet_preprocess(spec.image_size, spec.resize, spec.mean, spec.std)
-            build = _torchvision if kind == "torchvision" else _torchscript
-            loaded = build(spec, pp)
+            loaded = (_torchvision if kind == "torchvision" else _torchscript)(spec, pp)
     if spec.keep_classes:
         loaded = _keep(loaded, spec.keep_classes)
     return loaded
@@ -151,43 +182,49 @@ def _from_checkpoint(spec: TeacherSpec) -> LoadedTeacher:
             "preprocessing"
         )
     ckpt = load_checkpoint(spec.teacher)
-    if ckpt["meta"].get("source") == "torchscript":  # an imported archive: load it from there
-        meta = ckpt["meta"]
-        pp = Preprocess.from_dict(meta["preprocess"])
-        loaded = _torchscript(TeacherSpec(meta["script"]), pp)
-        if loaded.digest != meta["script_sha256"]:
-            raise UserError(
-                f"{meta['script']} changed since {spec.teacher} was written; import it again"
-            )
-        keep = meta.get("kept_classes")
-        assert isinstance(loaded.model, ScriptedTeacher)
-        loaded.model.keep = keep
-        return LoadedTeacher(loaded.model, meta, meta["teacher_source"], loaded.digest)
+    if ckpt["meta"].get("source") in REFERENCED:  # an imported archive: load it from there
+        return _from_archive(spec.teacher, ckpt["meta"])
     try:
-        model, meta = model_from_checkpoint(ckpt)
+        if ckpt["meta"].get("source") == "open_clip":  # an imported zero-shot CLIP teacher
+            model, meta = rebuild(ckpt["meta"]["open_clip"], ckpt["model"]), ckpt["meta"]
+        else:
+            model, meta = model_from_checkpoint(ckpt)
     except (KeyError, TypeError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise UserError(f"{spec.teacher}: weights do not fit its architecture ({first})") from None
     if spec.class_names:
-        meta = {**meta, "classes": _class_names(spec.class_names, meta["num_classes"])}
+        meta = {**meta, "classes": class_names(spec.class_names, meta["num_classes"])}
     source = meta.get("teacher_source") or {"source": "ssl_kd", "name": meta["arch"]}
     digest = storage.sha256(spec.teacher)
     return LoadedTeacher(model, meta, source, digest, ckpt.get("step"))
 
 
+def _from_archive(path: str, meta: dict[str, Any]) -> LoadedTeacher:
+    """The archive an imported checkpoint at ``path`` references, checked against its sha256."""
+    archive = meta.get("archive") or meta["script"]
+    pp = Preprocess.from_dict(meta["preprocess"])
+    build = _torchscript if meta["source"] == "torchscript" else _exported
+    loaded = build(TeacherSpec(archive), pp)
+    if loaded.digest != (meta.get("archive_sha256") or meta["script_sha256"]):
+        raise UserError(f"{archive} changed since {path} was written; import it again")
+    assert isinstance(loaded.model, (ScriptedTeacher, ExportedTeacher))
+    loaded.model.keep = meta.get("kept_classes")
+    return LoadedTeacher(loaded.model, meta, meta["teacher_source"], loaded.digest)
+
+
 def teacher_checkpoint(
-    loaded: LoadedTeacher, config: dict[str, Any], script: str | None = None
+    loaded: LoadedTeacher, config: dict[str, Any], archive: str | None = None
 ) -> dict[str, Any]:
     """An external teacher as an ssl_kd checkpoint, so every stage loads it like its own.
 
-    A torchvision or timm teacher's weights are copied in (its head already cut to the kept
-    classes); a TorchScript teacher is referenced by path and sha256 (its code cannot live in a
-    ``weights_only`` file).
+    A torchvision, timm or zero-shot CLIP teacher's weights are copied in (its head already
+    cut to the kept classes); a TorchScript archive or exported program is referenced by path
+    and sha256 (its code cannot live in a ``weights_only`` file).
     """
     meta = {**loaded.meta, "config": config, "teacher_source": loaded.source}
-    if isinstance(loaded.model, ScriptedTeacher):
-        assert script is not None, "a TorchScript teacher is referenced by its path"
-        meta |= {"script": script, "script_sha256": loaded.digest}
+    if isinstance(loaded.model, (ScriptedTeacher, ExportedTeacher)):
+        assert archive is not None, "an archive is referenced by its path"
+        meta |= {"archive": archive, "archive_sha256": loaded.digest}
         return {"model": {}, "meta": meta}
     return {"model": loaded.model.state_dict(), "meta": meta}
 
@@ -222,7 +259,7 @@ def _classifier(
     assert spec.weights is not None
     model = Classifier(backbone, head.in_features, head.out_features)
     model.head = head
-    classes = _class_names(spec.class_names, head.out_features)
+    classes = class_names(spec.class_names, head.out_features)
     digest = storage.sha256(spec.weights)
     source = {
         "source": kind,
@@ -257,24 +294,73 @@ def _torchscript(spec: TeacherSpec, pp: Preprocess) -> LoadedTeacher:
             warnings.simplefilter("ignore", FutureWarning)
             script = torch.jit.load(source, map_location="cpu")
         script.eval()
-        with torch.inference_mode():
-            probe = script(torch.zeros(1, pp.channels, pp.image_size, pp.image_size))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"TorchScript teacher {storage.display(path)} does not run on a 1x{pp.channels}x"
+            f"TorchScript teacher {storage.display(path)} does not load ({first[:200]})"
+        ) from None
+    return _archive(ScriptedTeacher(script), "torchscript", spec, pp)
+
+
+def _exported(spec: TeacherSpec, pp: Preprocess | None = None) -> LoadedTeacher:
+    """An exported program; its static input height and width are the default image size."""
+    program, shape = load_program(spec.teacher)
+    side = shape.height if shape.height == shape.width else None
+    if pp is None:
+        pp = imagenet_preprocess(spec.image_size or side, spec.resize, spec.mean, spec.std)
+    if side is not None and pp.image_size != side:
+        raise UserError(
+            f"exported program {storage.display(spec.teacher)} takes {side}x{side} images, not "
+            f"--image-size {pp.image_size}: leave the flag out, or export with a dynamic size"
+        )
+    return _archive(ExportedTeacher(program, shape), "exported", spec, pp)
+
+
+def _archive(model: nn.Module, kind: str, spec: TeacherSpec, pp: Preprocess) -> LoadedTeacher:
+    """A TorchScript or exported teacher, once it maps a probe batch to a row of logits."""
+    path, what = spec.teacher, f"{'TorchScript' if kind == 'torchscript' else 'exported'} teacher"
+    try:
+        with torch.inference_mode():
+            probe = model(torch.zeros(1, pp.channels, pp.image_size, pp.image_size))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{what} {storage.display(path)} does not run on a 1x{pp.channels}x"
             f"{pp.image_size}x{pp.image_size} batch ({first[:200]})"
         ) from None
     if not isinstance(probe, torch.Tensor) or probe.ndim != 2:
         raise UserError(
-            f"TorchScript teacher {storage.display(path)} must return a (batch, classes) tensor "
-            "of logits"
+            f"{what} {storage.display(path)} must return a (batch, classes) tensor of logits"
         )
-    classes = _class_names(spec.class_names, int(probe.shape[1]))
+    classes = class_names(spec.class_names, int(probe.shape[1]))
     digest = storage.sha256(path)
-    source = {"source": "torchscript", "name": storage.name(path), "sha256": digest}
-    model = ScriptedTeacher(script)
-    return LoadedTeacher(model, _meta("torchscript", classes, pp, source), source, digest)
+    source = {"source": kind, "name": storage.name(path), "sha256": digest}
+    return LoadedTeacher(model, _meta(kind, classes, pp, source), source, digest)
+
+
+def _open_clip(spec: TeacherSpec) -> LoadedTeacher:
+    """A zero-shot CLIP teacher; its weights file's sha256 is its digest."""
+    arch = spec.teacher.removeprefix(OPEN_CLIP)
+    if not spec.weights or not spec.class_names:
+        raise UserError(
+            f"--teacher {spec.teacher} needs --weights FILE (the model's open_clip state_dict; "
+            "nothing is downloaded) and --class-names FILE (the names its prompts are made of)"
+        )
+    if spec.image_size:
+        raise UserError(
+            f"--image-size does not apply to {spec.teacher}: its image tower's config sets it"
+        )
+    templates = read_templates(spec.prompts)
+    classes = class_names(spec.class_names, None)
+    zs = zero_shot_classifier(
+        arch, spec.weights, classes, templates, spec.resize, spec.mean, spec.std
+    )
+    digest = storage.sha256(spec.weights)
+    name = OPEN_CLIP + zs.name
+    source = {"source": "open_clip", "name": name, "weights": storage.name(spec.weights)}
+    source |= {"weights_sha256": digest, "templates": templates}
+    meta = _meta(name, classes, zs.preprocess, source) | {"open_clip": zs.tower}
+    return LoadedTeacher(zs.model, meta, source, digest)
 
 
 def _meta(arch: str, classes: list[str], pp: Preprocess, source: dict[str, Any]) -> dict[str, Any]:
@@ -283,67 +369,20 @@ def _meta(arch: str, classes: list[str], pp: Preprocess, source: dict[str, Any])
     return meta
 
 
-def _class_names(path: str | None, n: int) -> list[str]:
-    """The names in ``path`` (one per line, exactly ``n``), or ``0``..``n-1``."""
-    if path is None:
-        return [str(i) for i in range(n)]
-    if not storage.is_file(path):
-        raise UserError(f"class-names file {storage.display(path)} does not exist")
-    names = [line.strip() for line in storage.read_text(path).splitlines() if line.strip()]
-    if len(names) != n:
-        raise UserError(
-            f"class-names file {storage.display(path)} has {len(names)} names but the teacher "
-            f"predicts {n} classes; give one name per line, in the teacher's class order"
-        )
-    return names
-
-
 def _keep(loaded: LoadedTeacher, path: str) -> LoadedTeacher:
     """The teacher restricted to the classes listed in ``path`` (names or indices)."""
     classes = loaded.meta["classes"]
-    keep = _kept_indices(path, classes)
+    keep = kept_indices(path, classes)
     model = loaded.model
     if isinstance(model, Ensemble):  # each member is restricted, then averaged
         for member in model.members:
-            _keep_rows(member, keep)
+            keep_rows(member, keep)
     elif isinstance(model, Classifier):
-        _keep_rows(model, keep)
-    elif isinstance(model, ScriptedTeacher):
+        keep_rows(model, keep)
+    elif isinstance(model, (ScriptedTeacher, ExportedTeacher)):
         model.keep = keep
     else:  # pragma: no cover - every loader above returns one of the two
         raise TypeError(type(model))
     kept = [classes[i] for i in keep]
     meta = {**loaded.meta, "classes": kept, "num_classes": len(kept), "kept_classes": keep}
     return LoadedTeacher(model, meta, {**loaded.source, "kept_classes": keep}, loaded.digest)
-
-
-def _keep_rows(model: nn.Module, keep: list[int]) -> None:
-    """Replace the classifier's head by the rows of the ``keep`` classes."""
-    head = nn.Linear(model.head.in_features, len(keep))
-    with torch.no_grad():
-        head.weight.copy_(model.head.weight[keep])
-        head.bias.copy_(model.head.bias[keep])
-    model.head = head
-
-
-def _kept_indices(path: str, classes: list[str]) -> list[int]:
-    if not storage.is_file(path):
-        raise UserError(f"keep-classes file {storage.display(path)} does not exist")
-    wanted = [line.strip() for line in storage.read_text(path).splitlines() if line.strip()]
-    if not wanted:
-        raise UserError(f"keep-classes file {storage.display(path)} lists no class")
-    index = {name: i for i, name in enumerate(classes)}
-    keep = []
-    for item in wanted:
-        if item in index:
-            keep.append(index[item])
-        elif item.isdigit() and int(item) < len(classes):
-            keep.append(int(item))
-        else:
-            raise UserError(
-                f"keep-classes file {storage.display(path)}: {item!r} is neither a class name "
-                f"of the teacher nor an index below {len(classes)}"
-            )
-    if len(set(keep)) != len(keep):
-        raise UserError(f"keep-classes file {storage.display(path)} lists a class twice")
-    return keep

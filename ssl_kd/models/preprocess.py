@@ -21,12 +21,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET_RESIZE = 256
 IMAGENET_SIZE = 224
-
-
 # How images reach ``resize`` before the centre crop (timm's ``crop_mode``): the shorter side
 # (``center``), both sides, the aspect ratio lost (``squash``), or the longer side, the rest
 # padded with the mean colour (``border``).
 CROP_MODES = ("center", "squash", "border")
+# How images are resized: torchvision's evaluation transform is bilinear, CLIP's (and many timm
+# models') bicubic.
 INTERPOLATIONS = ("bilinear", "bicubic")
 
 

@@ -61,11 +61,14 @@ class ExternalTeacher:
     """A ``teacher:`` section naming a teacher to start from instead of training one."""
 
     source: str = option(
-        help="torchvision:NAME or timm:NAME[.TAG] (with weights), a TorchScript archive or an "
-        "ssl_kd checkpoint"
+        help="torchvision:NAME or timm:NAME[.TAG] (with weights), a TorchScript archive, an "
+        "exported program (torch.export), open_clip:ARCH (zero-shot CLIP, with weights and "
+        "class_names) or an ssl_kd checkpoint"
     )
     weights: str | None = option(
-        None, help="torchvision:NAME, timm:NAME: the state_dict file (safetensors or torch)"
+        None,
+        help="torchvision:NAME, timm:NAME, open_clip:ARCH: the state_dict file (safetensors or "
+        "torch)",
     )
     class_names: str | None = option(None, help="one class name per line, the teacher's order")
     keep_classes: str | None = option(None, help="the task's classes (names or indices)")
@@ -81,6 +84,7 @@ class ExternalTeacher:
     std: list[float] | None = option(
         None, help="per-channel std (default ImageNet's, timm: its config's)"
     )
+    prompts: str | None = option(None, help="open_clip:ARCH: prompt templates, one per line")
 
 
 @dataclass(frozen=True, kw_only=True)

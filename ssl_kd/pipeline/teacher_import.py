@@ -1,7 +1,7 @@
 """A teacher to start from: ``ssl-kd run``'s ``teacher:`` section naming a ``source`` (a
-torchvision or timm classifier and its weights, a TorchScript archive, an ssl_kd checkpoint) is
-written as the run's ``teacher/checkpoint.pt`` instead of trained, once it is checked against
-the labeled data's classes.
+torchvision or timm classifier and its weights, a TorchScript archive, an exported program, a
+zero-shot CLIP model, an ssl_kd checkpoint) is written as the run's ``teacher/checkpoint.pt``
+instead of trained, once it is checked against the labeled data's classes.
 """
 
 from __future__ import annotations
@@ -12,18 +12,17 @@ from ssl_kd import config as cfglib
 from ssl_kd import storage
 from ssl_kd.errors import UserError
 from ssl_kd.models.checkpoint import save_checkpoint
-from ssl_kd.models.external import TeacherSpec, load_teacher, teacher_checkpoint
+from ssl_kd.models.external import REFERENCED, load_teacher, teacher_checkpoint, teacher_spec
 from ssl_kd.pipeline.config import ExternalTeacher
 from ssl_kd.shards import expand_shards
 from ssl_kd.shards.classes import resolve_classes
-
-_SPEC = ("weights", "class_names", "keep_classes", "image_size", "resize", "mean", "std")
 
 
 def import_params(ext: ExternalTeacher) -> dict[str, Any]:
     """The section's keys and its files' sha256: new weights re-import the teacher."""
     files = {"source": ext.source, "weights": ext.weights}
     files |= {"class_names": ext.class_names, "keep_classes": ext.keep_classes}
+    files |= {"prompts": ext.prompts}
     digests = {k: storage.sha256(v) for k, v in files.items() if v and storage.is_file(v)}
     return {**cfglib.to_dict(ext), "digests": digests}
 
@@ -36,12 +35,11 @@ def import_teacher(
     directory: str,
 ) -> dict[str, Any]:
     """Load the teacher, check its classes, write ``directory/checkpoint.pt``; its figures."""
-    spec = TeacherSpec(ext.source, **{k: getattr(ext, k) for k in _SPEC})
-    loaded = load_teacher(spec)
+    loaded = load_teacher(teacher_spec(ext.source, ext))
     data = resolve_classes(expand_shards(labeled), class_names, None)
     _check_classes(loaded.meta["classes"], data, ext)
-    script = ext.source if loaded.source.get("source") == "torchscript" else None
-    ckpt = teacher_checkpoint(loaded, {"teacher": params}, script)
+    archive = ext.source if loaded.source.get("source") in REFERENCED else None
+    ckpt = teacher_checkpoint(loaded, {"teacher": params}, archive)
     save_checkpoint(storage.join(directory, "checkpoint.pt"), ckpt)
     return {"source": loaded.source["source"], "classes": loaded.meta["num_classes"]}
 
