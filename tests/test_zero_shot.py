@@ -263,3 +263,21 @@ def test_missing_open_clip_says_how_to_install_it(
     with pytest.raises(UserError, match=r"pip install 'ssl_kd\[clip\]'") as err:
         load_teacher(spec)
     assert "\n" not in str(err.value)
+
+
+def test_an_open_clip_without_its_tower_builder_is_one_line(
+    clip_files: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = TeacherSpec(
+        f"open_clip:{clip_files['config']}",
+        weights=clip_files["weights"],
+        class_names=clip_files["class_names"],
+    )
+    ckpt = tmp_path / "imported.pt"
+    save_checkpoint(ckpt, teacher_checkpoint(load_teacher(spec), {}))
+    # An imported teacher is rebuilt with a private open_clip function; a release without it
+    # gets the supported range, not an ImportError.
+    monkeypatch.delattr(open_clip.model, "_build_vision_tower")
+    with pytest.raises(UserError, match=r"open_clip_torch>=3.0,<4") as err:
+        load_teacher(TeacherSpec(str(ckpt)))
+    assert "\n" not in str(err.value)

@@ -166,7 +166,16 @@ def rebuild(tower: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> Class
     # open_clip's own builder of the image tower alone: its public constructors also build the
     # text tower, which an imported teacher no longer has (and for Hugging Face text towers
     # would fetch their config).
-    from open_clip.model import _build_vision_tower
+    try:  # a private function: fail with the fix, not an ImportError, where it moved
+        from open_clip.model import _build_vision_tower
+    except ImportError:
+        import open_clip
+
+        raise UserError(
+            f"open_clip {open_clip.__version__} lacks open_clip.model._build_vision_tower, which "
+            "rebuilds an imported CLIP teacher; install a 3.x release (pip install "
+            "'open_clip_torch>=3.0,<4')"
+        ) from None
 
     visual = _build_vision_tower(tower["embed_dim"], tower["vision_cfg"], tower["quick_gelu"])
     num_classes = int(state_dict["head.weight"].shape[0])
