@@ -71,11 +71,13 @@ class TensorBoardLog:
         """Flush, stop the writer's thread and remove a temp directory."""
         if self._writer is None:
             return
-        self._writer.close()
-        self._upload()
-        if self.remote:
-            shutil.rmtree(self._local, ignore_errors=True)
-        self._writer = None
+        try:
+            self._writer.close()
+            self._upload()
+        finally:  # the temp directory goes even when the store refused the upload
+            if self.remote:
+                shutil.rmtree(self._local, ignore_errors=True)
+            self._writer = None
 
     def _open(self) -> Any:
         if self._writer is None:
