@@ -6,19 +6,40 @@ FMNIST ?= /usr/share/datasets/fashion-mnist
 RUN ?= runs/demo
 CONFIG ?= configs/fashion_mnist.yaml
 SSL_KD := $(VENV)/bin/ssl-kd
+# The tested version of every package: each install below takes its pins (`make lock` refreshes).
+LOCK := constraints.txt
+LOCK_VENV ?= .venv-lock
 FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz \
                 t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
 
-.PHONY: demo oracle same-arch features ablations test test-fast lint fashion-mnist clean
+.PHONY: demo oracle same-arch features ablations test test-fast lint lock fashion-mnist clean
 
-$(VENV)/.installed: pyproject.toml
+# A changed lock or pyproject.toml reinstalls: pip moves every package to its pinned version.
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -e .
+	$(VENV)/bin/pip install -c $(LOCK) -e .
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed
-	$(VENV)/bin/pip install -e '.[dev]'
+$(VENV)/.installed-dev: $(VENV)/.installed $(LOCK)
+	$(VENV)/bin/pip install -c $(LOCK) -e '.[dev]'
 	touch $@
+
+# Resolve pyproject.toml's ranges afresh, in a new venv with every extra, and pin what was
+# installed (the project itself excluded). A constraint only pins a package that something
+# requires, so a dependency added since is installed unpinned until this runs again.
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -e .
+	extras=$$($(LOCK_VENV)/bin/python -c "from importlib.metadata import metadata; \
+	  print(','.join(metadata('ssl_kd').get_all('Provides-Extra') or []))"); \
+	  $(LOCK_VENV)/bin/pip install -e ".[$$extras]"
+	{ echo "# Tested versions, pinned by make lock (Python $$($(LOCK_VENV)/bin/python -c \
+	  'import platform; print(platform.python_version(), platform.system(), platform.machine())'))."; \
+	  echo "# Every install here takes them: pip install -c constraints.txt -e '.[dev]'"; \
+	  $(LOCK_VENV)/bin/pip freeze --exclude-editable; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf $(LOCK_VENV)
 
 # Installs the Debian package when the default directory is missing and we are root.
 fashion-mnist:

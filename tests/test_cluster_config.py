@@ -29,7 +29,8 @@ def test_aws_cluster_file_is_valid_with_gpu_and_cpu_workers():
     ]
     assert gpu and cpu
     assert cfg["max_workers"] >= 1 and cfg["idle_timeout_minutes"] >= 1
-    assert any("pip install" in c and "ssl_kd" in c for c in cfg["setup_commands"])
+    installs = [c for c in cfg["setup_commands"] if "pip install" in c and "ssl_kd" in c]
+    assert installs and all("-c /home/ubuntu/ssl_kd/constraints.txt" in c for c in installs)
     # The dashboard (and the Jobs API behind it) is reached through an SSH tunnel only.
     assert "--dashboard-host=127.0.0.1" in _start_commands(cfg)
     assert "0.0.0.0" not in (ROOT / "cluster.yaml").read_text()
@@ -39,6 +40,8 @@ def test_onprem_cluster_file_is_valid():
     cfg = validate_cluster_file(ROOT / "cluster-onprem.yaml")
     assert cfg["provider"]["type"] == "local"
     assert "--dashboard-host=127.0.0.1" in _start_commands(cfg)
+    installs = [c for c in cfg["setup_commands"] if "pip install" in c and "ssl_kd" in c]
+    assert installs and all("-c /home/ubuntu/ssl_kd/constraints.txt" in c for c in installs)
 
 
 def test_invalid_cluster_file_is_one_clear_error(tmp_path):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import separable_images, write_labeled_shards
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ssl_kd.cli import main
 from ssl_kd.errors import UserError
@@ -290,6 +291,12 @@ def test_ray_two_workers_equal_steps_and_restart(
     assert ckpt["step"] == 12 and len(ckpt["ranks"]) == 2
     assert np.isfinite(s["val"]["top1"])
     assert again["resumed_at"] == again["step"] == 12
+    # Rank 0's TensorBoard files, one per attempt: the restart's purge leaves each step once.
+    assert len(list((tmp_path / "ray" / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    acc = EventAccumulator(str(tmp_path / "ray" / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [3, 6, 9, 12]
+    assert [e.step for e in acc.Scalars("val/top1")] == [12]
 
 
 def test_joint_training_reads_both_streams_and_resumes_exactly(

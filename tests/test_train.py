@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import crash_after
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from ssl_kd.errors import UserError
 from ssl_kd.evaluate.run import EvalConfig, run_evaluate
@@ -254,3 +255,8 @@ def test_ray_two_workers(separable_shards: dict[str, Path], tmp_path: Path) -> N
     assert json.loads((tmp_path / "ray" / "summary.json").read_text()) == s
     assert (tmp_path / "ray" / "config.yaml").is_file()
     assert format_summary(cfg, s).startswith("trained cnn for 12 steps -> ")
+    # TensorBoard curves from rank 0 alone: one event file, each logged step once.
+    (events,) = (tmp_path / "ray" / "tensorboard").glob("events.out.tfevents.*")
+    loaded = EventFileLoader(str(events)).Load()
+    steps = [e.step for e in loaded for v in e.summary.value if v.tag == "train/loss"]
+    assert steps == [3, 6, 9, 12]

@@ -110,6 +110,14 @@ def train_step(
     return {k: v.item() for k, v in parts.items()}
 
 
+def batch_targets(labels: Any, device: torch.device, non_blocking: bool) -> dict[str, torch.Tensor]:
+    """The loss's targets on ``device``: a batch of class ids, or the dict a pseudo-labeled
+    batch carries (soft label, stored embedding)."""
+    if isinstance(labels, dict):
+        return {k: v.to(device, non_blocking=non_blocking) for k, v in labels.items()}
+    return {"label": labels.to(device, non_blocking=non_blocking)}
+
+
 def stream_batches(
     dataset: ShardImageDataset,
     batch_size: int,

@@ -22,8 +22,9 @@ from ssl_kd.train.context import RunContext
 from ssl_kd.train.ema import WeightEMA
 from ssl_kd.train.features import FeatureDistiller
 from ssl_kd.train.inputs import Inputs
-from ssl_kd.train.loop import LossFn, MetricsLog, StreamState
+from ssl_kd.train.loop import LossFn, StreamState
 from ssl_kd.train.options import Config
+from ssl_kd.train.tensorboard import RunLog
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class TrainRun:
     dataset: ShardImageDataset
     loss_fn: LossFn
     val_urls: list[str]
-    metrics_log: MetricsLog | None
+    metrics_log: RunLog | None  # rank 0's metrics.jsonl and TensorBoard files
     scaler: torch.amp.GradScaler | None  # fp16 only
     channels_last: bool
     loader_workers: int  # DataLoader worker processes (0: read in this process)
@@ -104,6 +105,8 @@ def resume(run: TrainRun) -> None:
         cfglib.save(cfg, storage.join(cfg.out, "config.yaml"))
         if run.metrics_log:
             run.metrics_log.keep_until(run.step)
+        if run.step >= cfg.steps and storage.is_file(storage.join(cfg.out, "summary.json")):
+            run.metrics_log = None  # a finished run run again: its final evaluation is logged
     run.train_model = ctx.wrap_model(run.distiller or run.model)
 
 

@@ -11,14 +11,16 @@ hard loss; the configs differ in their keys and in how a rank seeds its augmenta
 order (``cfg.stream_seeds``). With ``ssl`` any of them also learns from an unlabeled pool
 (:mod:`ssl_kd.train.consistency`). Recipes and input format: :mod:`ssl_kd.train.recipes`.
 
-Outputs in ``out``: ``config.yaml``, ``metrics.jsonl`` (rank 0), ``checkpoint.pt`` and
-``summary.json``. Resumable state (:mod:`ssl_kd.train.run_state`) is checkpointed every
-``ckpt_every`` steps: to ``out/checkpoint.pt`` locally, through ``ray.train.report`` under
-``out/ray`` on Ray, where ``FailureConfig(max_failures)`` restarts resume from it.
+Outputs in ``out``: ``config.yaml``, ``metrics.jsonl`` and ``tensorboard/`` (rank 0:
+:mod:`ssl_kd.train.tensorboard`), ``checkpoint.pt``, ``summary.json``. Resumable state
+(:mod:`ssl_kd.train.run_state`) is checkpointed every ``ckpt_every`` steps: to
+``out/checkpoint.pt`` locally, through ``ray.train.report`` under ``out/ray`` on Ray, where
+``FailureConfig(max_failures)`` restarts resume from it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -40,10 +42,7 @@ from ssl_kd.models.checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
 )
-from ssl_kd.models.preprocess import (
-    augment,
-    normalize,
-)
+from ssl_kd.models.preprocess import augment, normalize
 from ssl_kd.models.registry import create_model
 from ssl_kd.shards import expand_shards
 from ssl_kd.shards.dataset import ShardImageDataset
@@ -52,7 +51,7 @@ from ssl_kd.train.context import RunContext
 from ssl_kd.train.ema import WeightEMA
 from ssl_kd.train.features import FeatureDistiller, with_feature_loss
 from ssl_kd.train.inputs import Inputs, read_inputs
-from ssl_kd.train.loop import MetricsLog, stream_batches, train_step
+from ssl_kd.train.loop import batch_targets, stream_batches, train_step
 from ssl_kd.train.losses import joint_loss, student_loss
 from ssl_kd.train.optim import build_optimizer
 from ssl_kd.train.options import Config, joint_split
@@ -60,6 +59,7 @@ from ssl_kd.train.recipes import image_transform, loader_workers
 from ssl_kd.train.run_state import TrainRun, checkpoint_state, resume
 from ssl_kd.train.schedule import lr_schedule
 from ssl_kd.train.strong_augment import strong_augment
+from ssl_kd.train.tensorboard import RunLog
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,9 @@ FAIL_ONCE_ENV = "SSL_KD_FAIL_ONCE"
 def train_worker(cfg: Config, ctx: RunContext, progress: bool = True) -> dict[str, Any]:
     """The training loop of one rank; rank 0 returns the summary, the others an empty dict."""
     run = _setup(cfg, ctx)
-    resume(run)
-    seconds = _train_steps(run, progress)
-    return _finish(run, seconds)
+    with run.metrics_log or contextlib.nullcontext():  # closed after a failure too
+        resume(run)
+        return _finish(run, _train_steps(run, progress))
 
 
 def _setup(cfg: Config, ctx: RunContext) -> TrainRun:
@@ -115,7 +115,7 @@ def _setup(cfg: Config, ctx: RunContext) -> TrainRun:
             len(inputs.classes), cfg.threshold_mode, cfg.threshold, cfg.threshold_momentum
         )
         loss_fn = fixmatch_loss(loss_fn, thresholds, cfg.unsup_weight)
-    metrics = MetricsLog(storage.join(cfg.out, "metrics.jsonl")) if ctx.rank == 0 else None
+    metrics = RunLog(cfg.out) if ctx.rank == 0 else None
     val_urls = expand_shards(cfg.val_data) if cfg.val_data else []
     dataset = _dataset(cfg, inputs, ctx, data_seed)
     workers = loader_workers(
@@ -221,7 +221,7 @@ def _train_steps(run: TrainRun, progress: bool) -> float:
         )
     while run.step < cfg.steps:
         images, labels = next(batches)
-        targets = _targets(labels, run.device, run.pin_memory)
+        targets = batch_targets(labels, run.device, run.pin_memory)
         if labeled is not None:  # joint training: true-labeled images last in the batch
             true_images, true_labels = next(labeled)
             images = torch.cat([images, true_images])
@@ -293,14 +293,6 @@ def _with_pool(
     return torch.cat([images, strong]), weak_logits
 
 
-def _targets(labels: Any, device: torch.device, non_blocking: bool) -> dict[str, torch.Tensor]:
-    """The loss's targets on ``device``: a batch of class ids, or the dict a pseudo-labeled
-    batch carries (soft label, stored embedding)."""
-    if isinstance(labels, dict):
-        return {k: v.to(device, non_blocking=non_blocking) for k, v in labels.items()}
-    return {"label": labels.to(device, non_blocking=non_blocking)}
-
-
 def _maybe_fail(step: int) -> None:
     spec = os.environ.get(FAIL_ONCE_ENV)
     if not spec:
@@ -338,6 +330,8 @@ def _evaluate_and_checkpoint(run: TrainRun, bar: Any) -> None:
         else:
             log.info(note)
     if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        if run.metrics_log:  # the curves on storage reach the step a resume starts from
+            run.metrics_log.flush()
         run.ctx.save_checkpoint(checkpoint_state(run), {"step": step})
 
 
