@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -117,6 +118,18 @@ def test_pipeline_end_to_end_then_rerun_skips_everything(tmp_path, fake_fmnist):
     lost = 100 * (rows["oracle", 1]["top1"]["mean"] - rows["finetuned", 1]["top1"]["mean"])
     assert doc["goals"][0]["lost_to_label_errors_points"] == pytest.approx(lost)
     assert "| oracle | 1 |" in (root / "results/results.md").read_text()
+
+    # `tensorboard --logdir` on the run directory finds every training stage's curves.
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    board = EventMultiplexer(size_guidance={"scalars": 0}).AddRunsFromDirectory(str(root))
+    board.Reload()
+    runs = {run: tags["scalars"] for run, tags in board.Runs().items()}
+    for stage in ("teacher", "baseline/seed0", "round1/seed0/pretrain", "round2/seed1/finetune"):
+        run = os.path.join(stage, "tensorboard")
+        assert "train/loss" in runs[run], (stage, sorted(runs))
+        steps = [e.step for e in board.Scalars(run, "train/loss")]
+        assert steps and steps == sorted(set(steps)), stage
 
     again = run_pipeline(cfg, progress=False)
     assert set(_statuses(again).values()) == {"skipped"}
