@@ -26,7 +26,14 @@ from ssl_kd.train.ema import WeightEMA
 from ssl_kd.train.losses import student_loss
 from ssl_kd.train.options import TrainConfig
 from ssl_kd.train.run import run_train
-from ssl_kd.train.strong_augment import FILL, OPS, cutout, strong_augment
+from ssl_kd.train.strong_augment import (
+    FILL,
+    OPS,
+    _strong_augment,
+    cutout,
+    one_cpu_thread,
+    strong_augment,
+)
 
 
 def _batch(n: int = 64, channels: int = 1, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -46,6 +53,27 @@ def test_strong_augment_keeps_the_batch_and_draws_per_image(channels: int) -> No
     changed = (a != x).flatten(1).any(dim=1)
     assert changed.float().mean() > 0.9  # nearly every image altered (cutout alone does)
     assert torch.equal(strong_augment(x, ops=0, cutout_size=0), x)
+
+
+def test_strong_augment_runs_on_one_thread_and_gives_the_same_images() -> None:
+    # Its small kernels run on one CPU thread (faster on few busy cores); the images are the
+    # same as on several, and the caller's thread count comes back, also after an error.
+    images = torch.randint(0, 256, (64, 3, 20, 20), dtype=torch.uint8)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(3)
+        with one_cpu_thread(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+            one = strong_augment(images)
+        assert torch.get_num_threads() == 2
+        torch.manual_seed(3)
+        assert torch.equal(one, _strong_augment(images, 2, 0.5))
+        with pytest.raises(ValueError), one_cpu_thread(torch.device("cpu")):
+            raise ValueError
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
