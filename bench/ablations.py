@@ -105,9 +105,9 @@ def reuse(src: Path, out: Path) -> None:
         if not (src / name).is_dir() or (out / name).exists():
             continue
         shutil.copytree(src / name, out / name)
-        marker = marker_path(out, name)
+        marker = Path(marker_path(str(out), name))
         marker.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(marker_path(src, name), marker)
+        shutil.copy(marker_path(str(src), name), marker)
 
 
 def main(argv: list[str]) -> int:
@@ -132,7 +132,8 @@ def main(argv: list[str]) -> int:
     rows = []
     ks = [int(k) for k in args.k.split(",")]
     ps = [int(p) for p in args.p.split(",")]
-    for variant in variants(ks, ps, args.losses.split(",")):
+    losses = [loss for loss in args.losses.split(",") if loss]  # "" runs the K x P grid only
+    for variant in variants(ks, ps, losses):
         rows.append(run_variant(_apply(base, variant), variant))
         print(json.dumps(rows[-1]), file=sys.stderr)
     print(table(rows), file=sys.stderr)
