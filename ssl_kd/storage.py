@@ -15,6 +15,7 @@ import contextlib
 import fnmatch
 import functools
 import hashlib
+import io
 import os
 import shutil
 from collections.abc import Iterator
@@ -216,6 +217,12 @@ def read_bytes(url: PathLike) -> bytes:
     """The whole file or object."""
     with open_input(url) as fh:
         return fh.read()
+
+
+def loadable(url: PathLike) -> str | BinaryIO:
+    """What ``torch.load``, ``torch.export.load`` or ``zipfile`` can open: a local path as it
+    is (read lazily, no copy), an object store's object as its bytes in memory."""
+    return io.BytesIO(read_bytes(url)) if is_remote(url) else local_path(url)
 
 
 def read_text(url: PathLike) -> str:

@@ -16,7 +16,6 @@ dropout on) is refused: its labels would depend on the batch.
 
 from __future__ import annotations
 
-import io
 import zipfile
 from dataclasses import dataclass
 
@@ -89,7 +88,7 @@ def load_program(path: str) -> tuple[nn.Module, InputShape]:
     """The program's module and its input shape; UserError when it cannot label images."""
     shown = storage.display(path)
     try:
-        source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
+        source = storage.loadable(path)
         program = torch.export.load(source)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

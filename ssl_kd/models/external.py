@@ -29,7 +29,6 @@ renormalises over them (an ImageNet teacher labels for a 100-class task).
 
 from __future__ import annotations
 
-import io
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -125,7 +124,7 @@ def _archive_kind(path: str) -> str | None:
     """TorchScript archives are zip files with a ``code/`` directory, exported programs have
     their own layout (:func:`is_exported_program`); torch.save's zip files have neither."""
     try:
-        source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
+        source = storage.loadable(path)
         with zipfile.ZipFile(source) as z:
             if any("/code/" in n for n in z.namelist()):
                 return "torchscript"
@@ -288,7 +287,7 @@ class ScriptedTeacher(nn.Module):
 def _torchscript(spec: TeacherSpec, pp: Preprocess) -> LoadedTeacher:
     path = spec.teacher
     try:
-        source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
+        source = storage.loadable(path)
         with warnings.catch_warnings():
             # torch marks TorchScript deprecated; archives are still what many teams ship.
             warnings.simplefilter("ignore", FutureWarning)
