@@ -12,7 +12,7 @@ LOCK_VENV ?= .venv-lock
 FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz \
                 t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
 
-.PHONY: demo oracle same-arch features ablations test test-fast lint lock fashion-mnist clean
+.PHONY: demo oracle same-arch features ablations test test-cluster test-fast lint lock fashion-mnist clean
 
 # A changed lock or pyproject.toml reinstalls: pip moves every package to its pinned version.
 $(VENV)/.installed: pyproject.toml $(LOCK)
@@ -86,6 +86,10 @@ ablations: $(VENV)/.installed fashion-mnist
 
 test: $(VENV)/.installed-dev
 	$(VENV)/bin/python -m pytest
+
+# The multi-node fault tests alone (also part of make test), with a line per test.
+test-cluster: $(VENV)/.installed-dev
+	$(VENV)/bin/python -m pytest -m cluster -rA
 
 test-fast: $(VENV)/.installed-dev
 	$(VENV)/bin/python -m pytest -m "not slow"

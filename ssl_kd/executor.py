@@ -25,7 +25,8 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -45,11 +46,23 @@ def connect_ray() -> Any:
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
+        if not address:
             _start_local_ray(ray)
+        elif _on_loopback(address):
+            # A cluster whose nodes are 127.0.0.1 (`ray start --node-ip-address=127.0.0.1`):
+            # Ray would swap 127.0.0.1 for this machine's address, where no node listens.
+            with _local_only(ray):
+                ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
     return ray
+
+
+def _on_loopback(address: str) -> bool:
+    """Whether a ``RAY_ADDRESS`` (``host:port``, optionally ``ray://``) names this machine's
+    loopback interface."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
 
 
 def _start_local_ray(ray: Any) -> None:
@@ -66,14 +79,21 @@ def _start_local_ray(ray: Any) -> None:
     cluster from this process is unaffected. Ray's token authentication (on by default for a
     cluster ``ray.init`` starts, ``RAY_AUTH_MODE``) guards its gRPC and agent HTTP servers.
     """
+    with _local_only(ray):
+        # "local", not None: with None, ray.init attaches to any cluster that `ray start`
+        # left running on this machine (someone else's, or one about to be stopped).
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+
+
+@contextmanager
+def _local_only(ray: Any) -> Iterator[None]:
+    """Ray's local-only mode for the ``ray.init`` inside: node addresses stay 127.0.0.1."""
     from ray._private import ray_constants
 
     cluster = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        # "local", not None: with None, ray.init attaches to any cluster that `ray start`
-        # left running on this machine (someone else's, or one about to be stopped).
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = cluster
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import S3_SECRET, separable_images, write_labeled_shards
+from ray_nodes import TOKEN as RAY_TOKEN
+from ray_nodes import RayNodes
 
 from ssl_kd.datasets.idx import write_idx
 
@@ -107,3 +109,18 @@ def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Itera
     storage.clear_cache()
     yield f"s3://{bucket}"
     storage.clear_cache()
+
+
+@pytest.fixture
+def ray_nodes(monkeypatch: pytest.MonkeyPatch) -> Iterator[RayNodes]:
+    """A head (0 CPUs, drives only) and two 1-CPU worker nodes on 127.0.0.1, with token
+    authentication; stopped at the end, whatever the test did to them (tests/ray_nodes.py)."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", RAY_TOKEN)
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    nodes = RayNodes(workers=2)
+    try:
+        yield nodes
+    finally:
+        nodes.shutdown()
