@@ -149,7 +149,7 @@ COMMANDS: dict[str, Command] = {
             "select",
             "class-balanced top-K per class",
             runner="ssl_kd.select.run:run_select",
-            formatter="ssl_kd.select.run:format_summary",
+            formatter="ssl_kd.select.report:format_summary",
             config="ssl_kd.select.run:SelectConfig",
             pipeline_keys=frozenset({"labels", "out", "labeled_labels"}),
         ),

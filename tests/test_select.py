@@ -13,7 +13,8 @@ import pytest
 from ssl_kd.cli import main
 from ssl_kd.errors import UserError
 from ssl_kd.label.files import LabelMeta, build_table, write_labels
-from ssl_kd.select.run import SelectConfig, format_report, format_summary, run_select
+from ssl_kd.select.report import format_report, format_summary
+from ssl_kd.select.run import SelectConfig, run_select
 from ssl_kd.select.topk import SCORE_BINS, SELECTORS, HeapSelector, MergeSelector, TopK, otsu_floor
 
 C, K_STORED = 6, 4

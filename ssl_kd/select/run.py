@@ -33,6 +33,7 @@ from ssl_kd.label.files import LabelMeta, LabelSet, fixed_list, recorded_shard_s
 from ssl_kd.select import neighbours as nb
 from ssl_kd.select.dedup import leaked, near_duplicates
 from ssl_kd.select.files import build_selection, write_selection
+from ssl_kd.select.report import build_report
 from ssl_kd.select.topk import (
     SCORE_BINS,
     SELECTORS,
@@ -260,7 +261,7 @@ def run_select(cfg: SelectConfig) -> dict[str, Any]:
     if checked is not None:
         weight = nb.row_weights(cfg.weights, checked, rep, meta.num_classes)
     table = build_selection(table, cls_ids, score, rank, rep, weight)
-    report = _report(cfg, meta.classes, best, cls_ids, score, rep, removed, floors)
+    report = build_report(cfg, meta.classes, best, cls_ids, score, rep, removed, floors)
     if checked is not None:
         report["neighbours"] = checked.report
     t_rows = time.perf_counter()
@@ -338,75 +339,3 @@ def _filter(
     removed["leaked"] += np.bincount(cls_ids[leak[inverse]], minlength=n_cls)
     removed["duplicates"] += np.bincount(cls_ids[dup[inverse]], minlength=n_cls)
     return ~(leak | dup)[inverse]
-
-
-def _report(
-    cfg: SelectConfig,
-    classes: list[str],
-    best: TopK,
-    cls_ids: np.ndarray,
-    score: np.ndarray,
-    rep: np.ndarray,
-    removed: dict[str, np.ndarray],
-    floors: np.ndarray,
-) -> dict[str, Any]:
-    # cls_ids is sorted (class-major), so each class is one contiguous run.
-    n_cls = len(classes)
-    selected = np.bincount(cls_ids, minlength=n_cls)
-    with_repeats = np.bincount(cls_ids, weights=rep, minlength=n_cls).astype(np.int64)
-    sums = np.bincount(cls_ids, weights=score, minlength=n_cls)
-    starts = np.concatenate([[0], np.cumsum(selected)[:-1]])
-    per_class = []
-    for c, name in enumerate(classes):
-        n = int(selected[c])
-        per_class.append(
-            {
-                "class": c,
-                "name": name,
-                "candidates": int(best.candidates[c]),
-                "selected": n,
-                "with_repeats": int(with_repeats[c]),
-                # ranks run best first: the class's minimum is its last selected score
-                "min_score": float(score[starts[c] + n - 1]) if n else None,
-                "mean_score": float(sums[c] / n) if n else None,
-                "duplicates_removed": int(removed["duplicates"][c]),
-                "leaked_removed": int(removed["leaked"][c]),
-                "score_floor": float(floors[c]),
-                "below_floor_removed": int(removed["below_floor"][c]),
-            }
-        )
-    short = [p["class"] for p in per_class if p["selected"] < cfg.per_class]
-    return {
-        "per_class_k": cfg.per_class,
-        "top_p": cfg.top_p,
-        "selected": len(cls_ids),
-        "with_repeats": int(rep.sum()),
-        "short_classes": short,
-        "duplicates_removed": int(removed["duplicates"].sum()),
-        "leaked_removed": int(removed["leaked"].sum()),
-        "below_floor_removed": int(removed["below_floor"].sum()),
-        "per_class": per_class,
-        "config": cfglib.to_dict(cfg),
-    }
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """A printable per-class table."""
-    lines = [f"{'class':<20} {'candidates':>10} {'selected':>9} {'min':>7} {'mean':>7}"]
-    for p in report["per_class"]:
-        lo = f"{p['min_score']:.3f}" if p["min_score"] is not None else "-"
-        mean = f"{p['mean_score']:.3f}" if p["mean_score"] is not None else "-"
-        mark = " short" if p["selected"] < report["per_class_k"] else ""
-        lines.append(
-            f"{p['name'][:20]:<20} {p['candidates']:>10} {p['selected']:>9} {lo:>7} {mean:>7}{mark}"
-        )
-    return "\n".join(lines)
-
-
-def format_summary(cfg: SelectConfig, report: dict[str, Any]) -> str:
-    """What ``ssl-kd select`` prints: the per-class table, then one line."""
-    return (
-        f"{format_report(report)}\n"
-        f"selected {report['selected']} images ({report['with_repeats']} with repeats), "
-        f"{len(report['short_classes'])} classes short of {cfg.per_class} -> {cfg.out}"
-    )
