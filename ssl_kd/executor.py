@@ -25,12 +25,12 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ssl_kd.errors import UserError, environment_error
+from ssl_kd.ray_internals import local_only
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def connect_ray() -> Any:
         elif _on_loopback(address):
             # A cluster whose nodes are 127.0.0.1 (`ray start --node-ip-address=127.0.0.1`):
             # Ray would swap 127.0.0.1 for this machine's address, where no node listens.
-            with _local_only(ray):
+            with local_only():
                 ray.init(address=address, log_to_driver=False)
         else:
             ray.init(address=address, log_to_driver=False)
@@ -71,31 +71,14 @@ def _start_local_ray(ray: Any) -> None:
     Every Ray server binds to loopback when the node's IP is 127.0.0.1 and to all interfaces
     otherwise: the GCS, raylet and worker gRPC servers, the dashboard and runtime-env agents,
     the Prometheus ``/metrics`` servers of the agent, dashboard and autoscaler. The node IP
-    is not an argument: ``ray.init(_node_ip_address="127.0.0.1")`` is swapped for the machine's
-    address (``ray._private.services.resolve_ip_for_localhost``). It is 127.0.0.1 when Ray's
-    local-only mode is on (``ray_constants.ENABLE_RAY_CLUSTER`` false, Ray's default on macOS
-    and Windows), read once when ``ray.init`` starts the node, which then hands it to every
-    process it starts; the flag is restored afterwards, so that a later connection to a real
-    cluster from this process is unaffected. Ray's token authentication (on by default for a
+    is not a public argument: it is 127.0.0.1 in Ray's local-only mode
+    (:func:`~ssl_kd.ray_internals.local_only`). Ray's token authentication (on by default for a
     cluster ``ray.init`` starts, ``RAY_AUTH_MODE``) guards its gRPC and agent HTTP servers.
     """
-    with _local_only(ray):
+    with local_only():
         # "local", not None: with None, ray.init attaches to any cluster that `ray start`
         # left running on this machine (someone else's, or one about to be stopped).
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
-
-
-@contextmanager
-def _local_only(ray: Any) -> Iterator[None]:
-    """Ray's local-only mode for the ``ray.init`` inside: node addresses stay 127.0.0.1."""
-    from ray._private import ray_constants
-
-    cluster = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = cluster
 
 
 def cluster_resources() -> dict[str, float]:
