@@ -52,10 +52,46 @@ def connect_ray() -> Any:
             # A cluster whose nodes are 127.0.0.1 (`ray start --node-ip-address=127.0.0.1`):
             # Ray would swap 127.0.0.1 for this machine's address, where no node listens.
             with local_only():
-                ray.init(address=address, log_to_driver=False)
+                _join(ray, address)
         else:
-            ray.init(address=address, log_to_driver=False)
+            _join(ray, address)
     return ray
+
+
+def _join(ray: Any, address: str) -> None:
+    """``ray.init(address)``; a refused token becomes one UserError line.
+
+    A token that is missing here fails at once (``AuthenticationError``); one the cluster refuses
+    (wrong, or not sent because ``RAY_AUTH_MODE`` is not ``token``: an explicit address never
+    turns token mode on) is retried by Ray about once a second, ``RAY_NUM_REDIS_GET_RETRIES``
+    times (20 by default), then ends as a ``ConnectionError`` whose cause names Ray's
+    ``InvalidAuthToken``. Either way the driver stops within about half a minute.
+    """
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except (ray.exceptions.AuthenticationError, ConnectionError, RuntimeError) as exc:
+        if not _refused_token(exc, ray.exceptions.AuthenticationError):
+            raise
+        mode = os.environ.get("RAY_AUTH_MODE", "")
+        hint = "" if mode.lower() == "token" else f" (RAY_AUTH_MODE is '{mode}', not 'token')"
+        raise UserError(
+            f"the Ray cluster at {address} refused this driver: its authentication token is "
+            f"missing or wrong{hint}; set RAY_AUTH_MODE=token and the cluster's token in "
+            "RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the head prints it)"
+        ) from None
+
+
+def _refused_token(exc: BaseException, auth_error: type[BaseException]) -> bool:
+    """Whether ``exc`` or an exception it came from is Ray's refusal of a token."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        # Ray's connect loop keeps only the text of its last error (a traceback) in its own.
+        if isinstance(cause, auth_error) or "InvalidAuthToken" in str(cause):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _on_loopback(address: str) -> bool:
