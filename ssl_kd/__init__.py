@@ -4,7 +4,8 @@ The package is layered; a module imports only from its own layer and the layers 
 upward and never in a circle (``tests/test_layers.py`` holds the tree to this order):
 
 1. infrastructure: ``errors``, ``config``, ``storage``, ``atomic``, ``dir_lock`` (one writer
-   per output directory), ``device``, ``executor`` (in-process or Ray, one retry policy),
+   per output directory), ``device``, ``ray_internals`` (every private Ray name, behind a
+   check of Ray's version), ``executor`` (in-process or Ray, one retry policy),
    ``figures``, ``cluster_config``, ``stages`` (the one stage table, as import strings);
 2. data: ``shards/`` (spec expansion, tar read/write, decoding, soft-label members) and
    ``datasets/``;

@@ -1,8 +1,8 @@
 """Offline validation of Ray autoscaler cluster files (``cluster.yaml``), as ``ray up`` reads them.
 
 Ray has no dry run for ``ray up``; its own config preparation and JSON-schema validation are
-private functions (``ray.autoscaler._private.util``), so they are wrapped here, in one place, and
-their failures become one :class:`UserError` line.
+private functions, reached through :mod:`ssl_kd.ray_internals` only, and their failures become
+one :class:`UserError` line.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 from ssl_kd.config import option, read_yaml
 from ssl_kd.errors import UserError
+from ssl_kd.ray_internals import cluster_config_validators
 
 
 @dataclass(frozen=True)
@@ -26,10 +27,8 @@ class CheckClusterConfig:
 def validate_cluster_file(path: str | Path) -> dict[str, Any]:
     """Validate a cluster file with Ray's own schema and defaults; returns the prepared config."""
     raw = read_yaml(path, what="cluster file")
-    try:
-        from ray.autoscaler._private.util import prepare_config, validate_config
-    except ImportError as exc:  # the private API moved: say so rather than skip the check
-        raise UserError(f"this Ray version cannot validate cluster files offline ({exc})") from None
+    # A Ray whose private API moved says so (one UserError) rather than skip the check.
+    prepare_config, validate_config = cluster_config_validators()
     try:
         prepared = prepare_config(copy.deepcopy(raw))
         validate_config(prepared)

@@ -25,12 +25,12 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ssl_kd.errors import UserError, environment_error
+from ssl_kd.ray_internals import local_only
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,47 @@ def connect_ray() -> Any:
         elif _on_loopback(address):
             # A cluster whose nodes are 127.0.0.1 (`ray start --node-ip-address=127.0.0.1`):
             # Ray would swap 127.0.0.1 for this machine's address, where no node listens.
-            with _local_only(ray):
-                ray.init(address=address, log_to_driver=False)
+            with local_only():
+                _join(ray, address)
         else:
-            ray.init(address=address, log_to_driver=False)
+            _join(ray, address)
     return ray
+
+
+def _join(ray: Any, address: str) -> None:
+    """``ray.init(address)``; a refused token becomes one UserError line.
+
+    A token that is missing here fails at once (``AuthenticationError``); one the cluster refuses
+    (wrong, or not sent because ``RAY_AUTH_MODE`` is not ``token``: an explicit address never
+    turns token mode on) is retried by Ray about once a second, ``RAY_NUM_REDIS_GET_RETRIES``
+    times (20 by default), then ends as a ``ConnectionError`` whose cause names Ray's
+    ``InvalidAuthToken``. Either way the driver stops within about half a minute.
+    """
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except (ray.exceptions.AuthenticationError, ConnectionError, RuntimeError) as exc:
+        if not _refused_token(exc, ray.exceptions.AuthenticationError):
+            raise
+        mode = os.environ.get("RAY_AUTH_MODE", "")
+        hint = "" if mode.lower() == "token" else f" (RAY_AUTH_MODE is '{mode}', not 'token')"
+        raise UserError(
+            f"the Ray cluster at {address} refused this driver: its authentication token is "
+            f"missing or wrong{hint}; set RAY_AUTH_MODE=token and the cluster's token in "
+            "RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the head prints it)"
+        ) from None
+
+
+def _refused_token(exc: BaseException, auth_error: type[BaseException]) -> bool:
+    """Whether ``exc`` or an exception it came from is Ray's refusal of a token."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        # Ray's connect loop keeps only the text of its last error (a traceback) in its own.
+        if isinstance(cause, auth_error) or "InvalidAuthToken" in str(cause):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _on_loopback(address: str) -> bool:
@@ -71,31 +107,14 @@ def _start_local_ray(ray: Any) -> None:
     Every Ray server binds to loopback when the node's IP is 127.0.0.1 and to all interfaces
     otherwise: the GCS, raylet and worker gRPC servers, the dashboard and runtime-env agents,
     the Prometheus ``/metrics`` servers of the agent, dashboard and autoscaler. The node IP
-    is not an argument: ``ray.init(_node_ip_address="127.0.0.1")`` is swapped for the machine's
-    address (``ray._private.services.resolve_ip_for_localhost``). It is 127.0.0.1 when Ray's
-    local-only mode is on (``ray_constants.ENABLE_RAY_CLUSTER`` false, Ray's default on macOS
-    and Windows), read once when ``ray.init`` starts the node, which then hands it to every
-    process it starts; the flag is restored afterwards, so that a later connection to a real
-    cluster from this process is unaffected. Ray's token authentication (on by default for a
+    is not a public argument: it is 127.0.0.1 in Ray's local-only mode
+    (:func:`~ssl_kd.ray_internals.local_only`). Ray's token authentication (on by default for a
     cluster ``ray.init`` starts, ``RAY_AUTH_MODE``) guards its gRPC and agent HTTP servers.
     """
-    with _local_only(ray):
+    with local_only():
         # "local", not None: with None, ray.init attaches to any cluster that `ray start`
         # left running on this machine (someone else's, or one about to be stopped).
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
-
-
-@contextmanager
-def _local_only(ray: Any) -> Iterator[None]:
-    """Ray's local-only mode for the ``ray.init`` inside: node addresses stay 127.0.0.1."""
-    from ray._private import ray_constants
-
-    cluster = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = cluster
 
 
 def cluster_resources() -> dict[str, float]:

@@ -32,8 +32,12 @@ class RayNodes:
     """A head (0 CPUs) and worker nodes on 127.0.0.1; see the module docstring."""
 
     def __init__(self, workers: int = 2, object_store_memory: int = 150 * 1024**2, **node: Any):
+        from ray._raylet import AuthenticationTokenLoader
         from ray.cluster_utils import Cluster
 
+        # This process's Ray clients keep the token they read first: an in-process `ray.init`
+        # of an earlier test may have read ~/.ray/auth_token. Read this test bed's instead.
+        AuthenticationTokenLoader.instance().reset_cache()
         self._node = {"node_ip_address": "127.0.0.1", "object_store_memory": object_store_memory}
         self.dashboard_port = free_port()
         self.cluster = Cluster(

@@ -44,6 +44,21 @@ def test_onprem_cluster_file_is_valid():
     assert installs and all("-c /home/ubuntu/ssl_kd/constraints.txt" in c for c in installs)
 
 
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster-onprem.yaml"])
+def test_cluster_files_start_every_node_with_the_token(name):
+    """Ray's token goes to every node, and every node starts Ray in token mode (a head without
+    RAY_AUTH_MODE=token starts unauthenticated when it finds no token)."""
+    cfg = validate_cluster_file(ROOT / name)
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    starts = [
+        c
+        for key in ("head_start_ray_commands", "worker_start_ray_commands")
+        for c in cfg[key]
+        if "ray start" in c
+    ]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token ray start" in c for c in starts)
+
+
 def test_invalid_cluster_file_is_one_clear_error(tmp_path):
     bad = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     bad["available_node_types"]["gpu_worker"]["resources"] = "lots"

@@ -282,3 +282,62 @@ def test_ray_actors_replace_the_dead_and_retry(tmp_path: Path) -> None:
             on_done=on_done,
             max_retries=2,
         )
+
+
+class _RefusingRay:
+    """Stands in for ``ray``: ``init`` fails as Ray 2.60 does when the cluster refuses a token."""
+
+    def __init__(self, error: BaseException) -> None:
+        import ray
+
+        self.exceptions = ray.exceptions
+        self.error = error
+
+    def init(self, **kwargs: Any) -> None:
+        raise self.error
+
+
+def _refused_after_retries() -> ConnectionError:
+    """What ``ray.init(address)`` raises after its retries: the cause holds the last error's
+    traceback as text."""
+    try:
+        raise RuntimeError(
+            "Failed to connect to GCS. Last connection error: Traceback (most recent call last):"
+            "\nray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: Authentication "
+            "token is missing or incorrect"
+        )
+    except RuntimeError as cause:
+        try:
+            raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6379") from cause
+        except ConnectionError as exc:
+            return exc
+
+
+@pytest.mark.parametrize("mode", ["token", None])
+def test_a_refused_token_is_one_line_that_says_how_to_set_it(
+    monkeypatch: pytest.MonkeyPatch, mode: str | None
+) -> None:
+    from ray.exceptions import AuthenticationError
+
+    from ssl_kd.executor import _join
+
+    if mode is None:
+        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    else:
+        monkeypatch.setenv("RAY_AUTH_MODE", mode)
+    for error in (_refused_after_retries(), AuthenticationError("no token found")):
+        with pytest.raises(UserError) as err:
+            _join(_RefusingRay(error), "127.0.0.1:6379")
+        message = str(err.value)
+        assert "\n" not in message and "127.0.0.1:6379" in message
+        assert "token is missing or wrong" in message
+        assert "RAY_AUTH_TOKEN" in message and "~/.ray/auth_token" in message
+        assert ("not 'token'" in message) == (mode is None)
+
+
+def test_other_connection_errors_pass_through() -> None:
+    from ssl_kd.executor import _join
+
+    unreachable = ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379")
+    with pytest.raises(ConnectionError, match=r"10\.0\.0\.1"):
+        _join(_RefusingRay(unreachable), "10.0.0.1:6379")

@@ -19,6 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
         "ssl_kd.atomic",
         "ssl_kd.dir_lock",
         "ssl_kd.device",
+        "ssl_kd.ray_internals",
         "ssl_kd.executor",
         "ssl_kd.figures",
         "ssl_kd.cluster_config",

@@ -12,6 +12,7 @@ the workers' process group keeps to loopback as well (:class:`_LoopbackTorchConf
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -22,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
+from ray.train.backend import Backend
 from ray.train.torch import TorchConfig
-from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
 
 from ssl_kd import storage
 from ssl_kd.errors import UserError
@@ -33,6 +33,7 @@ from ssl_kd.train.context import RayContext
 Loop = Callable[[Any, Any, bool], dict[str, Any]]
 
 _listener: socket.socket | None = None  # rank 0's, from _listen_on_loopback to _join_group
+_SHUTDOWN_TIMEOUT_S = 30  # Ray's own torch backend waits this long for the group to go
 
 
 def _listen_on_loopback() -> int:
@@ -60,16 +61,46 @@ def _join_group(config: TorchConfig, rank: int, world_size: int, port: int) -> N
     )
 
 
-class _LoopbackTorchBackend(_TorchBackend):
-    """Ray's torch backend with the rendezvous on 127.0.0.1; shutdown is Ray's."""
+def _set_torch_env_vars() -> None:
+    """The variables ``torchrun`` sets (``RANK``, ``LOCAL_RANK``, ...), from Ray Train's context,
+    for libraries that read them."""
+    from ray.train.torch import get_device
+
+    ctx = ray.train.get_context()
+    os.environ["LOCAL_RANK"] = str(ctx.get_local_rank())
+    os.environ["LOCAL_WORLD_SIZE"] = str(ctx.get_local_world_size())
+    os.environ["NODE_RANK"] = str(ctx.get_node_rank())
+    os.environ["RANK"] = str(ctx.get_world_rank())
+    os.environ["WORLD_SIZE"] = str(ctx.get_world_size())
+    os.environ["ACCELERATE_TORCH_DEVICE"] = str(get_device())
+
+
+def _leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class _LoopbackTorchBackend(Backend):
+    """A torch backend (Ray's public ``Backend`` hooks) whose rendezvous is on 127.0.0.1; it
+    does what Ray's own does for gloo and NCCL, with the store on loopback."""
 
     def on_start(self, worker_group: Any, backend_config: TorchConfig) -> None:
         port = worker_group.execute_single(0, _listen_on_loopback)
-        if not isinstance(worker_group, V1WorkerGroup):  # as Ray's own on_start
-            worker_group.execute(_set_torch_distributed_env_vars)
         n = len(worker_group)
         join = worker_group.execute_single_async
         ray.get([join(i, _join_group, backend_config, i, n, port) for i in range(n)])
+
+    def on_training_start(self, worker_group: Any, backend_config: TorchConfig) -> None:
+        # Ray Train's context exists from here on in both worker-group versions.
+        worker_group.execute(_set_torch_env_vars)
+
+    def on_shutdown(self, worker_group: Any, backend_config: TorchConfig) -> None:
+        if len(worker_group) > 1:
+            # On a timeout the workers are stopped next in any case.
+            with contextlib.suppress(ray.exceptions.GetTimeoutError):
+                ray.get(worker_group.execute_async(_leave_group), timeout=_SHUTDOWN_TIMEOUT_S)
 
 
 @dataclass
