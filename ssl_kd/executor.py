@@ -12,7 +12,8 @@ The policy is the same for both, in-process and on Ray:
 
 - a :class:`~ssl_kd.errors.UserError` (bad input) or a full disk stops the run at once;
 - an exception listed in ``retry_on``, or a worker process that died, is retried until the job
-  has had ``max_retries + 1`` attempts; a dead Ray actor is replaced once and its jobs retried;
+  has had ``max_retries + 1`` attempts; a dead Ray actor is replaced (once per death, so a
+  replacement that dies is replaced too) and its jobs retried on whichever actor is free;
 - a job whose last attempt fails becomes a :class:`Failure`: with ``keep_going`` it is handed to
   ``on_done`` like a result, else the run stops with its exception (and Ray tasks still in
   flight are cancelled).
@@ -290,37 +291,90 @@ def _ray_actors(
 ) -> None:
     ray = connect_ray()
     actor_cls = ray.remote(worker_cls).options(**(actor_options or {}))
-    pool = [actor_cls.remote(*worker_args) for _ in range(max(1, min(actors, len(items))))]
-    queue = deque(range(len(items)))
-    inflight: dict[Any, tuple[int, Any]] = {}
-    replaced: dict[Any, Any] = {}
+    pool = _ActorPool(ray, lambda: actor_cls.remote(*worker_args), method, items, policy)
+    for _ in range(max(1, min(actors, len(items)))):
+        pool.start()
+    while pool.inflight or (pool.queue and pool.starting):
+        if pool.dead and not pool.inflight:
+            log.info("waiting for room on the cluster for %d worker(s)", len(pool.starting))
+        done, _ = ray.wait([*pool.inflight, *pool.starting], num_returns=1)
+        if done[0] in pool.starting:
+            pool.started(done[0])
+        else:
+            pool.finished(done[0], on_done)
+    if pool.queue:
+        raise RuntimeError(
+            f"every worker died and {pool.start_failures} replacements failed to start: "
+            f"{len(pool.queue)} job(s) not run"
+        )
 
-    def submit(actor: Any) -> None:
-        if queue:
-            i = queue.popleft()
-            policy.start(i)
-            inflight[getattr(actor, method).remote(items[i])] = (i, actor)
 
-    for actor in pool:  # two calls per actor: the next job is queued while one runs
-        submit(actor)
-        submit(actor)
-    while inflight:
-        done, _ = ray.wait(list(inflight), num_returns=1)
-        i, actor = inflight.pop(done[0])
+class _ActorPool:
+    """The actors of :func:`_ray_actors` and their jobs.
+
+    An actor gets jobs only once it is up: a replacement waits for room on the cluster (its node
+    is gone and none has taken its place yet) while the other actors carry on with the queue,
+    and starts working when a node joins. Every dead actor is replaced once, so a replacement
+    that dies is replaced too; a death costs each job queued on that actor an attempt. Actors
+    that die before they are up (a worker that cannot load its model) are replaced a bounded
+    number of times.
+    """
+
+    def __init__(
+        self, ray: Any, new: Callable[[], Any], method: str, items: Sequence[Any], policy: _Policy
+    ) -> None:
+        self.ray, self.new, self.method, self.items, self.policy = ray, new, method, items, policy
+        self.queue = deque(range(len(items)))
+        self.inflight: dict[Any, tuple[int, Any]] = {}  # a job's result -> (job, its actor)
+        self.starting: dict[Any, Any] = {}  # an actor's ready signal -> the actor
+        self.dead: set[Any] = set()
+        self.start_failures = 0
+        self.size = 0
+
+    def start(self) -> None:
+        actor = self.new()
+        self.starting[actor.__ray_ready__.remote()] = actor
+        self.size = max(self.size, len(self.starting))
+
+    def submit(self, actor: Any) -> None:
+        if self.queue and actor not in self.dead:
+            i = self.queue.popleft()
+            self.policy.start(i)
+            self.inflight[getattr(actor, self.method).remote(self.items[i])] = (i, actor)
+
+    def started(self, ready: Any) -> None:
+        """An actor is up (two calls queued: the next job is ready when one finishes), or died
+        starting."""
+        actor = self.starting.pop(ready)
         try:
-            result = ray.get(done[0])
+            self.ray.get(ready)
+        except self.ray.exceptions.RayError as exc:
+            self.start_failures += 1
+            log.warning("a worker died while starting: %s", _first_line(exc))
+            if self.start_failures <= self.size * (self.policy.max_retries + 1):
+                self.start()
+            return
+        self.submit(actor)
+        self.submit(actor)
+
+    def finished(self, ref: Any, on_done: OnDone) -> None:
+        """A job's call returned or failed: its result, a retry, or a Failure."""
+        ray, policy = self.ray, self.policy
+        i, actor = self.inflight.pop(ref)
+        what = self.items[i]
+        try:
+            result = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
-            # Both calls queued on a dead actor fail: replace it once, reuse the replacement.
-            if actor not in replaced:
-                log.warning("worker died on %s: %s; starting a new one", items[i], exc)
-                replaced[actor] = actor_cls.remote(*worker_args)
-            actor = replaced[actor]
-            result = policy.failed(i, exc, items[i], died=True)
+            if actor not in self.dead:  # every call queued on it fails: replace it once
+                log.warning("worker died on %s: %s; starting a new one", what, exc)
+                self.dead.add(actor)
+                self.start()
+            result = policy.failed(i, exc, what, died=True)
         except ray.exceptions.RayError as exc:
             died = not isinstance(exc, ray.exceptions.RayTaskError)
-            result = policy.failed(i, exc, items[i], died)
+            result = policy.failed(i, exc, what, died)
         if result is _AGAIN:
-            queue.append(i)
+            self.queue.append(i)
         else:
             on_done(i, result, policy.attempts[i])
-        submit(actor)
+        self.submit(actor)

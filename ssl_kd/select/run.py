@@ -72,6 +72,9 @@ class SelectConfig:
     executor: Literal["ray", "local"] = option(
         "ray", help="Ray tasks over label files, or local", operational=True
     )
+    max_retries: int = option(
+        2, help="retries of a Ray task whose worker or node died", min=0, operational=True
+    )
     kselect: Literal["faiss", "numpy"] = option(
         "faiss", help="per-class top-K by faiss heaps or numpy sorted merges (same result)"
     )
@@ -170,6 +173,7 @@ def _partials(cfg: SelectConfig, labels: LabelSet) -> list[TopK]:
         lambda g: (files[g::groups], *args),
         executor=cfg.executor,
         on_done=done,
+        max_retries=cfg.max_retries,  # a lost node's tasks: reading label files again is safe
         window=groups,
     )
     return parts
