@@ -305,3 +305,71 @@ def _ray_actors(
         else:
             on_done(i, result, policy.attempts[i])
         submit(actor)
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    """Every alive node of the cluster as ``{"node_id", "address", "resources"}``, connecting
+    first (``resources``: what the node has in total, ``CPU``, ``GPU``, ...)."""
+    ray = connect_ray()
+    return [
+        {
+            "node_id": n["NodeID"],
+            "address": n.get("NodeManagerAddress", "?"),
+            "resources": dict(n.get("Resources") or {}),
+        }
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+
+
+def only_this_node() -> bool:
+    """Whether the cluster is this process's node alone (nothing another node could miss)."""
+    ray = connect_ray()
+    this = ray.get_runtime_context().get_node_id()
+    return [n["node_id"] for n in alive_nodes()] == [this]
+
+
+def on_every_node(fn: Callable[..., Any], *args: Any, timeout: float = 120) -> dict[str, Any]:
+    """``fn(*args)`` once on each alive node, as a task that needs no CPU pinned there; node ID
+    → its result, or the exception it raised (a node that did not answer within ``timeout``
+    seconds: a ``TimeoutError``)."""
+    ray = connect_ray()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(fn)
+    refs = {
+        n["node_id"]: task.options(
+            num_cpus=0,
+            max_retries=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["node_id"], soft=False),
+        ).remote(*args)
+        for n in alive_nodes()
+    }
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+    answers: dict[str, Any] = {}
+    for node, ref in refs.items():
+        if ref not in ready:
+            ray.cancel(ref, force=True)
+            answers[node] = TimeoutError(f"no answer in {timeout:.0f} s")
+            continue
+        try:
+            answers[node] = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            answers[node] = exc
+    return answers
+
+
+def autoscaler_max_resources() -> dict[str, float] | None:
+    """The most of each resource an autoscaling cluster may grow to (its node types' limits),
+    or None when the cluster does not autoscale."""
+    connect_ray()
+    # Private, as Ray Train V2 reads it (worker_group.py) to refuse a request no node type
+    # can ever meet; there is no public API for the autoscaler's configured limits.
+    from ray._private.state import state
+
+    try:
+        limits = state.get_max_resources_from_cluster_config()
+    except Exception:  # an older GCS or none at all: treat as not autoscaling
+        log.debug("no autoscaler limits from the GCS", exc_info=True)
+        return None
+    return {k: float(v) for k, v in limits.items()} if limits else None
