@@ -69,6 +69,8 @@ def missing_resources(
     the one line saying what is missing. ``autoscaler_max``: an autoscaling cluster's limits,
     compared with instead of the nodes up now (nodes it will add are not known one by one)."""
     need = workers.need()
+    if workers.count <= 0 or not need:
+        return None
     asks = f"{workers.what} asks for {workers.count} worker(s) of " + " and ".join(
         _amount(v, k) for k, v in need.items()
     )
