@@ -9,7 +9,10 @@ known step however loaded the machine is. What is asserted is what was computed 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -146,6 +149,35 @@ def test_node_lost_with_no_replacement_fails_in_bounded_time(
     again = Run(cmd, ray_nodes.env, tmp_path / "again")
     assert again.wait(300) == 0, again.tail()
     assert_resumed_at_hold(out, json.loads((out / "summary.json").read_text()))
+
+
+def test_a_stuck_rank_fails_its_peer_after_the_dist_timeout(
+    tmp_path: Path, go: Path, ray_nodes
+) -> None:
+    """A rank that stops answering (SIGSTOP: alive, silent) is not waited for 30 minutes: its
+    peer's next collective fails after --dist-timeout, and the group restarts from the last
+    checkpoint."""
+    from ray.util.state import list_actors
+
+    data = write_pseudo_labeled(tmp_path / "pseudo")
+    out = tmp_path / "student"
+    run = Run(pretrain(data, str(out), "--dist-timeout", "20"), ray_nodes.env, tmp_path / "p")
+    wait_for(lambda: registered_step(out) == HOLD, 300, f"the step-{HOLD} checkpoint")
+    actors = list_actors(address=ray_nodes.jobs_address, detail=True, limit=1000)
+    ranks = [a for a in actors if "TrainWorker" in (a.class_name or "") and a.state == "ALIVE"]
+    assert len(ranks) == 2, actors
+    stuck = ranks[0].pid
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        stopped = time.monotonic()
+        go.touch()
+        assert run.wait(300) == 0, run.tail()
+        assert time.monotonic() - stopped < 240
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # Ray killed it when the group restarted
+            os.kill(stuck, signal.SIGKILL)
+    assert_resumed_at_hold(out, json.loads((out / "summary.json").read_text()))
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2
 
 
 def test_requests_the_cluster_cannot_meet_fail_at_once(tmp_path: Path, ray_nodes) -> None:
