@@ -6,6 +6,12 @@
 latest one, and rerunning the same command (same ``RunConfig(name, storage_path)``) resumes from
 it too.
 
+Before any worker starts, :func:`check_cluster` refuses in one line a request the cluster cannot
+hold and a local ``out`` some node cannot see (:mod:`ssl_kd.ray_resources`). A start or restart
+of the workers waits at most ``start_timeout`` seconds for room (Ray Train's own default: 60 s,
+retried without end), and a rank waits at most ``dist_timeout`` seconds in a collective for a
+stuck peer (torch's default: 30 minutes).
+
 On a Ray that listens on 127.0.0.1 only (the one :func:`~ssl_kd.executor.connect_ray` starts)
 the workers' process group keeps to loopback as well (:class:`_LoopbackTorchConfig`).
 """
