@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ssl_kd.errors import UserError, environment_error
-from ssl_kd.ray_internals import local_only
+from ssl_kd.ray_internals import autoscaler_limits, local_only
 
 log = logging.getLogger(__name__)
 
@@ -378,3 +378,62 @@ class _ActorPool:
         else:
             on_done(i, result, policy.attempts[i])
         self.submit(actor)
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    """Every alive node of the cluster as ``{"node_id", "address", "resources"}``, connecting
+    first (``resources``: what the node has in total, ``CPU``, ``GPU``, ...)."""
+    ray = connect_ray()
+    return [
+        {
+            "node_id": n["NodeID"],
+            "address": n.get("NodeManagerAddress", "?"),
+            "resources": dict(n.get("Resources") or {}),
+        }
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+
+
+def only_this_node() -> bool:
+    """Whether the cluster is this process's node alone (nothing another node could miss)."""
+    ray = connect_ray()
+    this = ray.get_runtime_context().get_node_id()
+    return [n["node_id"] for n in alive_nodes()] == [this]
+
+
+def on_every_node(fn: Callable[..., Any], *args: Any, timeout: float = 120) -> dict[str, Any]:
+    """``fn(*args)`` once on each alive node, as a task that needs no CPU pinned there; node ID
+    → its result, or the exception it raised (a node that did not answer within ``timeout``
+    seconds: a ``TimeoutError``)."""
+    ray = connect_ray()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(fn)
+    refs = {
+        n["node_id"]: task.options(
+            num_cpus=0,
+            max_retries=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["node_id"], soft=False),
+        ).remote(*args)
+        for n in alive_nodes()
+    }
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+    answers: dict[str, Any] = {}
+    for node, ref in refs.items():
+        if ref not in ready:
+            ray.cancel(ref, force=True)
+            answers[node] = TimeoutError(f"no answer in {timeout:.0f} s")
+            continue
+        try:
+            answers[node] = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            answers[node] = exc
+    return answers
+
+
+def autoscaler_max_resources() -> dict[str, float] | None:
+    """The most of each resource an autoscaling cluster may grow to (its node types' limits),
+    or None when the cluster does not autoscale."""
+    connect_ray()
+    return autoscaler_limits()

@@ -96,3 +96,15 @@ def cluster_config_validators() -> tuple[Callable[[Any], Any], Callable[[Any], A
     before it starts anything (defaults filled in, then the JSON schema checked)."""
     util = _private("ray.autoscaler._private.util", "prepare_config", "validate_config")
     return util.prepare_config, util.validate_config
+
+
+def autoscaler_limits() -> dict[str, float] | None:
+    """The most of each resource an autoscaling cluster may grow to (its node types' limits),
+    or None when it does not autoscale. Ray Train reads the same (its ``worker_group.py``) to
+    refuse a request no node type can ever meet; there is no public API for it."""
+    state = _private("ray._private.state", "state").state
+    try:
+        limits = state.get_max_resources_from_cluster_config()
+    except Exception:  # an older GCS or none at all: treat as not autoscaling
+        return None
+    return {k: float(v) for k, v in limits.items()} if limits else None

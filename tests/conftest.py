@@ -112,15 +112,22 @@ def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Itera
 
 
 @pytest.fixture
-def ray_nodes(monkeypatch: pytest.MonkeyPatch) -> Iterator[RayNodes]:
+def ray_nodes() -> Iterator[RayNodes]:
     """A head (0 CPUs, drives only) and two 1-CPU worker nodes on 127.0.0.1, with token
     authentication; stopped at the end, whatever the test did to them (tests/ray_nodes.py)."""
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", RAY_TOKEN)
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    nodes = RayNodes(workers=2)
-    try:
-        yield nodes
-    finally:
-        nodes.shutdown()
+    with pytest.MonkeyPatch.context() as env:  # undone before the token cache is dropped
+        env.setenv("RAY_AUTH_MODE", "token")
+        env.setenv("RAY_AUTH_TOKEN", RAY_TOKEN)
+        env.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        env.delenv("RAY_ADDRESS", raising=False)
+        nodes = RayNodes(workers=2)
+        try:
+            yield nodes
+        finally:
+            nodes.shutdown()
+    # This process's Ray clients keep the first token they read: without this, a later test's
+    # own Ray (whose token is ~/.ray/auth_token) is sent this one and refuses to start. (Ray's
+    # own tests do the same; imported only now: importing it reads the auth mode.)
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    reset_auth_token_state()

@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
         "ssl_kd.device",
         "ssl_kd.ray_internals",
         "ssl_kd.executor",
+        "ssl_kd.ray_resources",
         "ssl_kd.figures",
         "ssl_kd.cluster_config",
         "ssl_kd.stages",

@@ -36,6 +36,7 @@ from ssl_kd.label.files import (
 )
 from ssl_kd.label.teacher import Teacher, decode_spec, label_shard_to_dir
 from ssl_kd.models.external import teacher_spec
+from ssl_kd.ray_resources import Workers, check_resources
 from ssl_kd.shards import expand_shards, shard_name
 from ssl_kd.shards.decode import DEFAULT_MAX_PIXELS
 from ssl_kd.shards.decode_pool import start_pool
@@ -246,6 +247,7 @@ def _label_all(
         args, actors, options = (cfg,), 1, None
     else:
         args, (actors, options) = (cfg, cfg.cpus_per_worker), _pool(cfg)
+        _check_room(cfg, min(actors, len(todo)), options)
     map_actors(
         worker_cls,
         args,
@@ -266,14 +268,24 @@ def _pool(cfg: LabelConfig) -> tuple[int, dict[str, Any]]:
     """Ray actors to start and the resources of each: one per GPU, else per cpus_per_worker."""
     resources = cluster_resources()
     gpus = int(resources.get("GPU", 0))
-    use_gpu = gpus > 0 and cfg.device != "cpu"
+    # An explicit cuda device asks for a GPU even where none is: refused by _check_room.
+    use_gpu = cfg.device.startswith("cuda") or (gpus > 0 and cfg.device != "cpu")
     if cfg.workers:
         n = cfg.workers
     elif use_gpu:
-        n = gpus
+        n = max(1, gpus)
     else:
         n = max(1, int(resources.get("CPU", 1)) // cfg.cpus_per_worker)
     return n, {"num_cpus": cfg.cpus_per_worker, "num_gpus": 1 if use_gpu else 0}
+
+
+def _check_room(cfg: LabelConfig, actors: int, options: dict[str, Any]) -> None:
+    """Refuse, in one line, a pool the cluster cannot hold at once (its actors would wait for
+    resources without end, their shards with them)."""
+    gpu = options["num_gpus"] > 0
+    lower = "lower --workers" + (" or use --device cpu" if gpu else " or --cpus-per-worker")
+    workers = Workers("labeling", actors, options["num_cpus"], options["num_gpus"], lower)
+    check_resources(workers)
 
 
 def run_label(

@@ -261,6 +261,20 @@ class TrainConfig(TrainOptions):
     max_failures: int = option(
         2, help="Ray: worker-group restarts from the last checkpoint", min=0, operational=True
     )
+    start_timeout: float = option(
+        900.0,
+        help="Ray: seconds a start or restart of the workers waits for the cluster to have room "
+        "for all of them (a lost node replaced, an autoscaler's node up) before it fails",
+        gt=0,
+        operational=True,
+    )
+    dist_timeout: float = option(
+        600.0,
+        help="Ray: seconds a rank waits in a collective for its peers (a dead or stuck peer) "
+        "before it fails; above the longest pause of rank 0 alone (an evaluation)",
+        gt=0,
+        operational=True,
+    )
 
     def validate(self) -> None:
         """Cross-field checks (called by the config loader)."""
@@ -299,6 +313,20 @@ class StudentOptions(TrainOptions):
     )
     max_failures: int = option(
         2, help="worker-group restarts from the last checkpoint", min=0, operational=True
+    )
+    start_timeout: float = option(
+        900.0,
+        help="Ray: seconds a start or restart of the workers waits for the cluster to have room "
+        "for all of them (a lost node replaced, an autoscaler's node up) before it fails",
+        gt=0,
+        operational=True,
+    )
+    dist_timeout: float = option(
+        600.0,
+        help="Ray: seconds a rank waits in a collective for its peers (a dead or stuck peer) "
+        "before it fails; above the longest pause of rank 0 alone (an evaluation)",
+        gt=0,
+        operational=True,
     )
     device: str = option("auto", help="local executor: auto, cpu, cuda or cuda:N", operational=True)
 

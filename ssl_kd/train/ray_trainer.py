@@ -6,6 +6,12 @@
 latest one, and rerunning the same command (same ``RunConfig(name, storage_path)``) resumes from
 it too.
 
+Before any worker starts, :func:`check_cluster` refuses in one line a request the cluster cannot
+hold and a local ``out`` some node cannot see (:mod:`ssl_kd.ray_resources`). A start or restart
+of the workers waits at most ``start_timeout`` seconds for room (Ray Train's own default: 60 s,
+retried without end), and a rank waits at most ``dist_timeout`` seconds in a collective for a
+stuck peer (torch's default: 30 minutes).
+
 On a Ray that listens on 127.0.0.1 only (the one :func:`~ssl_kd.executor.connect_ray` starts)
 the workers' process group keeps to loopback as well (:class:`_LoopbackTorchConfig`).
 """
@@ -16,7 +22,8 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -120,9 +127,10 @@ def fit(loop: Loop, cfg: Any, progress: bool = True) -> dict[str, Any]:
     """Run ``loop`` on ``cfg.workers`` Ray Train workers; returns the summary.json it wrote.
 
     ``loop`` travels to the workers pickled: pass a module-level function (pickled by name).
-    ``cfg`` needs ``out``, ``workers``, ``use_gpu`` and ``max_failures``.
+    ``cfg`` needs ``out``, ``workers``, ``use_gpu``, ``max_failures``, ``start_timeout`` and
+    ``dist_timeout``.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ssl_kd.executor import connect_ray
@@ -130,27 +138,89 @@ def fit(loop: Loop, cfg: Any, progress: bool = True) -> dict[str, Any]:
     connect_ray()
     # Ray Train opens an s3:// storage path with pyarrow itself; a local one must be absolute.
     out = cfg.out if storage.is_remote(cfg.out) else str(Path(cfg.out).resolve())
+    check_cluster(cfg, out)
     # A Ray whose node is 127.0.0.1 has no other node: its workers can meet on loopback.
     local = ray.util.get_node_ip_address() == "127.0.0.1"
-    backend = "nccl" if cfg.use_gpu else "gloo"
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"loop": loop, "cfg": cfg, "progress": progress},
-        torch_config=_LoopbackTorchConfig(backend=backend) if local else None,
+        torch_config=_torch_config(cfg, local),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
         run_config=RunConfig(
             name="train",
             storage_path=storage.join(out, "ray"),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            failure_config=_failure_config(cfg),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
     try:
-        trainer.fit()
+        with _start_timeout(cfg.start_timeout):
+            trainer.fit()
     except Exception as exc:  # Ray wraps the worker's error; its first line says what failed
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"training failed after {cfg.max_failures} restarts: {first}") from exc
+        raise UserError(_failure_line(cfg, exc)) from exc
     summary_path = storage.join(out, "summary.json")
     if not storage.is_file(summary_path):
         raise UserError(f"training ended without writing {summary_path}")
     return json.loads(storage.read_text(summary_path))
+
+
+def check_cluster(cfg: Any, out: str) -> None:
+    """Before any worker starts: the cluster can hold every worker at once, and a local ``out``
+    is seen by every node (:mod:`ssl_kd.ray_resources`); else one line says what is missing."""
+    from ssl_kd.ray_resources import Workers, check_resources, check_shared_dir
+
+    lower = "lower --workers or drop --use-gpu" if cfg.use_gpu else "lower --workers"
+    gpus = 1 if cfg.use_gpu else 0  # Ray Train's default worker: one GPU, else one CPU
+    check_resources(Workers("training", cfg.workers, 1 - gpus, gpus, lower))
+    if not storage.is_remote(out):
+        check_shared_dir(out)
+
+
+def _torch_config(cfg: Any, local: bool) -> TorchConfig:
+    """The process group: gloo or NCCL, meeting on loopback on a one-machine Ray, with a
+    collective timeout of ``cfg.dist_timeout`` (torch's default is 30 minutes)."""
+    backend = "nccl" if cfg.use_gpu else "gloo"
+    config_cls = _LoopbackTorchConfig if local else TorchConfig
+    return config_cls(backend=backend, timeout_s=int(cfg.dist_timeout))
+
+
+def _failure_config(cfg: Any) -> Any:
+    """``max_failures`` restarts after worker failures, and as many after a start of the
+    workers that failed or found no room (Ray's default retries those without end)."""
+    from ray.train import FailureConfig
+
+    return FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=cfg.max_failures)
+
+
+# Ray Train V2 reads it in the driver and hands it to its controller (ENV_VARS_TO_PROPAGATE).
+_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+@contextmanager
+def _start_timeout(seconds: float) -> Iterator[None]:
+    """How long one start of the worker group waits for its placement group, for this fit."""
+    before = os.environ.get(_START_TIMEOUT_ENV)
+    os.environ[_START_TIMEOUT_ENV] = str(seconds)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_START_TIMEOUT_ENV, None)
+        else:
+            os.environ[_START_TIMEOUT_ENV] = before
+
+
+def _failure_line(cfg: Any, exc: BaseException) -> str:
+    """The one line of a failed fit: no room for the workers (a node lost and not replaced),
+    or the first line of the worker's error."""
+    cause = getattr(exc, "controller_failure", None)
+    if type(cause).__name__ == "WorkerGroupStartupTimeoutError":
+        what = f"{cfg.workers} worker(s) of 1 {'GPU' if cfg.use_gpu else 'CPU'}"
+        return (
+            f"training stopped: the Ray cluster had no room for {what} within "
+            f"--start-timeout {cfg.start_timeout:g} s, {cfg.max_failures + 1} time(s) (a node "
+            "lost and not replaced?); add nodes or lower --workers, then rerun the same command "
+            "to resume from the last checkpoint"
+        )
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"training failed after {cfg.max_failures} restarts: {first}"

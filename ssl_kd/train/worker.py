@@ -66,6 +66,9 @@ log = logging.getLogger(__name__)
 
 # Fault injection for the restart tests: "PATH:STEP" fails once at STEP, leaving PATH behind.
 FAIL_ONCE_ENV = "SSL_KD_FAIL_ONCE"
+# For the node-loss tests: "PATH:STEP" holds every rank after step STEP (and its checkpoint)
+# until PATH exists, so that a node is lost at a known step however fast or slow training is.
+HOLD_ENV = "SSL_KD_HOLD_AT"
 
 
 def train_worker(cfg: Config, ctx: RunContext, progress: bool = True) -> dict[str, Any]:
@@ -256,6 +259,7 @@ def _train_steps(run: TrainRun, progress: bool) -> float:
             _log_window(run, window, time.perf_counter() - t0, bar)
             window.clear()
         _evaluate_and_checkpoint(run, bar)
+        _maybe_hold(run.step)
     batches.close()  # stops the loader workers now, not whenever the generator is collected
     for stream in (labeled, pool):
         if stream is not None:
@@ -301,6 +305,16 @@ def _maybe_fail(step: int) -> None:
     if step == int(at) and not os.path.exists(path):
         Path(path).write_text(f"failed once at step {step}\n")
         raise RuntimeError(f"injected failure at step {step} ({FAIL_ONCE_ENV})")
+
+
+def _maybe_hold(step: int, limit_s: float = 600) -> None:
+    spec = os.environ.get(HOLD_ENV)
+    if not spec:
+        return
+    path, at = spec.rsplit(":", 1)
+    deadline = time.monotonic() + limit_s
+    while step == int(at) and not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def _log_window(run: TrainRun, window: list[dict[str, float]], elapsed: float, bar: Any) -> None:
