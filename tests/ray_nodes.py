@@ -31,7 +31,13 @@ def free_port() -> int:
 class RayNodes:
     """A head (0 CPUs) and worker nodes on 127.0.0.1; see the module docstring."""
 
-    def __init__(self, workers: int = 2, object_store_memory: int = 150 * 1024**2, **node: Any):
+    def __init__(
+        self,
+        workers: int = 2,
+        object_store_memory: int = 150 * 1024**2,
+        temp_dir: str | None = None,
+        **node: Any,
+    ):
         from ray._raylet import AuthenticationTokenLoader
         from ray.cluster_utils import Cluster
 
@@ -50,8 +56,17 @@ class RayNodes:
                 "dashboard_port": self.dashboard_port,
                 # Ray's default (52365) is taken whenever another Ray runs on this machine.
                 "dashboard_agent_listen_port": free_port(),
+                # Ray's own directory (the worker nodes take the head's) instead of /tmp/ray.
+                **({"temp_dir": temp_dir} if temp_dir else {}),
             },
         )
+        if temp_dir:
+            # A job's driver is told the cluster that `temp_dir/ray_current_cluster` names
+            # (Ray's job supervisor, "auto"); in /tmp/ray any Ray started later on this
+            # machine overwrites it, and a job of this cluster then joins that one.
+            from ray._private.utils import write_ray_address
+
+            write_ray_address(self.cluster.address, temp_dir)
         self.workers: list[Any] = []
         for _ in range(workers):
             self.add(**node)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,7 +48,8 @@ def secured_nodes(monkeypatch: pytest.MonkeyPatch) -> Iterator[RayNodes]:
     127.0.0.1. Ray's Jobs server connects to its GCS with ``ray.init``, which swaps 127.0.0.1
     for this machine's address, where no node of the test bed listens, and then hangs: Ray's
     local-only mode, read from the environment when each of the nodes' processes imports
-    ``ray``, keeps 127.0.0.1. A real cluster's nodes have real addresses and need none of it."""
+    ``ray``, keeps 127.0.0.1. A real cluster's nodes have real addresses and need none of it.
+    Its own temp directory keeps its jobs on it while other Rays start on this machine."""
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
@@ -54,11 +57,14 @@ def secured_nodes(monkeypatch: pytest.MonkeyPatch) -> Iterator[RayNodes]:
     # `python` in a job entrypoint is this environment's, as on a node that installed the project.
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    nodes = RayNodes(workers=2)
+    # A short private directory: Ray's unix sockets live under it (a path of at most 107 bytes).
+    temp_dir = tempfile.mkdtemp(prefix="ray-sec-")
+    nodes = RayNodes(workers=2, temp_dir=temp_dir)
     try:
         yield nodes
     finally:
         nodes.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _env(nodes, home: Path, **changes: str | None) -> dict[str, str]:

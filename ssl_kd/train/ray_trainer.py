@@ -40,7 +40,7 @@ from ssl_kd.train.context import RayContext
 Loop = Callable[[Any, Any, bool], dict[str, Any]]
 
 _listener: socket.socket | None = None  # rank 0's, from _listen_on_loopback to _join_group
-_SHUTDOWN_TIMEOUT_S = 30  # Ray's own torch backend waits this long for the group to go
+_SHUTDOWN_TIMEOUT_S = 30  # as Ray's torch backend (TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S)
 
 
 def _listen_on_loopback() -> int:
@@ -82,16 +82,23 @@ def _set_torch_env_vars() -> None:
     os.environ["ACCELERATE_TORCH_DEVICE"] = str(get_device())
 
 
-def _leave_group() -> None:
+def _leave_group(destroy: bool) -> None:
+    """Leave the process group (when there is one to leave) and free cached GPU memory."""
+    import torch
     import torch.distributed as dist
 
-    if dist.is_initialized():
+    if destroy and dist.is_initialized():
         dist.destroy_process_group()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class _LoopbackTorchBackend(Backend):
     """A torch backend (Ray's public ``Backend`` hooks) whose rendezvous is on 127.0.0.1; it
     does what Ray's own does for gloo and NCCL, with the store on loopback."""
+
+    # As Ray's torch backend: GPU workers on one node see each other's GPUs (NCCL peer access).
+    share_cuda_visible_devices: bool = True
 
     def on_start(self, worker_group: Any, backend_config: TorchConfig) -> None:
         port = worker_group.execute_single(0, _listen_on_loopback)
@@ -104,10 +111,10 @@ class _LoopbackTorchBackend(Backend):
         worker_group.execute(_set_torch_env_vars)
 
     def on_shutdown(self, worker_group: Any, backend_config: TorchConfig) -> None:
-        if len(worker_group) > 1:
-            # On a timeout the workers are stopped next in any case.
-            with contextlib.suppress(ray.exceptions.GetTimeoutError):
-                ray.get(worker_group.execute_async(_leave_group), timeout=_SHUTDOWN_TIMEOUT_S)
+        leave = worker_group.execute_async(_leave_group, len(worker_group) > 1)
+        # On a timeout the workers are stopped next in any case.
+        with contextlib.suppress(ray.exceptions.GetTimeoutError):
+            ray.get(leave, timeout=_SHUTDOWN_TIMEOUT_S)
 
 
 @dataclass
