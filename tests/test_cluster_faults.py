@@ -175,9 +175,22 @@ def _label_with_faults(
     return out
 
 
+def _working_node(nodes: RayNodes, progress: Any) -> Any:
+    """A worker node whose labeling actor has been working (it holds shards): the one to lose.
+    Waits until every worker node has a live actor, then for 2 more label files."""
+
+    def all_up() -> bool:
+        up = {a.node_id for a in _actors(nodes, "LabelWorker")}
+        return all(w.node_id in up for w in nodes.workers)
+
+    wait_for(all_up, TIMEOUT, "a live LabelWorker on every worker node")
+    progress(2)
+    return nodes.workers[0]
+
+
 def test_label_node_lost_then_replaced(tmp_path: Path, data: dict[str, Path], ray_nodes) -> None:
     def fault(progress: Any) -> None:
-        ray_nodes.kill(ray_nodes.workers[0])
+        ray_nodes.kill(_working_node(ray_nodes, progress))
         ray_nodes.add()
 
     _check_labels(_label_with_faults(tmp_path, data, ray_nodes, fault), data)
@@ -185,7 +198,7 @@ def test_label_node_lost_then_replaced(tmp_path: Path, data: dict[str, Path], ra
 
 def test_label_node_lost_not_replaced(tmp_path: Path, data: dict[str, Path], ray_nodes) -> None:
     def fault(progress: Any) -> None:
-        ray_nodes.kill(ray_nodes.workers[0])
+        ray_nodes.kill(_working_node(ray_nodes, progress))
 
     _check_labels(_label_with_faults(tmp_path, data, ray_nodes, fault), data)
 
@@ -203,15 +216,15 @@ def test_label_two_nodes_lost_in_turn(tmp_path: Path, data: dict[str, Path], ray
     ray_nodes.cluster.wait_for_nodes()
 
     def fault(progress: Any) -> None:
-        ray_nodes.kill(ray_nodes.workers[0])
+        ray_nodes.kill(_working_node(ray_nodes, progress))
         progress(3)
-        ray_nodes.kill(ray_nodes.workers[0])
+        ray_nodes.kill(_working_node(ray_nodes, progress))
 
     _check_labels(_label_with_faults(tmp_path, data, ray_nodes, fault), data)
 
 
 def _tasks_on(nodes: RayNodes, name: str, node_id: str) -> list[Any]:
-    """Tasks named ``name`` started on node ``node_id`` and not finished."""
+    """Tasks named ``name`` running on node ``node_id``."""
     from ray.util.state import list_tasks
 
     tasks = list_tasks(
@@ -221,7 +234,7 @@ def _tasks_on(nodes: RayNodes, name: str, node_id: str) -> list[Any]:
         limit=1000,
         raise_on_missing_output=False,
     )
-    return [t for t in tasks if t.node_id == node_id and t.state not in ("FINISHED", "FAILED")]
+    return [t for t in tasks if t.node_id == node_id and t.state == "RUNNING"]
 
 
 class _Busiest:
@@ -279,14 +292,18 @@ def test_select_and_materialize_node_lost(tmp_path: Path, data: dict[str, Path],
     busiest = _Busiest(ray_nodes, "reduce_output_shard", job)
     _until_files(job, lambda: len(list(mat.glob("train-*.tar"))), 20, "20 output shards")
     ray_nodes.kill(wait_for(lambda: busiest.node, TIMEOUT, "the busiest node"))
-    err = _finish(job, tmp_path / "mat.err")
-    assert "retrying" in err, err[-3000:]
+    assert len(list(mat.glob("train-*.tar"))) < len(list(data["mat"].glob("train-*.tar")))
+    # A task that was running is retried by the executor ("retrying" on stderr); one still
+    # queued on the lost node is sent elsewhere by Ray itself: either way nothing is lost.
+    _finish(job, tmp_path / "mat.err")
     got_files, want_files = _files(mat), _files(data["mat"])
     assert not [n for n in got_files if n.endswith(".tmp")]
     tars = sorted(n for n in want_files if n.endswith(".tar"))
     assert tars and sorted(n for n in got_files if n.endswith(".tar")) == tars
     assert all(got_files[n] == want_files[n] for n in tars)
-    assert got_files["dataset.json"] == want_files["dataset.json"]
+    # dataset.json records the command's config, whose paths differ: all else is the same.
+    got_info, want_info = (json.loads(f["dataset.json"]) for f in (got_files, want_files))
+    assert {**got_info, "config": None} == {**want_info, "config": None}
 
 
 def test_driver_and_node_killed_then_rerun(
@@ -349,26 +366,78 @@ def test_small_object_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dat
         nodes.shutdown()
 
 
+@pytest.fixture
+def started_nodes(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A head (0 CPUs) and two 1-CPU worker nodes started by ``ray start`` on 127.0.0.1, each in
+    its own process group, SIGKILLed by group at the end; yields ``(jobs address, env)``.
+    (The Jobs API of a ``ray.cluster_utils.Cluster`` head does not answer ``ray job submit``
+    here: submissions hang, even of ``python -c pass``.)"""
+    from ray_nodes import TOKEN, free_port
+
+    ray = str(Path(sys.executable).parent / "ray")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # for the state API in this process too
+    monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    env = dict(os.environ)
+    gcs, dashboard = free_port(), free_port()
+    # Every port explicit and free: several nodes share this machine.
+    agent = "--dashboard-agent-listen-port={} --dashboard-agent-grpc-port={} "
+    agent += "--runtime-env-agent-port={} --metrics-export-port={} --node-manager-port={} "
+    agent += "--object-manager-port={} --node-ip-address=127.0.0.1 --disable-usage-stats --block"
+    head = f"--head --port={gcs} --dashboard-host=127.0.0.1 --dashboard-port={dashboard} "
+    head += "--num-cpus=0 --include-dashboard=true"
+    worker = f"--address=127.0.0.1:{gcs} --num-cpus=1"
+    procs: list[subprocess.Popen] = []
+
+    def start(args: str) -> None:
+        ports = agent.format(*(free_port() for _ in range(6)))
+        cmd = [ray, "start", *args.split(), *ports.split()]
+        out = subprocess.DEVNULL
+        procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=out, start_new_session=True))
+
+    address = f"http://127.0.0.1:{dashboard}"
+    listed = [ray, "job", "list", "--address", address]
+    try:
+        start(head)
+        wait_for(
+            lambda: subprocess.run(listed, env=env, capture_output=True).returncode == 0,
+            TIMEOUT, "the head's Jobs API", every=1,
+        )  # fmt: skip
+        start(worker)
+        start(worker)
+        from ray.util.state import list_nodes
+
+        wait_for(
+            lambda: len([n for n in list_nodes(address=address) if n.state == "ALIVE"]) == 3,
+            TIMEOUT, "3 live nodes", every=1,
+        )  # fmt: skip
+        yield address, env
+    finally:
+        for proc in reversed(procs):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def test_job_submit_spreads_over_the_nodes(
-    tmp_path: Path, data: dict[str, Path], ray_nodes
+    tmp_path: Path, data: dict[str, Path], started_nodes: Any
 ) -> None:
-    """``ray job submit`` of jobs/label.py to the cluster: the labels of a fault-free run,
-    made by actors on every worker node."""
+    """``ray job submit`` of jobs/label.py to a cluster of two worker nodes: the labels of a
+    fault-free run, made by actors on both worker nodes."""
+    from ray.util.state import list_actors, list_nodes
     from test_job_submit import _submit, _wait_for_success
 
+    address, env = started_nodes
     out = tmp_path / "l"
     label = _label_cmd(data, out)[5:]  # the flags of `ssl-kd label`
     job_id = f"ssl-kd-faults-{os.getpid()}"
-    env = ray_nodes.env
-    del env["RAY_ADDRESS"]  # the CLI would take it over --address
-    head = ["--address", ray_nodes.jobs_address, "--submission-id", job_id, "--working-dir", "."]
+    head = ["--address", address, "--submission-id", job_id, "--working-dir", "."]
     submitted = _submit([*head, "--no-wait", "--", sys.executable, "jobs/label.py", *label], env)
     assert submitted.returncode == 0, submitted.stderr[-3000:]
-    logs = _wait_for_success(ray_nodes.jobs_address, job_id, env)
+    logs = _wait_for_success(address, job_id, env)
     assert f"labeled {SHARDS} shards" in logs, logs[-3000:]
     _check_labels(out, data, retried=False)
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=ray_nodes.jobs_address, detail=True, limit=1000)
-    nodes = {a.node_id for a in actors if a.class_name == "LabelWorker"}
-    assert nodes == {w.node_id for w in ray_nodes.workers}, actors
+    workers = {n.node_id for n in list_nodes(address=address) if not n.is_head_node}
+    actors = list_actors(address=address, detail=True, limit=1000)
+    assert len(workers) == 2
+    assert {a.node_id for a in actors if a.class_name == "LabelWorker"} == workers, actors

@@ -214,6 +214,8 @@ def run_materialize(cfg: MaterializeConfig, progress: bool = True) -> dict[str, 
         written = _map_reduce(cfg, table, plan, urls, progress, seconds)
     finally:
         storage.delete_tree(buckets)  # spill files are never reused
+    for stale in storage.list_dir(out, ".*.tmp"):  # half-written by a worker that was lost
+        storage.delete(stale)
     seconds["total"] = time.perf_counter() - start
     return _finish(cfg, meta, table, repeat, identity, written, urls, seconds)
 
