@@ -304,9 +304,21 @@ def _ray_actors(
             pool.finished(done[0], on_done)
     if pool.queue:
         raise RuntimeError(
-            f"every worker died and {pool.start_failures} replacements failed to start: "
-            f"{len(pool.queue)} job(s) not run"
+            f"every worker died and {pool.start_failures} replacements failed to start "
+            f"({pool.start_error}): {len(pool.queue)} job(s) not run"
         )
+
+
+def _start_error(exc: BaseException) -> BaseException | str:
+    """Why an actor died starting: the UserError its ``__init__`` raised (Ray keeps only its
+    text, ending ``ssl_kd.errors.UserError: MESSAGE``), else the last line of Ray's message."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    if getattr(exc, "actor_init_failed", False):
+        name, _, message = last.partition(": ")
+        if name.rsplit(".", 1)[-1] == UserError.__name__ and message:
+            return UserError(message)
+    return last
 
 
 class _ActorPool:
@@ -329,6 +341,7 @@ class _ActorPool:
         self.starting: dict[Any, Any] = {}  # an actor's ready signal -> the actor
         self.dead: set[Any] = set()
         self.start_failures = 0
+        self.start_error: BaseException | str = ""  # the last start failure's cause
         self.size = 0
 
     def start(self) -> None:
@@ -350,7 +363,10 @@ class _ActorPool:
             self.ray.get(ready)
         except self.ray.exceptions.RayError as exc:
             self.start_failures += 1
-            log.warning("a worker died while starting: %s", _first_line(exc))
+            self.start_error = _start_error(exc)
+            if isinstance(self.start_error, UserError):
+                raise self.start_error from None  # bad input: every worker would fail alike
+            log.warning("a worker died while starting: %s", self.start_error)
             if self.start_failures <= self.size * (self.policy.max_retries + 1):
                 self.start()
             return
