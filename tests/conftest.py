@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import S3_SECRET, separable_images, write_labeled_shards
-from ray_nodes import TOKEN as RAY_TOKEN
 from ray_nodes import RayNodes
 
 from ssl_kd.datasets.idx import write_idx
@@ -115,21 +114,8 @@ def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Itera
 def ray_nodes() -> Iterator[RayNodes]:
     """A head (0 CPUs, drives only) and two 1-CPU worker nodes on 127.0.0.1, with token
     authentication; stopped at the end, whatever the test did to them (tests/ray_nodes.py)."""
-    # This process's Ray reads the auth mode and token once (when ray._raylet is first imported
-    # and when a client first needs the token): read them again after each change, else the
-    # nodes get the mode of whatever imported Ray first, and a later test's own Ray (whose token
-    # is ~/.ray/auth_token) is sent this one. Ray's own tests do the same.
-    from ray._private.authentication_test_utils import reset_auth_token_state
-
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_AUTH_MODE", "token")
-        env.setenv("RAY_AUTH_TOKEN", RAY_TOKEN)
-        env.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        env.delenv("RAY_ADDRESS", raising=False)
-        reset_auth_token_state()
-        nodes = RayNodes(workers=2)
-        try:
-            yield nodes
-        finally:
-            nodes.shutdown()
-    reset_auth_token_state()
+    nodes = RayNodes(workers=2)
+    try:
+        yield nodes
+    finally:
+        nodes.shutdown()

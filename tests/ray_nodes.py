@@ -15,6 +15,8 @@ import secrets
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,41 +38,53 @@ class RayNodes:
         workers: int = 2,
         object_store_memory: int = 150 * 1024**2,
         temp_dir: str | None = None,
+        env: dict[str, str | None] | None = None,
         **node: Any,
     ):
-        from ray._raylet import AuthenticationTokenLoader
+        """``env``: more variables for the nodes this process starts (None removes one)."""
         from ray.cluster_utils import Cluster
 
-        # This process's Ray clients keep the token they read first: an in-process `ray.init`
-        # of an earlier test may have read ~/.ray/auth_token. Read this test bed's instead.
-        AuthenticationTokenLoader.instance().reset_cache()
-        self._node = {"node_ip_address": "127.0.0.1", "object_store_memory": object_store_memory}
-        self.dashboard_port = free_port()
-        self.cluster = Cluster(
-            initialize_head=True,
-            head_node_args={
-                **self._node,
-                "num_cpus": 0,
-                "include_dashboard": True,
-                "dashboard_host": "127.0.0.1",
-                "dashboard_port": self.dashboard_port,
-                # Ray's default (52365) is taken whenever another Ray runs on this machine.
-                "dashboard_agent_listen_port": free_port(),
-                # Ray's own directory (the worker nodes take the head's) instead of /tmp/ray.
-                **({"temp_dir": temp_dir} if temp_dir else {}),
-            },
-        )
-        if temp_dir:
-            # A job's driver is told the cluster that `temp_dir/ray_current_cluster` names
-            # (Ray's job supervisor, "auto"); in /tmp/ray any Ray started later on this
-            # machine overwrites it, and a job of this cluster then joins that one.
-            from ray._private.utils import write_ray_address
+        # Token authentication with this session's token, in this process's environment while
+        # the nodes live (the nodes it starts inherit it); restored by shutdown().
+        changes = {**_ENV, **(env or {})}
+        self._saved = {key: os.environ.get(key) for key in changes}
+        _set_env(changes)
+        try:
+            self._node = {
+                "node_ip_address": "127.0.0.1",
+                "object_store_memory": object_store_memory,
+            }
+            self.dashboard_port = free_port()
+            self.cluster = Cluster(
+                initialize_head=True,
+                head_node_args={
+                    **self._node,
+                    "num_cpus": 0,
+                    "include_dashboard": True,
+                    "dashboard_host": "127.0.0.1",
+                    "dashboard_port": self.dashboard_port,
+                    # Ray's default (52365) is taken whenever another Ray runs on this machine.
+                    "dashboard_agent_listen_port": free_port(),
+                    # Ray's own directory (the worker nodes take the head's) instead of /tmp/ray.
+                    **({"temp_dir": temp_dir} if temp_dir else {}),
+                },
+            )
+            if temp_dir:
+                # A job's driver is told the cluster that `temp_dir/ray_current_cluster` names
+                # (Ray's job supervisor, "auto"); in /tmp/ray any Ray started later on this
+                # machine overwrites it, and a job of this cluster then joins that one.
+                from ray._private.utils import write_ray_address
 
-            write_ray_address(self.cluster.address, temp_dir)
-        self.workers: list[Any] = []
-        for _ in range(workers):
-            self.add(**node)
-        self.cluster.wait_for_nodes()
+                write_ray_address(self.cluster.address, temp_dir)
+            self.workers: list[Any] = []
+            for _ in range(workers):
+                self.add(**node)
+            self.cluster.wait_for_nodes()
+        except BaseException:
+            if hasattr(self, "cluster"):
+                self.cluster.shutdown()
+            self._restore()
+            raise
 
     @property
     def address(self) -> str:
@@ -103,7 +117,50 @@ class RayNodes:
         return worker.node_id
 
     def shutdown(self) -> None:
-        self.cluster.shutdown()
+        try:
+            self.cluster.shutdown()
+        finally:
+            self._restore()
+
+    def _restore(self) -> None:
+        _set_env(self._saved)
+
+
+# The test bed's environment: token authentication with this session's token.
+_ENV: dict[str, str | None] = {
+    "RAY_AUTH_MODE": "token",
+    "RAY_AUTH_TOKEN": TOKEN,
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ADDRESS": None,
+}
+
+
+@contextmanager
+def bed_env() -> Iterator[None]:
+    """The test bed's environment (token authentication with this session's token) in this
+    process, for nodes started some other way (``ray start``); restored at the end."""
+    saved = {key: os.environ.get(key) for key in _ENV}
+    _set_env(_ENV)
+    try:
+        yield
+    finally:
+        _set_env(saved)
+
+
+def _set_env(changes: dict[str, str | None]) -> None:
+    """Set (None: remove) variables, then make this process's Ray read its auth mode and token
+    again: it reads them once (when ``ray._raylet`` is first imported, and when a client first
+    needs the token), so without this the nodes get the mode of whatever imported Ray first,
+    and a later test's own Ray (whose token is ~/.ray/auth_token) is sent this one. Ray's own
+    tests do the same."""
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    for key, value in changes.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    reset_auth_token_state()
 
 
 def wait_for(predicate: Any, timeout: float, what: str, every: float = 0.2) -> Any:

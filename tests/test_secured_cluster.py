@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from helpers import make_teacher, write_unlabeled_shards
-from ray_nodes import TOKEN, RayNodes, wait_for
+from ray_nodes import RayNodes, wait_for
 from test_job_submit import RAY, ROOT, _label_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -43,23 +43,19 @@ main()
 
 
 @pytest.fixture
-def secured_nodes(monkeypatch: pytest.MonkeyPatch) -> Iterator[RayNodes]:
+def secured_nodes() -> Iterator[RayNodes]:
     """The ``ray_nodes`` test bed (token authentication on), whose own processes keep to
     127.0.0.1. Ray's Jobs server connects to its GCS with ``ray.init``, which swaps 127.0.0.1
     for this machine's address, where no node of the test bed listens, and then hangs: Ray's
     local-only mode, read from the environment when each of the nodes' processes imports
     ``ray``, keeps 127.0.0.1. A real cluster's nodes have real addresses and need none of it.
     Its own temp directory keeps its jobs on it while other Rays start on this machine."""
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # `python` in a job entrypoint is this environment's, as on a node that installed the project.
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": path}
     # A short private directory: Ray's unix sockets live under it (a path of at most 107 bytes).
     temp_dir = tempfile.mkdtemp(prefix="ray-sec-")
-    nodes = RayNodes(workers=2, temp_dir=temp_dir)
+    nodes = RayNodes(workers=2, temp_dir=temp_dir, env=env)
     try:
         yield nodes
     finally:
