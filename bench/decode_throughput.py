@@ -48,12 +48,12 @@ from PIL import Image
 
 from ssl_kd.datasets.fashion_mnist import DEFAULT_SOURCE
 from ssl_kd.datasets.idx import read_idx
-from ssl_kd.executor import connect_ray
 from ssl_kd.label.run import SHARD_LOG, LabelConfig, LabelWorker, run_label
 from ssl_kd.label.teacher import Teacher, decode_spec
 from ssl_kd.models.checkpoint import make_meta, save_checkpoint
 from ssl_kd.models.preprocess import Preprocess, imagenet_preprocess
 from ssl_kd.models.registry import create_model
+from ssl_kd.ray_cluster import connect_ray
 from ssl_kd.shards import write_shards
 from ssl_kd.shards.reader import ReadStats, decoded_samples, iter_samples
 

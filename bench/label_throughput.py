@@ -26,12 +26,12 @@ from _report import emit
 
 from ssl_kd.datasets.fashion_mnist import DEFAULT_SOURCE
 from ssl_kd.datasets.idx import read_idx
-from ssl_kd.executor import connect_ray
 from ssl_kd.label.run import SHARD_LOG, LabelConfig, run_label
 from ssl_kd.label.teacher import Teacher
 from ssl_kd.models.checkpoint import make_meta, save_checkpoint
 from ssl_kd.models.preprocess import Preprocess, normalize
 from ssl_kd.models.registry import create_model
+from ssl_kd.ray_cluster import connect_ray
 from ssl_kd.shards import array_samples, write_shards
 
 

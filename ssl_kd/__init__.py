@@ -5,7 +5,8 @@ upward and never in a circle (``tests/test_layers.py`` holds the tree to this or
 
 1. infrastructure: ``errors``, ``config``, ``storage``, ``atomic``, ``dir_lock`` (one writer
    per output directory), ``device``, ``ray_internals`` (every private Ray name, behind a
-   check of Ray's version), ``executor`` (in-process or Ray, one retry policy),
+   check of Ray's version), ``ray_cluster`` (connecting to Ray, what the cluster has),
+   ``executor`` (in-process or Ray, one retry policy),
    ``ray_resources`` (what a Ray cluster must have before workers start there),
    ``figures``, ``cluster_config``, ``stages`` (the one stage table, as import strings);
 2. data: ``shards/`` (spec expansion, tar read/write, decoding, soft-label members) and

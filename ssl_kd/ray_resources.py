@@ -12,7 +12,7 @@ that into one line before any work starts:
   only through a shared mount, else the output belongs on an object store (``s3://``).
 
 :func:`check_resources` and :func:`check_shared_dir` ask the cluster through
-:mod:`ssl_kd.executor`; their decisions are plain functions a test calls without Ray.
+:mod:`ssl_kd.ray_cluster`; their decisions are plain functions a test calls without Ray.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ssl_kd import executor
+from ssl_kd import ray_cluster
 from ssl_kd.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -110,8 +110,8 @@ def missing_resources(
 
 def check_resources(workers: Workers) -> None:
     """Raise a UserError when the Ray cluster (connected to first) cannot hold ``workers``."""
-    nodes = [n["resources"] for n in executor.alive_nodes()]
-    problem = missing_resources(workers, nodes, executor.autoscaler_max_resources())
+    nodes = [n["resources"] for n in ray_cluster.alive_nodes()]
+    problem = missing_resources(workers, nodes, ray_cluster.autoscaler_max_resources())
     if problem:
         raise UserError(problem)
 
@@ -153,12 +153,12 @@ def check_shared_dir(out: str, ask_nodes: AskNodes | None = None) -> None:
     driver writes a probe file with a random token there and a task on each node reads it.
     Nodes that join later (an autoscaler's, a replacement) are not checked.
 
-    ``ask_nodes(fn, *args)`` runs ``fn`` on each node (default: :func:`executor.on_every_node`,
+    ``ask_nodes(fn, *args)`` runs ``fn`` on each node (default: :func:`ray_cluster.on_every_node`,
     and nothing to check when the cluster is this node alone)."""
     if ask_nodes is None:
-        if executor.only_this_node():
+        if ray_cluster.only_this_node():
             return
-        ask_nodes = executor.on_every_node
+        ask_nodes = ray_cluster.on_every_node
     token = secrets.token_hex(16)
     probe = os.path.join(out, f".ssl-kd-probe-{token[:8]}")
     with open(probe, "w") as fh:

@@ -319,7 +319,7 @@ def test_a_refused_token_is_one_line_that_says_how_to_set_it(
 ) -> None:
     from ray.exceptions import AuthenticationError
 
-    from ssl_kd.executor import _join
+    from ssl_kd.ray_cluster import _join
 
     if mode is None:
         monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
@@ -336,7 +336,7 @@ def test_a_refused_token_is_one_line_that_says_how_to_set_it(
 
 
 def test_other_connection_errors_pass_through() -> None:
-    from ssl_kd.executor import _join
+    from ssl_kd.ray_cluster import _join
 
     unreachable = ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379")
     with pytest.raises(ConnectionError, match=r"10\.0\.0\.1"):

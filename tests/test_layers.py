@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
         "ssl_kd.dir_lock",
         "ssl_kd.device",
         "ssl_kd.ray_internals",
+        "ssl_kd.ray_cluster",
         "ssl_kd.executor",
         "ssl_kd.ray_resources",
         "ssl_kd.figures",

@@ -65,7 +65,7 @@ def test_an_autoscaling_cluster_is_judged_by_what_it_can_grow_to() -> None:
     assert "max_workers" in problem
 
 
-def everywhere(fn, *args):  # stands for executor.on_every_node
+def everywhere(fn, *args):  # stands for ray_cluster.on_every_node
     return {"node-a": fn(*args), "node-b": fn(*args)}
 
 

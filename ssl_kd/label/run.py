@@ -26,7 +26,7 @@ from ssl_kd.config import option
 from ssl_kd.device import usable_cpus
 from ssl_kd.dir_lock import dir_lock
 from ssl_kd.errors import UserError
-from ssl_kd.executor import Failure, cluster_resources, map_actors
+from ssl_kd.executor import Failure, map_actors
 from ssl_kd.label.files import (
     check_same_labeling,
     label_file_name,
@@ -36,6 +36,7 @@ from ssl_kd.label.files import (
 )
 from ssl_kd.label.teacher import Teacher, decode_spec, label_shard_to_dir
 from ssl_kd.models.external import teacher_spec
+from ssl_kd.ray_cluster import cluster_resources
 from ssl_kd.ray_resources import Workers, check_resources
 from ssl_kd.shards import expand_shards, shard_name
 from ssl_kd.shards.decode import DEFAULT_MAX_PIXELS

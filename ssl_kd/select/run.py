@@ -28,8 +28,9 @@ from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
 from ssl_kd.config import option
 from ssl_kd.errors import ConfigError, UserError
-from ssl_kd.executor import cluster_resources, map_tasks
+from ssl_kd.executor import map_tasks
 from ssl_kd.label.files import LabelMeta, LabelSet, fixed_list, recorded_shard_spec
+from ssl_kd.ray_cluster import cluster_resources
 from ssl_kd.select import neighbours as nb
 from ssl_kd.select.dedup import leaked, near_duplicates
 from ssl_kd.select.files import build_selection, write_selection

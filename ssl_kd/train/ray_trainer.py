@@ -12,7 +12,7 @@ of the workers waits at most ``start_timeout`` seconds for room (Ray Train's own
 retried without end), and a rank waits at most ``dist_timeout`` seconds in a collective for a
 stuck peer (torch's default: 30 minutes).
 
-On a Ray that listens on 127.0.0.1 only (the one :func:`~ssl_kd.executor.connect_ray` starts)
+On a Ray that listens on 127.0.0.1 only (the one :func:`~ssl_kd.ray_cluster.connect_ray` starts)
 the workers' process group keeps to loopback as well (:class:`_LoopbackTorchConfig`).
 """
 
@@ -140,7 +140,7 @@ def fit(loop: Loop, cfg: Any, progress: bool = True) -> dict[str, Any]:
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ssl_kd.executor import connect_ray
+    from ssl_kd.ray_cluster import connect_ray
 
     connect_ray()
     # Ray Train opens an s3:// storage path with pyarrow itself; a local one must be absolute.
