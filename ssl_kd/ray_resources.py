@@ -129,17 +129,21 @@ def _sees(path: str, token: str) -> bool:
         return False
 
 
-def unshared_dir(out: str, answers: Mapping[str, Any]) -> str | None:
+TRAINING_WRITES = "Ray Train and rank 0 write there from every node"
+
+
+def unshared_dir(
+    out: str, answers: Mapping[str, Any], writers: str = TRAINING_WRITES
+) -> str | None:
     """None when every node saw the probe the driver wrote under ``out``, else the one line
-    naming a node that did not."""
+    naming a node that did not; ``writers`` says who writes there from the nodes."""
     for node, seen in sorted(answers.items()):
         if seen is True:
             continue
         why = "does not see it" if seen is False else f"could not look ({_first_line(seen)})"
         return (
-            f"--out {out} is a local directory and Ray node {node} {why}: Ray Train and rank 0 "
-            "write there from every node; use s3://BUCKET/PATH or a filesystem that every node "
-            "mounts at the same path"
+            f"--out {out} is a local directory and Ray node {node} {why}: {writers}; use "
+            "s3://BUCKET/PATH or a filesystem that every node mounts at the same path"
         )
     return None
 
@@ -148,7 +152,9 @@ def _first_line(exc: Any) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def check_shared_dir(out: str, ask_nodes: AskNodes | None = None) -> None:
+def check_shared_dir(
+    out: str, writers: str = TRAINING_WRITES, ask_nodes: AskNodes | None = None
+) -> None:
     """Raise a UserError unless every alive Ray node sees the local directory ``out``: the
     driver writes a probe file with a random token there and a task on each node reads it.
     Nodes that join later (an autoscaler's, a replacement) are not checked.
@@ -168,5 +174,5 @@ def check_shared_dir(out: str, ask_nodes: AskNodes | None = None) -> None:
     finally:
         os.remove(probe)
     log.debug("shared-directory probe of %s: %s", out, answers)
-    if problem := unshared_dir(out, answers):
+    if problem := unshared_dir(out, answers, writers):
         raise UserError(problem)

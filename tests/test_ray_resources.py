@@ -127,3 +127,11 @@ def test_the_process_group_timeout_is_the_option() -> None:
     config = _torch_config(_cfg(dist_timeout=90.0), local=True)
     assert config.timeout_s == 90 and config.backend == "gloo"
     assert _torch_config(_cfg(use_gpu=True), local=False).backend == "nccl"
+
+
+def test_the_line_says_who_writes_there(tmp_path: Path) -> None:
+    def one_blind(fn, path, token):
+        return {"node-a": fn(path, token), "node-b": False}
+
+    with pytest.raises(UserError, match="node-b does not see it: labeling workers write"):
+        check_shared_dir(str(tmp_path), "labeling workers write there", ask_nodes=one_blind)

@@ -37,7 +37,7 @@ from ssl_kd.label.files import (
 from ssl_kd.label.teacher import Teacher, decode_spec, label_shard_to_dir
 from ssl_kd.models.external import teacher_spec
 from ssl_kd.ray_cluster import cluster_resources
-from ssl_kd.ray_resources import Workers, check_resources
+from ssl_kd.ray_resources import Workers, check_resources, check_shared_dir
 from ssl_kd.shards import expand_shards, shard_name
 from ssl_kd.shards.decode import DEFAULT_MAX_PIXELS
 from ssl_kd.shards.decode_pool import start_pool
@@ -249,6 +249,8 @@ def _label_all(
     else:
         args, (actors, options) = (cfg, cfg.cpus_per_worker), _pool(cfg)
         _check_room(cfg, min(actors, len(todo)), options)
+        if not storage.is_remote(cfg.out):
+            check_shared_dir(cfg.out, "labeling workers write their Parquet files there")
     map_actors(
         worker_cls,
         args,

@@ -57,6 +57,7 @@ from ssl_kd.materialize.shuffle import (
     map_source_shard,
     reduce_output_shard,
 )
+from ssl_kd.ray_resources import check_shared_dir
 from ssl_kd.select.files import SELECTION_COLUMNS, SELECTION_FILE, open_selection, shard_locations
 from ssl_kd.shards.soft_label import EMBEDDING
 
@@ -176,6 +177,8 @@ def _run_tasks(
 ) -> None:
     """Run ``fn(*job(i))`` for ``i < n_jobs``, then ``on_done(i, result)``. I/O errors are
     retried ``max_retries`` times; any other error, or one retried in vain, stops the run."""
+    if cfg.executor == "ray" and not storage.is_remote(cfg.out):
+        check_shared_dir(cfg.out, "materialize tasks write their shards there")
     map_tasks(
         fn,
         n_jobs,
