@@ -135,15 +135,19 @@ TRAINING_WRITES = "Ray Train and rank 0 write there from every node"
 def unshared_dir(
     out: str, answers: Mapping[str, Any], writers: str = TRAINING_WRITES
 ) -> str | None:
-    """None when every node saw the probe the driver wrote under ``out``, else the one line
-    naming a node that did not; ``writers`` says who writes there from the nodes."""
+    """None unless a node looked and did not see the probe the driver wrote under ``out``;
+    then the one line naming it (``writers`` says who writes there from the nodes). A node
+    that could not look (it died, or did not answer in time) is only logged: nodes come and go,
+    and Ray gives work to none that is gone."""
     for node, seen in sorted(answers.items()):
         if seen is True:
             continue
-        why = "does not see it" if seen is False else f"could not look ({_first_line(seen)})"
+        if seen is not False:
+            log.warning("Ray node %s could not look for %s: %s", node, out, _first_line(seen))
+            continue
         return (
-            f"--out {out} is a local directory and Ray node {node} {why}: {writers}; use "
-            "s3://BUCKET/PATH or a filesystem that every node mounts at the same path"
+            f"--out {out} is a local directory and Ray node {node} does not see it: {writers}; "
+            "use s3://BUCKET/PATH or a filesystem that every node mounts at the same path"
         )
     return None
 

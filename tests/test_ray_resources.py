@@ -86,12 +86,15 @@ def test_a_node_that_does_not_see_the_directory(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_node_that_could_not_answer(tmp_path: Path) -> None:
+def test_a_node_that_could_not_answer_is_not_a_verdict(tmp_path: Path, caplog) -> None:
+    # A node lost a moment ago may still be listed alive: its probe fails, it gets no work.
     def lost(fn, *args):
         return {"node-a": fn(*args), "node-b": TimeoutError("no answer in 120 s")}
 
-    with pytest.raises(UserError, match="node-b could not look \\(no answer in 120 s\\)"):
+    with caplog.at_level("WARNING"):
         check_shared_dir(str(tmp_path), ask_nodes=lost)
+    assert "node-b could not look" in caplog.text and "no answer in 120 s" in caplog.text
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_stale_token_is_not_seeing(tmp_path: Path) -> None:
