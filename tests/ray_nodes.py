@@ -15,8 +15,6 @@ import secrets
 import socket
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -133,18 +131,6 @@ _ENV: dict[str, str | None] = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ADDRESS": None,
 }
-
-
-@contextmanager
-def bed_env() -> Iterator[None]:
-    """The test bed's environment (token authentication with this session's token) in this
-    process, for nodes started some other way (``ray start``); restored at the end."""
-    saved = {key: os.environ.get(key) for key in _ENV}
-    _set_env(_ENV)
-    try:
-        yield
-    finally:
-        _set_env(saved)
 
 
 def _set_env(changes: dict[str, str | None]) -> None:

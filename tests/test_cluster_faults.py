@@ -362,21 +362,18 @@ def test_small_object_store(tmp_path: Path, data) -> None:
 
 
 @pytest.fixture
-def started_nodes() -> Any:
+def started_nodes(monkeypatch: pytest.MonkeyPatch) -> Any:
     """A head (0 CPUs) and two 1-CPU worker nodes started by ``ray start`` on 127.0.0.1, each in
     its own process group, SIGKILLed by group at the end; yields ``(jobs address, env)``.
     (The Jobs API of a ``ray.cluster_utils.Cluster`` head does not answer ``ray job submit``
     here: submissions hang, even of ``python -c pass``.)"""
-    from ray_nodes import bed_env
-
-    with bed_env():  # for the state API in this process too
-        yield from _started_nodes()
-
-
-def _started_nodes() -> Any:
-    from ray_nodes import free_port
+    from ray_nodes import TOKEN, free_port
 
     ray = str(Path(sys.executable).parent / "ray")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # for the state API in this process too
+    monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     env = dict(os.environ)
     gcs, dashboard = free_port(), free_port()
     # Every port explicit and free: several nodes share this machine.
