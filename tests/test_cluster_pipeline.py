@@ -44,6 +44,6 @@ def test_the_pipeline_runs_on_several_nodes(tmp_path: Path, fake_fmnist: Path, r
     labelers = {a.node_id for a in actors if "LabelWorker" in a.class_name}
     # The stages' own tasks (a zero-CPU probe of --out runs on every node, head included).
     stage_tasks = ("_single_threaded_partial", "map_source_shard", "reduce_output_shard")
-    ran_on = {t.node_id for t in tasks if any(name in t.name for name in stage_tasks)}
+    ran_on = {t.node_id for t in tasks if any(name in (t.name or "") for name in stage_tasks)}
     assert labelers and ran_on, (actors, tasks)
     assert labelers | ran_on <= workers, (actors, tasks)
