@@ -8,7 +8,7 @@ baseline), :class:`StudentConfig` (``ssl-kd pretrain``) and :class:`FinetuneConf
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from ssl_kd.config import option
 from ssl_kd.errors import ConfigError, UserError
@@ -22,6 +22,28 @@ from ssl_kd.models.timm_models import TIMM
 from ssl_kd.shards.decode import DEFAULT_MAX_PIXELS
 
 Recipe = Literal["small", "real"]
+
+
+def _start_timeout() -> Any:
+    """The ``start_timeout`` option of every Ray Train recipe."""
+    return option(
+        900.0,
+        help="Ray: seconds a start or restart of the workers waits for the cluster to have room "
+        "for all of them (a lost node replaced, an autoscaler's node up) before it fails",
+        gt=0,
+        operational=True,
+    )
+
+
+def _dist_timeout() -> Any:
+    """The ``dist_timeout`` option of every Ray Train recipe."""
+    return option(
+        600.0,
+        help="Ray: seconds a rank waits in a collective for its peers (a dead or stuck peer) "
+        "before it fails; above the longest pause of rank 0 alone (an evaluation)",
+        gt=0,
+        operational=True,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -261,20 +283,8 @@ class TrainConfig(TrainOptions):
     max_failures: int = option(
         2, help="Ray: worker-group restarts from the last checkpoint", min=0, operational=True
     )
-    start_timeout: float = option(
-        900.0,
-        help="Ray: seconds a start or restart of the workers waits for the cluster to have room "
-        "for all of them (a lost node replaced, an autoscaler's node up) before it fails",
-        gt=0,
-        operational=True,
-    )
-    dist_timeout: float = option(
-        600.0,
-        help="Ray: seconds a rank waits in a collective for its peers (a dead or stuck peer) "
-        "before it fails; above the longest pause of rank 0 alone (an evaluation)",
-        gt=0,
-        operational=True,
-    )
+    start_timeout: float = _start_timeout()
+    dist_timeout: float = _dist_timeout()
 
     def validate(self) -> None:
         """Cross-field checks (called by the config loader)."""
@@ -314,20 +324,8 @@ class StudentOptions(TrainOptions):
     max_failures: int = option(
         2, help="worker-group restarts from the last checkpoint", min=0, operational=True
     )
-    start_timeout: float = option(
-        900.0,
-        help="Ray: seconds a start or restart of the workers waits for the cluster to have room "
-        "for all of them (a lost node replaced, an autoscaler's node up) before it fails",
-        gt=0,
-        operational=True,
-    )
-    dist_timeout: float = option(
-        600.0,
-        help="Ray: seconds a rank waits in a collective for its peers (a dead or stuck peer) "
-        "before it fails; above the longest pause of rank 0 alone (an evaluation)",
-        gt=0,
-        operational=True,
-    )
+    start_timeout: float = _start_timeout()
+    dist_timeout: float = _dist_timeout()
     device: str = option("auto", help="local executor: auto, cpu, cuda or cuda:N", operational=True)
 
     def validate(self) -> None:
