@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -119,3 +122,24 @@ def ray_nodes() -> Iterator[RayNodes]:
         yield nodes
     finally:
         nodes.shutdown()
+
+
+@pytest.fixture
+def jobs_nodes() -> Iterator[RayNodes]:
+    """The ``ray_nodes`` test bed whose Jobs API answers ``ray job submit``. Ray's Jobs server
+    connects to its GCS with ``ray.init``, which swaps 127.0.0.1 for this machine's address,
+    where no node of the test bed listens, and hangs: Ray's local-only mode, read from the
+    environment when each of the nodes' processes imports ``ray``, keeps 127.0.0.1. A real
+    cluster's nodes have real addresses and need none of it. Its own temp directory keeps its
+    jobs on it while other Rays start on this machine."""
+    # `python` in a job entrypoint is this environment's, as on a node that installed the project.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": path}
+    # A short private directory: Ray's unix sockets live under it (a path of at most 107 bytes).
+    temp_dir = tempfile.mkdtemp(prefix="ray-jobs-")
+    nodes = RayNodes(workers=2, temp_dir=temp_dir, env=env)
+    try:
+        yield nodes
+    finally:
+        nodes.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,24 +40,9 @@ main()
 
 
 @pytest.fixture
-def secured_nodes() -> Iterator[RayNodes]:
-    """The ``ray_nodes`` test bed (token authentication on), whose own processes keep to
-    127.0.0.1. Ray's Jobs server connects to its GCS with ``ray.init``, which swaps 127.0.0.1
-    for this machine's address, where no node of the test bed listens, and then hangs: Ray's
-    local-only mode, read from the environment when each of the nodes' processes imports
-    ``ray``, keeps 127.0.0.1. A real cluster's nodes have real addresses and need none of it.
-    Its own temp directory keeps its jobs on it while other Rays start on this machine."""
-    # `python` in a job entrypoint is this environment's, as on a node that installed the project.
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": path}
-    # A short private directory: Ray's unix sockets live under it (a path of at most 107 bytes).
-    temp_dir = tempfile.mkdtemp(prefix="ray-sec-")
-    nodes = RayNodes(workers=2, temp_dir=temp_dir, env=env)
-    try:
-        yield nodes
-    finally:
-        nodes.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+def secured_nodes(jobs_nodes: RayNodes) -> RayNodes:
+    """The test bed of tests/ray_nodes.py (token authentication on) with a working Jobs API."""
+    return jobs_nodes
 
 
 def _env(nodes, home: Path, **changes: str | None) -> dict[str, str]:
