@@ -221,7 +221,8 @@ def test_requests_the_cluster_cannot_meet_fail_at_once(tmp_path: Path, ray_nodes
 
 
 def test_two_ranks_on_two_nodes_into_a_bucket(s3: str, tmp_path: Path, ray_nodes) -> None:
-    """``s3`` before ``ray_nodes``: the nodes start with the test server's credentials."""
+    """Pretraining, then fine-tuning from the bucket's checkpoint, each with 2 ranks on 2
+    nodes. ``s3`` before ``ray_nodes``: the nodes start with the test server's credentials."""
     data = write_pseudo_labeled(tmp_path / "pseudo")
     out = storage.join(s3, "student")
     run = Run(pretrain(data, out), ray_nodes.env, tmp_path / "pretrain")
@@ -230,3 +231,16 @@ def test_two_ranks_on_two_nodes_into_a_bucket(s3: str, tmp_path: Path, ray_nodes
     assert summary["step"] == STEPS and summary["steps_per_rank"] == [STEPS, STEPS]
     assert storage.is_file(storage.join(out, "checkpoint.pt"))
     assert storage.is_file(storage.join(out, "ray", "train", "checkpoint_manager_snapshot.json"))
+
+    # Fine-tuning is the same loop and trainer with the true labels (the shards' .cls).
+    tuned = storage.join(s3, "finetuned")
+    cmd = pretrain(data, tuned, "--init", storage.join(out, "checkpoint.pt"))
+    cmd[cmd.index("pretrain")] = "finetune"
+    for flag in ("--arch", "--width", "--loss", "--temperature"):  # from the checkpoint, or none
+        at = cmd.index(flag)
+        del cmd[at : at + 2]
+    run = Run(cmd, ray_nodes.env, tmp_path / "finetune")
+    assert run.wait(300) == 0, run.tail()
+    summary = json.loads(storage.read_text(storage.join(tuned, "summary.json")))
+    assert summary["step"] == STEPS and summary["steps_per_rank"] == [STEPS, STEPS]
+    assert storage.is_file(storage.join(tuned, "checkpoint.pt"))
