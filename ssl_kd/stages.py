@@ -139,7 +139,7 @@ COMMANDS: dict[str, Command] = {
             "top-k pseudo-labels of shards (Ray)",
             runner="ssl_kd.label.run:run_label",
             formatter="ssl_kd.label.run:format_summary",
-            config="ssl_kd.label.run:LabelConfig",
+            config="ssl_kd.label.config:LabelConfig",
             runner_kwargs=("progress",),
             problems="ssl_kd.label.run:format_problems",
             fails_on="failed",

@@ -17,8 +17,9 @@ from helpers import make_teacher, mixed_images, write_plain_tar
 from PIL import Image
 
 from ssl_kd.config import ConfigError, from_dict
-from ssl_kd.label.run import LabelConfig, LabelWorker, split_cpus
+from ssl_kd.label.run import LabelConfig
 from ssl_kd.label.teacher import Teacher, decode_spec, label_shard, label_shard_to_dir
+from ssl_kd.label.workers import LabelWorker, split_cpus
 from ssl_kd.models.preprocess import Preprocess
 from ssl_kd.shards import decode_pool, process_pool
 from ssl_kd.shards.decode_pool import DecodeSpec, decode_in_order

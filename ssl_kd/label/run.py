@@ -14,19 +14,17 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from ssl_kd import atomic, storage
 from ssl_kd import config as cfglib
-from ssl_kd.config import option
-from ssl_kd.device import usable_cpus
 from ssl_kd.dir_lock import dir_lock
 from ssl_kd.errors import UserError
 from ssl_kd.executor import Failure, map_actors
+from ssl_kd.label.config import LabelConfig
 from ssl_kd.label.files import (
     check_same_labeling,
     label_file_name,
@@ -34,13 +32,10 @@ from ssl_kd.label.files import (
     read_meta,
     record_source,
 )
-from ssl_kd.label.teacher import Teacher, decode_spec, label_shard_to_dir
-from ssl_kd.models.external import teacher_spec
-from ssl_kd.ray_cluster import cluster_resources
-from ssl_kd.ray_resources import Workers, check_resources, check_shared_dir
+from ssl_kd.label.teacher import Teacher
+from ssl_kd.label.workers import LabelWorker, check_room, make_teacher, pool_size
+from ssl_kd.ray_resources import check_shared_dir
 from ssl_kd.shards import expand_shards, shard_name
-from ssl_kd.shards.decode import DEFAULT_MAX_PIXELS
-from ssl_kd.shards.decode_pool import start_pool
 
 log = logging.getLogger(__name__)
 
@@ -48,158 +43,6 @@ RETRYABLE = (OSError, MemoryError, RuntimeError)
 SHARD_LOG = "run_shards.jsonl"  # one JSON line per shard of the last run, as each finished
 
 Progress = Callable[[dict[str, Any]], None]  # told of every shard as it finishes
-
-
-@dataclass(frozen=True)
-class LabelConfig:
-    """``ssl-kd label``."""
-
-    teacher: str = option(
-        help="teacher: an ssl_kd checkpoint, a TorchScript archive, an exported program "
-        "(torch.export), torchvision:NAME or timm:NAME[.TAG] (with --weights) or open_clip:ARCH "
-        "(zero-shot CLIP, with --weights and --class-names)"
-    )
-    shards: str = option(help="unlabeled shards (dir, brace pattern, glob or list file)")
-    out: str = option(
-        help="directory of label files (one Parquet file per shard)", operational=True
-    )
-    weights: str | None = option(
-        None,
-        help="torchvision:NAME, timm:NAME and open_clip:ARCH teachers: the state_dict file, "
-        "safetensors or torch (nothing is downloaded)",
-    )
-    class_names: str | None = option(
-        None, help="external teachers: one class name per line, in the teacher's order"
-    )
-    prompts: str | None = option(
-        None, help="open_clip:ARCH teachers: prompt templates, one per line with {} for the class"
-    )
-    keep_classes: str | None = option(
-        None, help="label with these classes only (names or indices, one per line); renormalised"
-    )
-    image_size: int | None = option(
-        None, help="external teachers: centre-crop side (default 224, timm: its config's)", min=8
-    )
-    resize: int | None = option(
-        None,
-        help="external teachers: shorter side before the crop (default 256 for 224, timm: "
-        "from its config's crop_pct)",
-        min=8,
-    )
-    mean: list[float] | None = option(
-        None,
-        help="external teachers: per-channel mean (default ImageNet's, timm: its config's)",
-        nargs="+",
-    )
-    std: list[float] | None = option(
-        None,
-        help="external teachers: per-channel std (default ImageNet's, timm: its config's)",
-        nargs="+",
-    )
-    precision: Literal["fp32", "bf16", "fp16"] = option(
-        "fp32", help="forward-pass precision (autocast; bf16 also on CPUs with AMX)"
-    )
-    tta: list[str] = option(
-        [],
-        help="test-time augmentation: average the teacher's probabilities over the image and "
-        "these views (flip, shift)",
-        nargs="+",
-    )
-    k: int = option(10, help="classes kept per image", min=1)
-    temperature: float = option(1.0, help="softmax temperature of the soft labels", gt=0)
-    embeddings: bool = option(False, help="also store L2-normalised float16 embeddings")
-    jpeg_draft: bool = option(
-        True,
-        help="decode a JPEG larger than the teacher needs at a reduced scale (PIL's draft "
-        "mode: several times faster on web photos; the pixels differ slightly from a full "
-        "decode and resize)",
-    )
-    batch_size: int = option(256, help="images per forward pass", min=1)
-    max_pixels: int = option(
-        DEFAULT_MAX_PIXELS,
-        help="images with more pixels are skipped unread (the decompression-bomb guard)",
-        min=1,
-    )
-    executor: Literal["ray", "local"] = option(
-        "ray", help="Ray actors, or this process only", operational=True
-    )
-    workers: int = option(0, help="worker actors (0: one per GPU, else per cpus_per_worker)", min=0)
-    cpus_per_worker: int = option(
-        1,
-        help="CPUs per worker actor (its decode processes and torch threads share them)",
-        min=1,
-        operational=True,
-    )
-    decode_workers: int = option(
-        0,
-        help="processes decoding and resizing images in each worker (0: the worker's CPUs "
-        "with a GPU, 1 on the CPU; 1: a thread of the worker); the forward pass keeps the CPUs "
-        "left over, at least 1",
-        min=0,
-        operational=True,
-    )
-    max_retries: int = option(2, help="retries of a failed shard", min=0, operational=True)
-    device: str = option("auto", help="auto, cpu, cuda or cuda:N", operational=True)
-
-
-def make_teacher(cfg: LabelConfig, device: str) -> Teacher:
-    """The teacher of ``cfg``, loaded for inference on ``device``."""
-    return Teacher(
-        teacher_spec(cfg.teacher, cfg),
-        cfg.k,
-        cfg.temperature,
-        cfg.embeddings,
-        device,
-        cfg.precision,
-        cfg.jpeg_draft,
-        cfg.tta,
-    )
-
-
-def split_cpus(
-    decode_workers: int, cpus: int, device: torch.device, threads: int
-) -> tuple[int, int]:
-    """``(decode processes or 1 for a thread, torch threads)`` of a worker with ``cpus`` CPUs
-    whose teacher runs on ``device`` (``decode_workers`` 0: the default; ``threads``: torch's
-    current count, kept when decoding takes no CPU of its own)."""
-    # With an accelerator, the worker's CPUs (a Ray actor's share; in-process, the CPUs this
-    # process may use) go to decode processes, one per CPU by default, and torch keeps what is
-    # left: an op's threads wait for each other, so a thread that a busy decoder pushes off its
-    # core stalls the whole forward pass (up to 7x slower with 2 CPUs, BENCHMARKS.md). A
-    # teacher on the CPU needs those CPUs itself: by default it decodes in one thread.
-    decode = decode_workers or (1 if device.type == "cpu" else cpus)
-    return decode, max(1, cpus - decode) if decode > 1 else threads
-
-
-class LabelWorker:
-    """Loads the teacher once; labels one shard per call (wrapped as a Ray actor)."""
-
-    def __init__(self, cfg: LabelConfig, threads: int | None = None) -> None:
-        if threads:
-            torch.set_num_threads(threads)
-        self.cfg = cfg
-        self.teacher = make_teacher(cfg, cfg.device)
-        # Provenance: later stages find the images through the spec the labels were made from.
-        self.teacher.meta = self.teacher.meta.with_shard_spec(cfg.shards)
-        cpus = threads or usable_cpus()
-        self.decode_workers, self.forward_threads = split_cpus(
-            cfg.decode_workers, cpus, self.teacher.device, torch.get_num_threads()
-        )
-        # Started with the worker, like the model is loaded: not in the first shard's time.
-        spec = decode_spec(self.teacher.pp, cfg.max_pixels, cfg.jpeg_draft)
-        start_pool(self.decode_workers, spec)
-
-    def label(self, url: str) -> dict[str, Any]:
-        """Label ``url`` into ``cfg.out``; returns the shard's status."""
-        cfg = self.cfg
-        threads = torch.get_num_threads()
-        torch.set_num_threads(self.forward_threads)  # for this call: the process may go on
-        try:
-            return label_shard_to_dir(
-                self.teacher, url, cfg.out, cfg.batch_size, cfg.max_pixels, self.decode_workers
-            )
-        finally:
-            torch.set_num_threads(threads)
 
 
 def _existing(cfg: LabelConfig, teacher: Teacher) -> list[str]:
@@ -247,8 +90,8 @@ def _label_all(
     if cfg.executor == "local":
         args, actors, options = (cfg,), 1, None
     else:
-        args, (actors, options) = (cfg, cfg.cpus_per_worker), _pool(cfg)
-        _check_room(cfg, min(actors, len(todo)), options)
+        args, (actors, options) = (cfg, cfg.cpus_per_worker), pool_size(cfg)
+        check_room(cfg, min(actors, len(todo)), options)
         if not storage.is_remote(cfg.out):
             check_shared_dir(cfg.out, "labeling workers write their Parquet files there")
     map_actors(
@@ -265,30 +108,6 @@ def _label_all(
         actors=actors,
         actor_options=options,
     )
-
-
-def _pool(cfg: LabelConfig) -> tuple[int, dict[str, Any]]:
-    """Ray actors to start and the resources of each: one per GPU, else per cpus_per_worker."""
-    resources = cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    # An explicit cuda device asks for a GPU even where none is: refused by _check_room.
-    use_gpu = cfg.device.startswith("cuda") or (gpus > 0 and cfg.device != "cpu")
-    if cfg.workers:
-        n = cfg.workers
-    elif use_gpu:
-        n = max(1, gpus)
-    else:
-        n = max(1, int(resources.get("CPU", 1)) // cfg.cpus_per_worker)
-    return n, {"num_cpus": cfg.cpus_per_worker, "num_gpus": 1 if use_gpu else 0}
-
-
-def _check_room(cfg: LabelConfig, actors: int, options: dict[str, Any]) -> None:
-    """Refuse, in one line, a pool the cluster cannot hold at once (its actors would wait for
-    resources without end, their shards with them)."""
-    gpu = options["num_gpus"] > 0
-    lower = "lower --workers" + (" or use --device cpu" if gpu else " or --cpus-per-worker")
-    workers = Workers("labeling", actors, options["num_cpus"], options["num_gpus"], lower)
-    check_resources(workers)
 
 
 def run_label(
