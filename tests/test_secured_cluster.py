@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from helpers import make_teacher, write_unlabeled_shards
-from ray_nodes import RayNodes, wait_for
+from ray_nodes import wait_for
 from test_job_submit import RAY, ROOT, _label_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -37,12 +37,6 @@ from ray.scripts.scripts import main
 sys.argv = ["ray", "start", *sys.argv[1:]]
 main()
 """
-
-
-@pytest.fixture
-def secured_nodes(jobs_nodes: RayNodes) -> RayNodes:
-    """The test bed of tests/ray_nodes.py (token authentication on) with a working Jobs API."""
-    return jobs_nodes
 
 
 def _env(nodes, home: Path, **changes: str | None) -> dict[str, str]:
@@ -111,8 +105,8 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
-def test_a_worker_node_without_the_token_is_refused(secured_nodes, tmp_path: Path) -> None:
-    before = _alive_nodes(secured_nodes)
+def test_a_worker_node_without_the_token_is_refused(jobs_nodes, tmp_path: Path) -> None:
+    before = _alive_nodes(jobs_nodes)
     cases = {
         "wrong": {"RAY_AUTH_TOKEN": WRONG},
         "missing": {"RAY_AUTH_TOKEN": None},
@@ -120,7 +114,7 @@ def test_a_worker_node_without_the_token_is_refused(secured_nodes, tmp_path: Pat
     }
     for case, changes in cases.items():
         log = tmp_path / f"worker-{case.replace(' ', '-')}.log"
-        proc = _worker(secured_nodes, _env(secured_nodes, tmp_path / "home", **changes), log)
+        proc = _worker(jobs_nodes, _env(jobs_nodes, tmp_path / "home", **changes), log)
         try:
             code = proc.wait(timeout=180)
         except subprocess.TimeoutExpired:
@@ -128,20 +122,16 @@ def test_a_worker_node_without_the_token_is_refused(secured_nodes, tmp_path: Pat
         finally:
             _stop(proc)
         assert code != 0, f"{case}: {log.read_text()[-2000:]}"
-        assert _alive_nodes(secured_nodes) == before, case
+        assert _alive_nodes(jobs_nodes) == before, case
     # The same command with the token joins: the refusals above were the token's.
-    proc = _worker(
-        secured_nodes, _env(secured_nodes, tmp_path / "home"), tmp_path / "worker-ok.log"
-    )
+    proc = _worker(jobs_nodes, _env(jobs_nodes, tmp_path / "home"), tmp_path / "worker-ok.log")
     try:
-        wait_for(
-            lambda: _alive_nodes(secured_nodes) == before + 1, 120, "the worker with the token"
-        )
+        wait_for(lambda: _alive_nodes(jobs_nodes) == before + 1, 120, "the worker with the token")
     finally:
         _stop(proc)
 
 
-def test_a_driver_without_the_token_is_one_line(secured_nodes, tmp_path: Path) -> None:
+def test_a_driver_without_the_token_is_one_line(jobs_nodes, tmp_path: Path) -> None:
     (tmp_path / "s").mkdir()
     write_unlabeled_shards(tmp_path / "s", n_shards=2, per_shard=10, size=16)
     make_teacher(tmp_path / "t.pt")
@@ -154,7 +144,7 @@ def test_a_driver_without_the_token_is_one_line(secured_nodes, tmp_path: Path) -
         "not sent": {"RAY_AUTH_MODE": None, "RAY_AUTH_TOKEN": None},
     }
     for case, changes in cases.items():
-        env = _env(secured_nodes, tmp_path / "home", **changes)
+        env = _env(jobs_nodes, tmp_path / "home", **changes)
         code, err, took = _run(label, env, limit=180)
         ours = [line for line in err.splitlines() if line.startswith("ssl-kd: error:")]
         assert code == 2 and len(ours) == 1, f"{case} ({took:.0f} s): {err[-2000:]}"
@@ -164,21 +154,21 @@ def test_a_driver_without_the_token_is_one_line(secured_nodes, tmp_path: Path) -
     assert not (tmp_path / "l").exists() or not list((tmp_path / "l").glob("*.parquet"))
 
 
-def test_ray_job_submit_without_the_token_is_refused(secured_nodes, tmp_path: Path) -> None:
-    submit = [str(RAY), "job", "submit", "--address", secured_nodes.jobs_address, "--no-wait"]
+def test_ray_job_submit_without_the_token_is_refused(jobs_nodes, tmp_path: Path) -> None:
+    submit = [str(RAY), "job", "submit", "--address", jobs_nodes.jobs_address, "--no-wait"]
     submit += ["--", "python", "-c", "pass"]
     for changes in ({"RAY_AUTH_TOKEN": WRONG}, {"RAY_AUTH_TOKEN": None}):
         # RAY_ADDRESS would win over --address (Ray's Jobs CLI reads it first).
-        env = _env(secured_nodes, tmp_path / "home", RAY_ADDRESS=None, **changes)
+        env = _env(jobs_nodes, tmp_path / "home", RAY_ADDRESS=None, **changes)
         code, err, _ = _run(submit, env, limit=120)
         assert code != 0 and "AuthenticationError" in err, err[-2000:]
     from ray.job_submission import JobSubmissionClient
 
-    assert JobSubmissionClient(secured_nodes.jobs_address).list_jobs() == []
+    assert JobSubmissionClient(jobs_nodes.jobs_address).list_jobs() == []
 
 
 def test_the_label_job_runs_through_ray_job_submit_with_the_token(
-    secured_nodes, tmp_path: Path
+    jobs_nodes, tmp_path: Path
 ) -> None:
     from ray.util.state import list_actors
 
@@ -188,12 +178,12 @@ def test_the_label_job_runs_through_ray_job_submit_with_the_token(
     shards.mkdir()
     write_unlabeled_shards(shards, n_shards=4, per_shard=20)
     teacher = make_teacher(tmp_path / "teacher.pt")
-    env = _env(secured_nodes, tmp_path / "home", RAY_ADDRESS=None)
-    _, logs = _label_job(secured_nodes.jobs_address, env, teacher, shards, tmp_path / "labels")
+    env = _env(jobs_nodes, tmp_path / "home", RAY_ADDRESS=None)
+    _, logs = _label_job(jobs_nodes.jobs_address, env, teacher, shards, tmp_path / "labels")
     assert "labeled 4 shards" in logs
     summary = json.loads((tmp_path / "labels" / "run_summary.json").read_text())
     assert summary["rows"] == 80 and not summary["failed"]
     # The head has no CPU: the labeling actors ran on the worker nodes.
-    actors = list_actors(address=secured_nodes.jobs_address, detail=True, limit=1000)
+    actors = list_actors(address=jobs_nodes.jobs_address, detail=True, limit=1000)
     nodes = {a.node_id for a in actors if "LabelWorker" in (a.class_name or "")}
-    assert nodes and nodes <= {w.node_id for w in secured_nodes.workers}, actors
+    assert nodes and nodes <= {w.node_id for w in jobs_nodes.workers}, actors
