@@ -124,7 +124,7 @@ COMMANDS: dict[str, Command] = {
             formatter="ssl_kd.evaluate.run:format_summary",
             config="ssl_kd.evaluate.run:EvalConfig",
             runner_kwargs=("progress",),
-            pipeline_keys=frozenset({"checkpoint", "data", "teacher", "out"}),
+            pipeline_keys=frozenset({"checkpoint", "data", "teacher", "out", "teacher_cache"}),
         ),
         Command(
             "ensemble",

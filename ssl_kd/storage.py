@@ -149,6 +149,17 @@ def size(url: PathLike) -> int:
     return int(_info(url).size or 0)
 
 
+def version(url: PathLike) -> str:
+    """``size:mtime_ns`` of the file or object at ``url``: it changes when the file is rewritten."""
+    if not is_remote(url):
+        st = os.stat(local_path(url))
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    info = _info(url)
+    if info.type != pafs.FileType.File:
+        raise UserError(f"no file at {display(url)}")
+    return f"{info.size}:{info.mtime_ns}"
+
+
 def is_dir(url: PathLike) -> bool:
     """Whether ``url`` is a directory (for an object store: a prefix with objects under it)."""
     if not is_remote(url):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +15,8 @@ from helpers import make_teacher
 from helpers import run_cli as _run
 from torch import nn
 
+from ssl_kd.errors import UserError
+from ssl_kd.evaluate import metrics as metrics_module
 from ssl_kd.evaluate.cka import linear_cka
 from ssl_kd.evaluate.metrics import (
     calibration,
@@ -23,6 +27,7 @@ from ssl_kd.evaluate.metrics import (
     per_class_accuracy,
     predict,
 )
+from ssl_kd.evaluate.reference_cache import ReferenceOutputs
 from ssl_kd.evaluate.run import EvalConfig, format_summary, run_evaluate
 from ssl_kd.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from ssl_kd.models.preprocess import Preprocess, normalize
@@ -309,3 +314,61 @@ def test_bf16_evaluation_matches_fp32(separable_shards: dict[str, Path], tmp_pat
     assert results["bf16"]["precision"] == "bf16"
     assert results["bf16"]["n"] == results["fp32"]["n"] > 0
     assert abs(results["bf16"]["top1"] - results["fp32"]["top1"]) <= 0.05
+
+
+def _metrics(r: dict) -> dict:
+    """The figures of an evaluation, without its timings and paths."""
+    keep = ("n", "top1", "top5", "loss", "per_class", "calibration", "fidelity")
+    return {k: r[k] for k in keep}
+
+
+def test_teacher_outputs_are_computed_once_per_teacher_and_data(
+    separable_shards: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    teacher = make_teacher(tmp_path / "teacher.pt", seed=1)
+    students = [make_teacher(tmp_path / f"s{i}.pt", seed=10 + i) for i in range(2)]
+    data = tmp_path / "own_test"
+    shutil.copytree(separable_shards["test"], data)
+    cache = tmp_path / "cache"
+    base = EvalConfig(checkpoint="", data=str(data), teacher=str(teacher), latency=False)
+
+    def scored(student: Path, **kw: object) -> dict:
+        return run_evaluate(replace(base, checkpoint=str(student), **kw))
+
+    plain = [scored(s) for s in students]
+    first = scored(students[0], teacher_cache=str(cache))
+    (stored,) = cache.iterdir()
+    assert _metrics(first) == _metrics(plain[0])
+
+    # The next student against the same teacher on the same data: the teacher does not run.
+    calls = []
+    original = metrics_module._forward
+
+    def counting(model: nn.Module, x: torch.Tensor, with_features: bool) -> tuple:
+        calls.append(model)
+        return original(model, x, with_features)
+
+    monkeypatch.setattr(metrics_module, "_forward", counting)
+    second = scored(students[1], teacher_cache=str(cache))
+    assert _metrics(second) == _metrics(plain[1])
+    assert len(calls) == 1  # one batch of 64 images, the student's alone
+    assert list(cache.iterdir()) == [stored]
+
+    # A rewritten shard is other data: the teacher runs again, into another file.
+    shard = sorted(data.glob("*.tar"))[0]
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    calls.clear()
+    scored(students[1], teacher_cache=str(cache))
+    assert len(calls) == 2 and len(list(cache.iterdir())) == 2
+
+
+def test_stored_teacher_outputs_that_do_not_match_the_data_are_refused() -> None:
+    stored = ReferenceOutputs(
+        torch.tensor([0, 1, 2]), torch.zeros(3, 4), None, source="cache/abc.pt"
+    )
+    feats, logits = stored.take(1, torch.tensor([1, 2]))
+    assert feats is None and logits.shape == (2, 4)
+    with pytest.raises(UserError, match=r"cache/abc\.pt do not match .* image 1 on: delete"):
+        stored.take(1, torch.tensor([2, 2]))
+    with pytest.raises(UserError, match="do not match"):
+        stored.take(2, torch.tensor([2, 0]))  # past the stored images

@@ -20,7 +20,7 @@ from ssl_kd import config as cfglib
 from ssl_kd.errors import ConfigError
 from ssl_kd.models.checkpoint import load_checkpoint
 from ssl_kd.pipeline.config import PipelineConfig, stage_config
-from ssl_kd.shards import array_samples, write_shards
+from ssl_kd.shards import array_samples, reader, write_shards
 from ssl_kd.train.consistency import WEAK_LOGITS, Thresholds, fixmatch_loss
 from ssl_kd.train.ema import WeightEMA
 from ssl_kd.train.losses import student_loss
@@ -437,3 +437,28 @@ def test_ray_two_workers(ssl_shards: dict[str, Path], tmp_path: Path) -> None:
     assert ckpt["thresholds"]["level"] > 0.25  # moved from 1/C by both ranks' batches
     lines = [json.loads(x) for x in (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("mask", 0) > 0 for r in lines)
+
+
+def test_kept_decoded_images_train_the_same_weights(
+    ssl_shards: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decodes = []
+    original = reader.decode_image
+
+    def counting(*args: object, **kw: object) -> torch.Tensor:
+        decodes.append(1)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(reader, "decode_image", counting)
+    counts = []
+    for name, mb in (("plain", 0), ("kept", 1)):
+        decodes.clear()
+        run_train(_ssl_cfg(ssl_shards, tmp_path / name, decoded_cache_mb=mb), progress=False)
+        counts.append(len(decodes))
+    plain = load_checkpoint(tmp_path / "plain" / "checkpoint.pt")["model"]
+    kept = load_checkpoint(tmp_path / "kept" / "checkpoint.pt")["model"]
+    assert plain.keys() == kept.keys()
+    assert all(torch.equal(plain[k], kept[k]) for k in plain)
+    # 24 steps of 8 labeled and 16 pool images, of 16 and 160 distinct ones; 64 to validate
+    # and the few that the input-format check peeks at.
+    assert counts[0] >= 24 * (8 + 16) and counts[1] <= 16 + 160 + 64 + 4

@@ -90,6 +90,9 @@ def test_pipeline_end_to_end_then_rerun_skips_everything(tmp_path, fake_fmnist):
     ]
     mean = sum(m["top1"] for m in per_seed) / 2
     assert rows["finetuned", 1]["top1"]["mean"] == pytest.approx(mean)
+    # Each teacher ran once on the test set for its students' fidelity: the round-1 teacher,
+    # and each seed's round-1 student, which teaches round 2.
+    assert len(list((root / "eval/teacher_outputs").glob("*.pt"))) == 3
     assert [g["round"] for g in doc["goals"]] == [1, 2]
     gain = 100 * (rows["finetuned", 1]["top1"]["mean"] - rows["baseline", 0]["top1"]["mean"])
     assert doc["goals"][0]["gain_over_baseline_points"] == pytest.approx(gain)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,18 @@ def test_write_read_list_delete(root: str) -> None:
     assert not storage.exists(storage.join(root, "a.json"))
     storage.delete_tree(root)
     assert storage.list_dir(root) == [] and not storage.exists(storage.join(root, "sub", "c.txt"))
+
+
+def test_version_changes_when_a_file_is_rewritten(root: str) -> None:
+    path = storage.join(root, "v.txt")
+    atomic.write_text(path, "one")
+    first = storage.version(path)
+    assert first == storage.version(path) and first.startswith("3:")
+    time.sleep(1.1)  # object stores keep whole seconds
+    atomic.write_text(path, "two")
+    assert storage.version(path) != first
+    with pytest.raises((UserError, OSError)):
+        storage.version(storage.join(root, "missing.txt"))
 
 
 def test_failed_atomic_write_leaves_nothing(root: str) -> None:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from ssl_kd.device import autocast
 from ssl_kd.evaluate.cka import linear_cka
+from ssl_kd.evaluate.reference_cache import ReferenceOutputs
 from ssl_kd.models.ensemble import features_and_logits, has_features
 from ssl_kd.models.preprocess import Preprocess, fit_size, normalize
 from ssl_kd.shards.dataset import ShardImageDataset
@@ -28,10 +29,37 @@ ECE_BINS = 15
 
 
 class Reference(NamedTuple):
-    """A reference model scored on the same images, with its own input normalisation."""
+    """A reference model scored on the same images, with its own input normalisation, and its
+    outputs on those images where an earlier pass kept them (then it does not run)."""
 
     model: nn.Module
     pp: Preprocess
+    cached: ReferenceOutputs | None = None
+
+    def has_features(self) -> bool:
+        """Whether it gives penultimate features (stored ones count)."""
+        if self.cached is not None:
+            return self.cached.features is not None
+        return has_features(self.model)
+
+    def outputs(
+        self,
+        images: torch.Tensor,
+        start: int,
+        labels: torch.Tensor,
+        device: torch.device,
+        precision: str,
+        with_features: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Features (``with_features``, else None) and float32 logits of one batch, the
+        images from ``start`` on: stored, or computed from ``images``."""
+        if self.cached is not None:
+            feats, logits = self.cached.take(start, labels)
+            feats = feats.to(device) if with_features and feats is not None else None
+            return feats, logits.to(device)
+        images = images.to(device, non_blocking=True)
+        with autocast(device, precision):
+            return _forward(self.model, normalize(images, self.pp), with_features)
 
 
 @dataclass(frozen=True)
@@ -49,6 +77,7 @@ class Predictions:
     kl: torch.Tensor | None = None  # float64, KL(teacher || student) in nats
     features: torch.Tensor | None = None  # float32 (n, d), the model's penultimate features
     teacher_features: torch.Tensor | None = None  # float32 (n, d_teacher)
+    teacher_outputs: ReferenceOutputs | None = None  # with ``keep_teacher_outputs``
 
 
 def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -71,20 +100,26 @@ def predict(
     progress: bool = False,
     *,
     precision: str = "fp32",
+    keep_teacher_outputs: bool = False,
 ) -> Predictions:
     """Run ``model`` (and ``teacher``) over ``loader`` once; uint8 batches normalised per model.
 
     The models run under autocast at ``precision``; their logits are scored in fp32 or above.
-    With a teacher, both models' penultimate features are kept too when both give them.
+    With a teacher, both models' penultimate features are kept too when both give them; a
+    teacher with ``cached`` outputs does not run. ``keep_teacher_outputs`` returns the
+    teacher's logits and features (when it gives them) for a later pass to reuse.
     """
     model.eval()
+    record = teacher is not None and teacher.cached is None and keep_teacher_outputs
     if teacher is not None:
         teacher.model.eval()
     # Features cost n x (d + d_teacher) float32 on the CPU (10k images x 512 + 512 dims: 40 MB);
     # CKA needs them all at once, so they are kept only when CKA can be computed.
-    with_features = teacher is not None and has_features(model) and has_features(teacher.model)
+    with_features = teacher is not None and teacher.has_features() and has_features(model)
+    # Kept outputs hold the teacher's features whenever it gives them, for any later student.
+    t_with_features = with_features or (record and teacher is not None and teacher.has_features())
     parts: dict[str, list[torch.Tensor]] = {}
-    num_classes = 0
+    seen = num_classes = 0
 
     def keep(name: str, value: torch.Tensor) -> None:
         parts.setdefault(name, []).append(value.cpu())
@@ -106,16 +141,20 @@ def predict(
         keep("top5_hit", top.eq(labels[:, None]).any(dim=1))
         keep("loss", nn.functional.cross_entropy(logits.double(), labels, reduction="none"))
         if teacher is not None:
-            t_images = t_images.to(device, non_blocking=True)
-            with autocast(device, precision):
-                t_feats, t_logits = _forward(
-                    teacher.model, normalize(t_images, teacher.pp), with_features
-                )
+            t_feats, t_logits = teacher.outputs(
+                t_images, seen, labels, device, precision, t_with_features
+            )
+            if record:
+                keep("teacher_logits", t_logits)
+                if t_feats is not None:
+                    keep("teacher_all_features", t_feats)
             keep("teacher_pred", t_logits.argmax(dim=1))
             keep("kl", kl_divergence(t_logits, logits))
-            if feats is not None and t_feats is not None:  # both or neither (with_features)
+            if with_features:
+                assert feats is not None and t_feats is not None
                 keep("features", feats)
                 keep("teacher_features", t_feats)
+        seen += len(labels)
     empty = {
         "labels": torch.long,
         "pred": torch.long,
@@ -125,13 +164,19 @@ def predict(
     }
     if teacher is not None:
         empty |= {"teacher_pred": torch.long, "kl": torch.float64}
-    cols = {
+    cols: dict[str, Any] = {
         k: torch.cat(parts[k]) if k in parts else torch.zeros(0, dtype=dt)
         for k, dt in empty.items()
     }
     if with_features:
         for k in ("features", "teacher_features"):
             cols[k] = torch.cat(parts[k]) if k in parts else torch.zeros(0, 0)
+    if record:
+        logits = parts.get("teacher_logits", [torch.zeros(0, num_classes)])
+        t_feats = parts.get("teacher_all_features")
+        cols["teacher_outputs"] = ReferenceOutputs(
+            cols["labels"], torch.cat(logits), torch.cat(t_feats) if t_feats else None
+        )
     return Predictions(num_classes=num_classes, **cols)
 
 
@@ -257,15 +302,23 @@ def evaluate(
     precision: str = "fp32",  # autocast of the forward passes
 ) -> dict[str, Any]:
     """``n``, ``top1``, ``top5``, ``loss``; ``detailed`` adds per-class and calibration."""
-    # The trainers call it without ``detailed`` and log every key: keep those lean.
     p = predict(model, loader, device, pp, teacher, progress, precision=precision)
+    return score(p, detailed=detailed, classes=classes)
+
+
+def score(
+    p: Predictions, *, detailed: bool = False, classes: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """The metrics of :func:`evaluate` from one pass's predictions (``fidelity`` when they
+    hold the teacher's)."""
+    # The trainers call it without ``detailed`` and log every key: keep those lean.
     result = accuracy(p)
     if detailed:
         names = list(classes) if classes is not None else [str(i) for i in range(p.num_classes)]
         result["per_class"] = per_class_accuracy(p.pred, p.labels, names)
         result["calibration"] = calibration(p.confidence, p.pred.eq(p.labels))
-    if teacher is not None:
-        assert p.teacher_pred is not None and p.kl is not None
+    if p.teacher_pred is not None:
+        assert p.kl is not None
         cka = None
         if p.features is not None and p.teacher_features is not None:
             cka = linear_cka(p.features, p.teacher_features)

@@ -17,7 +17,8 @@ from ssl_kd import config as cfglib
 from ssl_kd.config import option
 from ssl_kd.device import resolve_device
 from ssl_kd.errors import UserError
-from ssl_kd.evaluate.metrics import Reference, eval_loader, evaluate
+from ssl_kd.evaluate import reference_cache
+from ssl_kd.evaluate.metrics import Reference, eval_loader, predict, score
 from ssl_kd.models.external import TeacherSpec, load_teacher
 from ssl_kd.models.preprocess import Preprocess
 from ssl_kd.models.stats import cpu_speed, model_size
@@ -42,6 +43,13 @@ class EvalConfig:
         "KL(teacher||student), teacher top-1 and the linear CKA of the penultimate features",
     )
     out: str | None = option(None, help="write the metrics as JSON to this file", operational=True)
+    teacher_cache: str | None = option(
+        None,
+        help="directory keeping the teacher's outputs on this data, a file per teacher and data: "
+        "the first evaluation writes them, later ones read them instead of running the teacher "
+        "(the same metrics, without the teacher's forward pass)",
+        operational=True,
+    )
     batch_size: int = option(256, help="images per forward pass", min=1)
     precision: Literal["fp32", "bf16", "fp16"] = option(
         "fp32", help="forward-pass precision (autocast)"
@@ -72,6 +80,30 @@ def check_teacher(meta: dict[str, Any], teacher_meta: dict[str, Any], teacher_pa
         log.warning("teacher class names differ from the model's; comparing by class index")
 
 
+def _reference(
+    cfg: EvalConfig, meta: dict[str, Any], urls: list[str]
+) -> tuple[Reference, dict[str, Any], str | None]:
+    """The teacher to compare with (with its stored outputs where ``teacher_cache`` has them),
+    the fidelity block's teacher fields, and the key to store its outputs under (None: not
+    stored)."""
+    assert cfg.teacher
+    loaded = load_teacher(TeacherSpec(cfg.teacher))
+    check_teacher(meta, loaded.meta, cfg.teacher)
+    t_pp = Preprocess.from_dict(loaded.meta["preprocess"])
+    key = cached = None
+    if cfg.teacher_cache:
+        settings = {"precision": cfg.precision, "max_pixels": cfg.max_pixels}
+        # The worker count fixes the order in which the images come.
+        settings["num_workers"] = cfg.num_workers
+        key = reference_cache.cache_key(loaded.digest, urls, t_pp.to_dict(), **settings)
+        if key is not None:
+            cached = reference_cache.load(cfg.teacher_cache, key)
+    shape = (t_pp.channels, t_pp.image_size, t_pp.image_size)
+    info = {"teacher": cfg.teacher, "teacher_arch": loaded.meta["arch"]}
+    info |= {f"teacher_{k}": v for k, v in model_size(loaded.model, shape).items()}
+    return Reference(loaded.model, t_pp, cached), info, key
+
+
 def run_evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
     """Evaluate ``cfg.checkpoint`` on ``cfg.data``; writes ``cfg.out`` (JSON) when set."""
     evaluated = load_teacher(TeacherSpec(cfg.checkpoint))
@@ -80,14 +112,9 @@ def run_evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
     pp = Preprocess.from_dict(meta["preprocess"])
     teacher: Reference | None = None
     teacher_info: dict[str, Any] = {}
+    cache_key = None
     if cfg.teacher:
-        loaded = load_teacher(TeacherSpec(cfg.teacher))
-        t_model, t_meta = loaded.model, loaded.meta
-        check_teacher(meta, t_meta, cfg.teacher)
-        teacher = Reference(t_model, Preprocess.from_dict(t_meta["preprocess"]))
-        shape = (teacher.pp.channels, teacher.pp.image_size, teacher.pp.image_size)
-        teacher_info = {"teacher": cfg.teacher, "teacher_arch": t_meta["arch"]}
-        teacher_info |= {f"teacher_{k}": v for k, v in model_size(t_model, shape).items()}
+        teacher, teacher_info, cache_key = _reference(cfg, meta, urls)
     device = resolve_device(cfg.device)
     shape = (pp.channels, pp.image_size, pp.image_size)
     size = model_size(model, shape)
@@ -96,6 +123,7 @@ def run_evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
     model.to(device)
     if teacher is not None:
         teacher.model.to(device)
+    # With stored teacher outputs too: the teacher's geometry decides how JPEGs are decoded.
     t_pp = teacher.pp if teacher is not None else None
     loader = eval_loader(
         urls,
@@ -108,23 +136,25 @@ def run_evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
         pin_memory=device.type == "cuda",
     )
     t0 = time.perf_counter()
-    metrics = evaluate(
+    p = predict(
         model,
         loader,
         device,
         pp,
+        teacher,
         progress,
-        teacher=teacher,
-        detailed=True,
-        classes=meta["classes"],
         precision=cfg.precision,
+        keep_teacher_outputs=cache_key is not None,
     )
+    metrics = score(p, detailed=True, classes=meta["classes"])
     seconds = time.perf_counter() - t0
     if metrics["n"] == 0:
         raise UserError(
             f"no usable image in the {len(urls)} shard(s) of {cfg.data}: nothing to evaluate "
             "(the log lists why samples were skipped)"
         )
+    if cfg.teacher_cache and cache_key is not None and p.teacher_outputs is not None:
+        reference_cache.save(cfg.teacher_cache, cache_key, p.teacher_outputs)
     if "fidelity" in metrics:
         metrics["fidelity"] = {**teacher_info, **metrics["fidelity"]}
     stats = loader.dataset.stats.as_dict() if cfg.num_workers == 0 else None

@@ -339,6 +339,8 @@ class PlanBuilder:
             "data": self.data.test,
             "teacher": model.teacher_checkpoint,
             "out": storage.join(directory, "metrics.json"),
+            # Every student of a teacher is scored against it: its outputs are computed once.
+            "teacher_cache": storage.join(self.root, "eval", "teacher_outputs"),
         }
         ec = stage_config(self.cfg, "evaluate", paths)
         run_evaluate = stage_runner("evaluate")

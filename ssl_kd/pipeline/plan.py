@@ -21,6 +21,8 @@ Layout of a run directory (``out``)::
     round1/oracle/             the round-1 shards labeled with the truth (when it is known)
     oracle/seed{S}/pretrain|finetune/    the oracle: the student on those true labels
     eval/{model}/metrics.json  test metrics (fidelity to the model's teacher, size, CPU speed)
+    eval/teacher_outputs/      each teacher's outputs on the test set, computed once for its
+                               students' fidelity figures
     results/                   results.json, results.md, results.png
     stages/                    one marker per stage (fingerprint, seconds, figures)
 

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ssl_kd.shards import soft_label
+from ssl_kd.shards.decoded_cache import DecodedCache
 from ssl_kd.shards.reader import (
     DEFAULT_MAX_PIXELS,
     ReadStats,
@@ -59,6 +60,8 @@ class ShardImageDataset(IterableDataset):
     With ``sample_seed``, a DataLoader worker seeds torch's RNG before each sample's transform
     from ``(sample_seed, epoch, worker, index)``: a worker's RNG is not checkpointed, so this is
     what makes its random transforms replay on resume (in-process, the caller's RNG is used).
+    ``cache_bytes`` of decoded images are kept for the next epochs (split among DataLoader
+    workers, each of which reads its own shards).
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class ShardImageDataset(IterableDataset):
         decode_size: int = 0,
         sample_seed: int | None = None,
         weights: bool = False,
+        cache_bytes: int = 0,
     ) -> None:
         super().__init__()
         self.urls = list(urls)
@@ -96,9 +100,15 @@ class ShardImageDataset(IterableDataset):
         self.decode_size = decode_size
         self.sample_seed = sample_seed
         self.weights = weights
+        self.cache_bytes = cache_bytes
+        self._cache: DecodedCache | None = None  # made in the process that reads
         self.epoch = 0
         self.skip: int | Sequence[int] = 0
         self.stats = ReadStats()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A DataLoader worker gets the dataset pickled: it keeps its own images, not ours.
+        return {**self.__dict__, "_cache": None}
 
     def set_epoch(self, epoch: int, skip: int | Sequence[int] = 0) -> None:
         """Select the epoch's order; drop its first ``skip`` samples (for resuming), or
@@ -129,6 +139,8 @@ class ShardImageDataset(IterableDataset):
         targets = None
         if self.soft_k or self.embedding_dim or self.weights:
             targets = _TargetReader(self.num_classes, self.soft_k, self.embedding_dim, self.weights)
+        if self._cache is None and self.cache_bytes:
+            self._cache = DecodedCache(self.cache_bytes // (info.num_workers if info else 1))
         decoded = decoded_samples(
             raw,
             self.stats,
@@ -140,6 +152,7 @@ class ShardImageDataset(IterableDataset):
             transform=transform,
             max_pixels=self.max_pixels,
             size=self.decode_size,
+            cache=self._cache,
         )
         for key, x, label in decoded:
             yield (key, x, label) if self.with_keys else (x, label)

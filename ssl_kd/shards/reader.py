@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ssl_kd.shards.decode import DEFAULT_MAX_PIXELS, decode_image
+from ssl_kd.shards.decoded_cache import DecodedCache
 from ssl_kd.shards.skips import ReadStats, SampleError, plain
 from ssl_kd.shards.spec import shard_name
 from ssl_kd.shards.tario import TarFormatError, TruncatedTarError, iter_members, open_tar, split_key
@@ -145,10 +146,12 @@ def decoded_samples(
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     size: int = 0,
+    cache: DecodedCache | None = None,
 ) -> Iterator[tuple[str, torch.Tensor, Any]]:
     """Decode raw samples to ``(key, image, label)``; label is -1 when ``labeled`` is False,
     and ``targets(sample)`` (e.g. a soft label) when given; ``transform`` runs on each image.
     ``size`` is the side the transform will resize to (large JPEGs decode at a reduced scale).
+    ``cache`` keeps decoded images for later reads of the same samples.
 
     The first ``skip`` good samples are dropped before ``transform`` (a resumed epoch: the
     dropped samples draw no augmentation randomness). Whatever goes wrong with one sample, in
@@ -157,7 +160,11 @@ def decoded_samples(
     for sample in raw:
         key = sample.get("__key__", "")
         try:
-            img = decode_image(image_bytes(sample), channels, max_pixels, size)
+            img = cache.get(sample) if cache is not None else None
+            if img is None:
+                img = decode_image(image_bytes(sample), channels, max_pixels, size)
+                if cache is not None:
+                    cache.put(sample, img)
             if targets is not None:
                 label = targets(sample)
             else:

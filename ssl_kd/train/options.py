@@ -176,6 +176,13 @@ class TrainOptions:
         min=0,
         operational=True,
     )
+    decoded_cache_mb: int = option(
+        256,
+        help="MB of decoded images each data stream of a rank keeps for its later epochs "
+        "(0: decode on every read; training is the same either way)",
+        min=0,
+        operational=True,
+    )
     device: str = option("auto", help="auto, cpu, cuda or cuda:N", operational=True)
 
     def ema(self) -> float:

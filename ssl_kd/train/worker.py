@@ -200,6 +200,7 @@ def _dataset(
         # Loader workers seed each image's crop by its place in their stream, per rank.
         sample_seed=cfg.seed * 1_000_003 + ctx.rank + _STREAM_SEEDS[stream],
         weights=inputs.sample_weights and stream == "train",  # true labels carry no weight
+        cache_bytes=cfg.decoded_cache_mb << 20,
     )
 
 
