@@ -64,7 +64,7 @@ demo: $(VENV)/.installed fashion-mnist
 	$(SSL_KD) run --config $(CONFIG) --source $(FMNIST) --out $(RUN)
 
 # The oracle row of the demo: the same student on the true labels of the selected images, in
-# the demo's run directory, so only the oracle's stages run (about 3 minutes on 2 cores).
+# the demo's run directory, so only the oracle's stages run (about 2 minutes on 2 cores).
 oracle: $(VENV)/.installed fashion-mnist
 	$(SSL_KD) run --config $(CONFIG) --source $(FMNIST) --out $(RUN) --set oracle_seeds=1
 

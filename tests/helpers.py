@@ -242,3 +242,18 @@ def crash_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(worker, "train_step", crashing_step)
+
+
+def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one for every image the shard readers decode from now on."""
+    from ssl_kd.shards import reader
+
+    decodes: list[int] = []
+    real = reader.decode_image
+
+    def counting(*args: object, **kwargs: object) -> object:
+        decodes.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reader, "decode_image", counting)
+    return decodes

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import separable_images, write_labeled_shards
+from helpers import count_decodes, separable_images, write_labeled_shards
 
-from ssl_kd.shards import expand_shards, reader
+from ssl_kd.shards import expand_shards
 from ssl_kd.shards.dataset import ShardImageDataset
 from ssl_kd.shards.decoded_cache import DecodedCache
 
@@ -39,14 +39,7 @@ def test_later_epochs_read_kept_images(
     x, y = separable_images(16, 4, 16, seed=0)  # 64 gray 16x16 images
     write_labeled_shards(tmp_path, "d", x, y, per_shard=20)
     urls = expand_shards(str(tmp_path))
-    decodes = []
-    original = reader.decode_image
-
-    def counting(*args: object, **kw: object) -> torch.Tensor:
-        decodes.append(1)
-        return original(*args, **kw)
-
-    monkeypatch.setattr(reader, "decode_image", counting)
+    decodes = count_decodes(monkeypatch)
 
     def epochs(cache_bytes: int) -> list[list[tuple[torch.Tensor, int]]]:
         ds = ShardImageDataset(urls, lambda t: t, 1, shuffle_buffer=16, cache_bytes=cache_bytes)

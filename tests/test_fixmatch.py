@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import crash_after, run_cli, separable_images, write_labeled_shards
+from helpers import count_decodes, crash_after, run_cli, separable_images, write_labeled_shards
 from torch import nn
 from torch.nn import functional as F
 
@@ -20,7 +20,7 @@ from ssl_kd import config as cfglib
 from ssl_kd.errors import ConfigError
 from ssl_kd.models.checkpoint import load_checkpoint
 from ssl_kd.pipeline.config import PipelineConfig, stage_config
-from ssl_kd.shards import array_samples, reader, write_shards
+from ssl_kd.shards import array_samples, write_shards
 from ssl_kd.train.consistency import WEAK_LOGITS, Thresholds, fixmatch_loss
 from ssl_kd.train.ema import WeightEMA
 from ssl_kd.train.losses import student_loss
@@ -442,14 +442,7 @@ def test_ray_two_workers(ssl_shards: dict[str, Path], tmp_path: Path) -> None:
 def test_kept_decoded_images_train_the_same_weights(
     ssl_shards: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    decodes = []
-    original = reader.decode_image
-
-    def counting(*args: object, **kw: object) -> torch.Tensor:
-        decodes.append(1)
-        return original(*args, **kw)
-
-    monkeypatch.setattr(reader, "decode_image", counting)
+    decodes = count_decodes(monkeypatch)
     counts = []
     for name, mb in (("plain", 0), ("kept", 1)):
         decodes.clear()

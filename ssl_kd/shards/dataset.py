@@ -60,8 +60,7 @@ class ShardImageDataset(IterableDataset):
     With ``sample_seed``, a DataLoader worker seeds torch's RNG before each sample's transform
     from ``(sample_seed, epoch, worker, index)``: a worker's RNG is not checkpointed, so this is
     what makes its random transforms replay on resume (in-process, the caller's RNG is used).
-    ``cache_bytes`` of decoded images are kept for the next epochs (split among DataLoader
-    workers, each of which reads its own shards).
+    ``cache_bytes`` of decoded images are kept for the next epochs when it is read in-process.
     """
 
     def __init__(
@@ -139,8 +138,9 @@ class ShardImageDataset(IterableDataset):
         targets = None
         if self.soft_k or self.embedding_dim or self.weights:
             targets = _TargetReader(self.num_classes, self.soft_k, self.embedding_dim, self.weights)
-        if self._cache is None and self.cache_bytes:
-            self._cache = DecodedCache(self.cache_bytes // (info.num_workers if info else 1))
+        if self._cache is None and self.cache_bytes and info is None:
+            # In-process only: a DataLoader worker lives for one epoch and reads each image once.
+            self._cache = DecodedCache(self.cache_bytes)
         decoded = decoded_samples(
             raw,
             self.stats,

@@ -178,8 +178,8 @@ class TrainOptions:
     )
     decoded_cache_mb: int = option(
         256,
-        help="MB of decoded images each data stream of a rank keeps for its later epochs "
-        "(0: decode on every read; training is the same either way)",
+        help="MB of decoded images each data stream of a rank keeps for its later epochs when "
+        "read in-process (0: decode on every read; training is the same either way)",
         min=0,
         operational=True,
     )
