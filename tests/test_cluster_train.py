@@ -24,7 +24,7 @@ from test_student import write_pseudo_labeled
 
 from ssl_kd import storage
 from ssl_kd.models.checkpoint import load_checkpoint
-from ssl_kd.train.worker import HOLD_ENV
+from ssl_kd.train.fault_hooks import HOLD_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 

@@ -26,11 +26,11 @@ from ssl_kd.select.run import SelectConfig, run_select
 from ssl_kd.shards import ReadStats, array_samples, expand_shards, iter_samples, write_shards
 from ssl_kd.shards.dataset import ShardImageDataset
 from ssl_kd.shards.soft_label import decode_embedding, encode_embedding
+from ssl_kd.train.fault_hooks import FAIL_ONCE_ENV
 from ssl_kd.train.features import FeatureDistiller, feature_distance, with_feature_loss
 from ssl_kd.train.losses import joint_loss, student_loss
 from ssl_kd.train.options import StudentConfig
 from ssl_kd.train.run import run_student
-from ssl_kd.train.worker import FAIL_ONCE_ENV
 
 C = 4
 

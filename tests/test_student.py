@@ -19,6 +19,7 @@ from ssl_kd.errors import UserError
 from ssl_kd.models.checkpoint import load_checkpoint, rank_states
 from ssl_kd.shards import array_samples, expand_shards, write_shards
 from ssl_kd.shards.dataset import ShardImageDataset
+from ssl_kd.train.fault_hooks import FAIL_ONCE_ENV
 from ssl_kd.train.loop import StreamState, stream_batches
 from ssl_kd.train.losses import (
     hard_loss,
@@ -29,7 +30,6 @@ from ssl_kd.train.losses import (
 )
 from ssl_kd.train.options import FinetuneConfig, StudentConfig
 from ssl_kd.train.run import run_student
-from ssl_kd.train.worker import FAIL_ONCE_ENV
 
 C, K = 4, 3
 

@@ -23,10 +23,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +47,7 @@ from ssl_kd.shards.dataset import ShardImageDataset
 from ssl_kd.train.consistency import WEAK_LOGITS, Thresholds, fixmatch_loss
 from ssl_kd.train.context import RunContext
 from ssl_kd.train.ema import WeightEMA
+from ssl_kd.train.fault_hooks import maybe_fail, maybe_hold
 from ssl_kd.train.features import FeatureDistiller, with_feature_loss
 from ssl_kd.train.inputs import Inputs, read_inputs
 from ssl_kd.train.loop import batch_targets, stream_batches, train_step
@@ -62,13 +61,6 @@ from ssl_kd.train.strong_augment import strong_augment
 from ssl_kd.train.tensorboard import RunLog
 
 log = logging.getLogger(__name__)
-
-
-# Fault injection for the restart tests: "PATH:STEP" fails once at STEP, leaving PATH behind.
-FAIL_ONCE_ENV = "SSL_KD_FAIL_ONCE"
-# For the node-loss tests: "PATH:STEP" holds every rank after step STEP (and its checkpoint)
-# until PATH exists, so that a node is lost at a known step however fast or slow training is.
-HOLD_ENV = "SSL_KD_HOLD_AT"
 
 
 def train_worker(cfg: Config, ctx: RunContext, progress: bool = True) -> dict[str, Any]:
@@ -255,12 +247,12 @@ def _train_steps(run: TrainRun, progress: bool) -> float:
             run.ema.update(run.model)
         window.append(parts)
         bar.update(1)
-        _maybe_fail(run.step)
+        maybe_fail(run.step)
         if run.step % cfg.log_every == 0 or run.step == cfg.steps:
             _log_window(run, window, time.perf_counter() - t0, bar)
             window.clear()
         _evaluate_and_checkpoint(run, bar)
-        _maybe_hold(run.step)
+        maybe_hold(run.step)
     batches.close()  # stops the loader workers now, not whenever the generator is collected
     for stream in (labeled, pool):
         if stream is not None:
@@ -296,26 +288,6 @@ def _with_pool(
     with torch.no_grad(), autocast(run.device, run.cfg.precision):
         weak_logits = run.train_model(normalize(weak, run.inputs.pp)).float()
     return torch.cat([images, strong]), weak_logits
-
-
-def _maybe_fail(step: int) -> None:
-    spec = os.environ.get(FAIL_ONCE_ENV)
-    if not spec:
-        return
-    path, at = spec.rsplit(":", 1)
-    if step == int(at) and not os.path.exists(path):
-        Path(path).write_text(f"failed once at step {step}\n")
-        raise RuntimeError(f"injected failure at step {step} ({FAIL_ONCE_ENV})")
-
-
-def _maybe_hold(step: int, limit_s: float = 600) -> None:
-    spec = os.environ.get(HOLD_ENV)
-    if not spec:
-        return
-    path, at = spec.rsplit(":", 1)
-    deadline = time.monotonic() + limit_s
-    while step == int(at) and not os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.2)
 
 
 def _log_window(run: TrainRun, window: list[dict[str, float]], elapsed: float, bar: Any) -> None:
